@@ -1,0 +1,53 @@
+"""`PerFITPruningCallback`: the Trainer hook of PerFIT's architecture search. Deliberately thin.
+
+All logic lives in [`PerFITModel`]; this only calls it at the two points where the Trainer exposes the
+gradients: `on_pre_optimizer_step` (after backward, accumulation and clipping) and `on_optimizer_step`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .model import PerFITModel
+
+
+def find_perfit_model(model: nn.Module | None) -> PerFITModel:
+    """Return the `PerFITModel` inside `model` (it may be wrapped by DDP, FSDP or `torch.compile`)."""
+    seen = model
+    while seen is not None and not isinstance(seen, PerFITModel):
+        seen = getattr(seen, "module", None) or getattr(seen, "_orig_mod", None)
+    if seen is None:
+        raise ValueError(
+            f"PerFITPruningCallback needs a PerFITModel, got {type(model).__name__}; build the model with "
+            "hf_perfit.get_perfit_model(base_model, PerFITLoraConfig(...)) and pass that to the trainer."
+        )
+    return seen
+
+
+class PerFITPruningCallback(TrainerCallback):
+    """Runs PerFIT's iterative pruning inside a `transformers.Trainer` / `trl.SFTTrainer`.
+
+    Example:
+        ```python
+        trainer = SFTTrainer(model=perfit_model, args=args, train_dataset=ds, callbacks=[PerFITPruningCallback()])
+        ```
+    Adds `perfit_density` and `perfit_kept` to the training logs.
+    """
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        find_perfit_model(kwargs.get("model"))  # fail before the first step, not at it
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs: Any):
+        find_perfit_model(kwargs.get("model")).before_optimizer_step()
+
+    def on_optimizer_step(self, args, state, control, **kwargs: Any):
+        find_perfit_model(kwargs.get("model")).after_optimizer_step()
+
+    def on_log(self, args, state, control, logs: dict[str, float] | None = None, **kwargs: Any):
+        if logs is not None and kwargs.get("model") is not None:
+            model = find_perfit_model(kwargs["model"])
+            logs["perfit_kept"] = model.num_kept()
+            logs["perfit_density"] = round(model.density(), 6)

@@ -1,0 +1,462 @@
+"""`PerFITModel`: a `peft.PeftModel` whose LoRA is expanded, symmetrically initialised and pruned by Taylor importance.
+
+How it maps onto PEFT: the adapter is a plain PEFT LoRA of rank `R = γ·r` built from
+[`PerFITLoraConfig.to_lora_config`] (so Linear, GPT-2 `Conv1D` and bitsandbytes 4-bit targets all use PEFT's own
+layers). PerFIT adds, in this class:
+
+- the symmetric initialisation `A = [A₀; A₀]`, `B = [B₀, −B₀]` (output starts exactly at the base model);
+- one boolean mask per LoRA matrix, keyed like the PEFT adapter state dict;
+- the architecture search: [`before_optimizer_step`] folds `|θ·g|` into an EMA and masks gradients;
+  [`after_optimizer_step`] prunes at the scheduled steps and re-zeroes pruned weights (Adam's momentum and weight
+  decay would otherwise move them). A Trainer uses these through [`PerFITPruningCallback`]; a hand-written loop
+  calls them around `optimizer.step()`.
+
+Pruned elements are *stored* as exact zeros in the dense LoRA tensors, so an exported adapter is an ordinary LoRA
+that plain `peft.PeftModel.from_pretrained` loads and that reproduces the logits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.utils import set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ._io import atomic_directory, atomic_write_json
+from .config import PerFITLoraConfig
+from .importance import ImportanceTracker, global_topk_masks, keep_schedule, prune_steps
+
+PERFIT_CONFIG_NAME = "perfit_config.json"
+PERFIT_MASKS_NAME = "perfit_masks.safetensors"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+class PerFITModel(PeftModel):
+    """A PEFT model with one PerFIT adapter (expanded LoRA + masks + Taylor-importance architecture search).
+
+    Create it with [`get_perfit_model`] or `PerFITModel(base_model, PerFITLoraConfig(...))`; reload a saved one with
+    [`PerFITModel.from_pretrained`]. `model.peft_config[adapter]` is the plain expanded `LoraConfig` PEFT runs;
+    `model.perfit_config` is the `PerFITLoraConfig` you passed.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`]): the base model.
+        peft_config ([`PerFITLoraConfig`]): the PerFIT configuration.
+        adapter_name (`str`, defaults to `"default"`): name of the adapter.
+        autocast_adapter_dtype (`bool`, defaults to `True`): as in `PeftModel` (adapter weights in float32).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PerFITLoraConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        if not isinstance(peft_config, PerFITLoraConfig):
+            raise TypeError(
+                f"PerFITModel needs a PerFITLoraConfig, got {type(peft_config).__name__}; for a plain LoRA use "
+                "peft.get_peft_model."
+            )
+        _refuse_unsupported_base(model)
+        try:
+            super().__init__(model, peft_config.to_lora_config(), adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
+        except ValueError as err:
+            if "not found in the base model" in str(err) or "No modules were targeted" in str(err):
+                raise ValueError(
+                    f"target_modules={_show_targets(peft_config.target_modules)} matched no module of "
+                    f"{type(model).__name__}; allowed values are names of its Linear/Conv1D layers, e.g. "
+                    f"{_linear_names(model)[:8]}."
+                ) from err
+            raise
+        self.perfit_config = peft_config
+        self._adapter = adapter_name
+        self._layers: dict[str, LoraLayer] = {}
+        self._params: dict[str, nn.Parameter] = {}
+        for name, module in self.base_model.model.named_modules():
+            if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+                continue
+            if not isinstance(module.lora_A[adapter_name], nn.Linear):
+                raise ValueError(
+                    f"PerFIT supports Linear and GPT-2 Conv1D targets; {name} is a {type(module).__name__}. Remove "
+                    "it from target_modules."
+                )
+            prefix = f"base_model.model.{name}"
+            self._layers[prefix] = module
+            self._params[f"{prefix}.lora_A.weight"] = module.lora_A[adapter_name].weight
+            self._params[f"{prefix}.lora_B.weight"] = module.lora_B[adapter_name].weight
+        if not self._layers:  # PEFT normally refuses first; keep the promise of a clear error regardless
+            raise ValueError(f"target_modules={_show_targets(peft_config.target_modules)} matched no Linear layer.")
+        if peft_config.init_lora_weights == "symmetric":
+            self._symmetric_init()
+        self._masks: dict[str, torch.Tensor] = {
+            k: torch.ones_like(p, dtype=torch.bool, device=p.device) for k, p in self._params.items()
+        }
+        self._float_masks: dict[str, torch.Tensor] | None = None  # None while nothing is pruned
+        self._tracker = ImportanceTracker(peft_config.importance, peft_config.importance_ema)
+        self._budget = self._compute_budget()
+        self._search_step = 0
+        self._iterations_done = 0
+        self._schedule_steps = prune_steps(peft_config.search_steps, peft_config.prune_iterations)
+        self._schedule_keep = keep_schedule(self.expanded_size(), self._budget, peft_config.prune_iterations)
+
+    # ------------------------------------------------------------------ sizes and budget
+
+    def expanded_size(self) -> int:
+        """Number of elements of the expanded adapter: `R·(d_in + d_out)` summed over target modules."""
+        return sum(p.numel() for p in self._params.values())
+
+    def _compute_budget(self) -> int:
+        cfg = self.perfit_config
+        base = sum(cfg.r * (layer.in_features + layer.out_features) for layer in self._layers.values())
+        # Round, not floor: 1.0 * budget must give the budget exactly even after float error.
+        return min(self.expanded_size(), max(1, math.floor(cfg.budget_multiplier * base + 0.5)))
+
+    def trainable_budget(self) -> int:
+        """Elements this client keeps: `r·(d_in + d_out)` summed over target modules, times `budget_multiplier`,
+        capped at [`expanded_size`]."""
+        return self._budget
+
+    # ------------------------------------------------------------------ masks
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The boolean keep-masks, keyed like the PEFT adapter state dict (`...lora_A.weight`). Do not modify them
+        in place: use [`set_masks`]."""
+        return dict(self._masks)
+
+    def lora_parameters(self) -> dict[str, nn.Parameter]:
+        """The LoRA parameters, keyed like [`masks`] and like `peft.get_peft_model_state_dict`."""
+        return dict(self._params)
+
+    def num_kept(self) -> int:
+        """Number of kept (unmasked) elements."""
+        return sum(int(m.sum()) for m in self._masks.values())
+
+    def density(self) -> float:
+        """Kept elements over [`expanded_size`]."""
+        return self.num_kept() / self.expanded_size()
+
+    def kept_per_module(self) -> dict[str, int]:
+        """Kept elements per target module (its `lora_A` and `lora_B` together): the searched architecture."""
+        return {
+            prefix: int(self._masks[f"{prefix}.lora_A.weight"].sum()) + int(self._masks[f"{prefix}.lora_B.weight"].sum())
+            for prefix in self._layers
+        }
+
+    @torch.no_grad()
+    def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Replace the masks (same keys and shapes as [`masks`]) and zero the newly pruned weights."""
+        if set(masks) != set(self._masks):
+            missing, extra = sorted(set(self._masks) - set(masks)), sorted(set(masks) - set(self._masks))
+            raise ValueError(f"masks do not fit this adapter: missing {missing[:3]}, unexpected {extra[:3]}.")
+        for k, m in masks.items():
+            if tuple(m.shape) != tuple(self._masks[k].shape):
+                raise ValueError(f"mask {k} has shape {tuple(m.shape)}, expected {tuple(self._masks[k].shape)}.")
+        self._masks = {k: masks[k].to(device=self._params[k].device, dtype=torch.bool) for k in self._masks}
+        pruned = any(not bool(m.all()) for m in self._masks.values())
+        self._float_masks = (
+            {k: m.to(self._params[k].dtype) for k, m in self._masks.items()} if pruned else None  # for _foreach_mul_
+        )
+        self.apply_masks()
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Set every pruned element to exactly 0.0."""
+        if self._float_masks is None:
+            return
+        keys = list(self._params)
+        torch._foreach_mul_([self._params[k].data for k in keys], [self._float_masks[k] for k in keys])
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the gradients of pruned elements (before the optimizer step)."""
+        if self._float_masks is None:
+            return
+        pairs = [(p.grad, self._float_masks[k]) for k, p in self._params.items() if p.grad is not None]
+        if pairs:
+            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+
+    # ------------------------------------------------------------------ search
+
+    @property
+    def is_searching(self) -> bool:
+        """True while the architecture search has pruning iterations left."""
+        return self._iterations_done < len(self._schedule_steps) and self._budget < self.expanded_size()
+
+    def importance_scores(self) -> dict[str, torch.Tensor]:
+        """The importance accumulated since the last pruning iteration (see `PerFITLoraConfig.importance`)."""
+        return self._tracker.scores()
+
+    def accumulate_importance(self) -> bool:
+        """Fold the current gradients into the importance EMA. Returns False when no gradient is present."""
+        return self._tracker.update(self._params)
+
+    @torch.no_grad()
+    def prune_to(
+        self,
+        num_keep: int | None = None,
+        *,
+        density: float | None = None,
+        scores: dict[str, torch.Tensor] | None = None,
+    ) -> int:
+        """Keep the `num_keep` (or `density · expanded_size`) most important of the currently kept elements, with
+        one global threshold across all target modules; pruned weights become exactly 0.
+
+        Args:
+            num_keep (`int`, *optional*): number of elements to keep.
+            density (`float`, *optional*): fraction of [`expanded_size`] to keep (instead of `num_keep`).
+            scores (`dict[str, Tensor]`, *optional*): importance per element; defaults to the accumulated EMA.
+
+        Returns:
+            `int`: the number of kept elements.
+        """
+        if (num_keep is None) == (density is None):
+            raise ValueError("pass exactly one of num_keep= and density=.")
+        if density is not None:
+            if not 0.0 < density <= 1.0:
+                raise ValueError(f"density={density} must be in (0, 1].")
+            num_keep = max(1, math.floor(density * self.expanded_size() + 0.5))
+        scores = self._tracker.scores() if scores is None else scores
+        self.set_masks(global_topk_masks(scores, self._masks, int(num_keep)))
+        return self.num_kept()
+
+    def start_search(self, reset_masks: bool = True) -> None:
+        """Restart the architecture search (e.g. every `research_every` rounds). With `reset_masks`, every element
+        becomes trainable again (pruned ones restart from 0)."""
+        self._search_step = 0
+        self._iterations_done = 0
+        self._tracker.reset()
+        if reset_masks:
+            self.set_masks({k: torch.ones_like(m) for k, m in self._masks.items()})
+
+    def before_optimizer_step(self) -> None:
+        """Call after `backward()` (and gradient clipping), before `optimizer.step()`: accumulates importance during
+        the search and masks the gradients of pruned elements."""
+        if self.is_searching:
+            self._tracker.update(self._params)
+        self.mask_gradients()
+
+    def after_optimizer_step(self) -> bool:
+        """Call right after `optimizer.step()`: advances the search schedule, prunes when a pruning iteration is
+        due, and re-zeroes pruned weights. Returns True when it pruned."""
+        pruned = False
+        if self.is_searching:
+            self._search_step += 1
+            if self._search_step >= self._schedule_steps[self._iterations_done]:
+                self.prune_to(self._schedule_keep[self._iterations_done])
+                self._iterations_done += 1
+                self._tracker.reset()
+                pruned = True
+        self.apply_masks()
+        return pruned
+
+    def search_state(self) -> dict[str, Any]:
+        """Where the search stands: steps taken, pruning iterations done, kept count and budget."""
+        return {
+            "search_step": self._search_step,
+            "prune_iterations_done": self._iterations_done,
+            "searching": self.is_searching,
+            "num_kept": self.num_kept(),
+            "budget": self._budget,
+            "expanded_size": self.expanded_size(),
+        }
+
+    # ------------------------------------------------------------------ init
+
+    @torch.no_grad()
+    def _symmetric_init(self) -> None:
+        std = self.perfit_config.symmetric_init_std
+        for layer in self._layers.values():
+            a = layer.lora_A[self._adapter].weight  # (R, d_in)
+            b = layer.lora_B[self._adapter].weight  # (d_out, R)
+            half = a.shape[0] // 2
+            a0 = torch.empty(half, a.shape[1], dtype=torch.float32)
+            nn.init.kaiming_uniform_(a0, a=math.sqrt(5))  # as PEFT's LoRA init for A
+            b0 = torch.randn(b.shape[0], half, dtype=torch.float32) * std
+            a.copy_(torch.cat([a0, a0], dim=0).to(a))
+            b.copy_(torch.cat([b0, -b0], dim=1).to(b))
+
+    # ------------------------------------------------------------------ save / load
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write the adapter atomically: PEFT's `adapter_config.json` + `adapter_model.safetensors` (a plain rank-R
+        LoRA that `peft.PeftModel.from_pretrained` loads without hf_perfit), plus `perfit_config.json` and
+        `perfit_masks.safetensors` that [`PerFITModel.from_pretrained`] uses to continue training.
+        """
+        if not kwargs.get("is_main_process", True):
+            return
+        if kwargs.get("safe_serialization") is False:
+            raise ValueError("PerFIT adapters are written as safetensors only; drop safe_serialization=False.")
+        self.apply_masks()
+        kwargs.pop("selected_adapters", None)
+        with atomic_directory(save_directory) as tmp:
+            super().save_pretrained(str(tmp), selected_adapters=[self._adapter], **kwargs)
+            out = tmp if self._adapter == "default" else tmp / self._adapter
+            save_file(
+                {k: m.to(torch.uint8).contiguous().cpu() for k, m in self._masks.items()},
+                str(out / PERFIT_MASKS_NAME),
+                metadata={"format": "pt", "perfit_format_version": str(FORMAT_VERSION)},
+            )
+            atomic_write_json(
+                out / PERFIT_CONFIG_NAME,
+                {
+                    "format_version": FORMAT_VERSION,
+                    "config": self.perfit_config.perfit_dict(),
+                    "state": {
+                        "search_step": self._search_step,
+                        "prune_iterations_done": self._iterations_done,
+                    },
+                    "num_kept": self.num_kept(),
+                    "budget": self._budget,
+                    "expanded_size": self.expanded_size(),
+                    "kept_per_module": self.kept_per_module(),
+                },
+            )
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        **kwargs: Any,
+    ) -> PerFITModel:
+        """Load a PerFIT adapter written by [`save_pretrained`]: config (every PerFIT field), weights, masks and
+        search progress. With `is_trainable=True` training continues with the masks held.
+
+        Args:
+            model: the base model the adapter was trained on.
+            model_id: a local folder or a Hub repo id (`revision=`, `token=` are passed to `huggingface_hub`).
+            adapter_name: name given to the adapter.
+            is_trainable: keep the LoRA parameters trainable (otherwise the model is put in eval mode).
+        """
+        folder = _resolve_adapter_folder(model_id, **kwargs)
+        meta = _read_perfit_meta(folder)
+        cfg = PerFITLoraConfig.from_perfit_dict(meta["config"])
+        cfg.inference_mode = not is_trainable
+        cfg.init_lora_weights = True  # weights come from the file; skip the random symmetric init
+        peft_model = cls(model, cfg, adapter_name)
+        peft_model.perfit_config.init_lora_weights = meta["config"].get("init_lora_weights", "symmetric")
+        weights = _load_safetensors(folder / ADAPTER_WEIGHTS_NAME, "adapter weights")
+        expected = {k for k in peft_model._params}
+        missing = sorted(expected - set(weights))
+        if missing:
+            raise ValueError(
+                f"{folder / ADAPTER_WEIGHTS_NAME} lacks {len(missing)} LoRA tensors this base model needs (first: "
+                f"{missing[0]}); the adapter was saved for another model or target_modules, or the file is damaged."
+            )
+        try:
+            set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+        except RuntimeError as err:
+            raise ValueError(f"adapter at {folder} does not fit this base model: {err}") from err
+        masks = _load_safetensors(folder / PERFIT_MASKS_NAME, "PerFIT masks")
+        peft_model.set_masks({k: v.bool() for k, v in masks.items()})
+        state = meta.get("state", {})
+        peft_model._search_step = int(state.get("search_step", 0))
+        peft_model._iterations_done = int(state.get("prune_iterations_done", 0))
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+
+def get_perfit_model(model: nn.Module, config: PerFITLoraConfig, adapter_name: str = "default") -> PerFITModel:
+    """Wrap `model` with a PerFIT adapter: the analogue of `peft.get_peft_model` for [`PerFITLoraConfig`]."""
+    return PerFITModel(model, config, adapter_name=adapter_name)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _refuse_unsupported_base(model: nn.Module) -> None:
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    if quant is None:
+        return
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    method = getattr(method, "value", method)
+    load_8bit = quant.get("load_in_8bit") if isinstance(quant, dict) else getattr(quant, "load_in_8bit", False)
+    if method == "bitsandbytes" and load_8bit:
+        raise ValueError(
+            "PerFIT supports full-precision and bitsandbytes 4-bit (QLoRA) base models; this one is 8-bit. Load it "
+            "with BitsAndBytesConfig(load_in_4bit=True) or without quantization."
+        )
+    if method not in (None, "bitsandbytes"):
+        raise ValueError(
+            f"PerFIT is tested on full-precision and bitsandbytes 4-bit base models; quant_method={method!r} is not "
+            "supported. Load the base model without it or with BitsAndBytesConfig(load_in_4bit=True)."
+        )
+
+
+def _show_targets(targets: Any) -> Any:
+    return sorted(targets) if isinstance(targets, set) else targets
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D)}
+    return sorted(names)
+
+
+def _resolve_adapter_folder(model_id: str | os.PathLike, **kwargs: Any) -> Path:
+    path = Path(model_id)
+    if path.is_dir():
+        return path
+    if path.exists() or str(model_id).startswith((".", "/")) or str(model_id).count("/") > 1:
+        raise FileNotFoundError(f"no adapter folder at {model_id}; pass the folder that save_pretrained wrote.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        local = snapshot_download(
+            str(model_id),
+            revision=kwargs.get("revision"),
+            token=kwargs.get("token"),
+            allow_patterns=["*.json", "*.safetensors"],
+        )
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise OSError(
+            f"could not fetch adapter {model_id!r} from the Hub ({type(err).__name__}: {err}); check the repo id, "
+            "your token and network, or pass a local folder."
+        ) from err
+    return Path(local)
+
+
+def _read_perfit_meta(folder: Path) -> dict[str, Any]:
+    path = folder / PERFIT_CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no {PERFIT_CONFIG_NAME}, so it is not a PerFIT adapter. A plain LoRA loads with "
+            "peft.PeftModel.from_pretrained(base_model, folder)."
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the adapter is damaged: save it again.") from err
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise ValueError(f"{path} has no 'config' entry; the adapter is damaged: save it again.")
+    if meta.get("format_version", 1) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version={meta['format_version']}, newer than this hf_perfit understands "
+            f"({FORMAT_VERSION}); upgrade hf_perfit."
+        )
+    return meta
+
+
+def _load_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} is missing; the adapter folder is incomplete: save it again.")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{what} file {path} is damaged ({err}); save the adapter again.") from err
