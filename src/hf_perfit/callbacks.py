@@ -49,5 +49,8 @@ class PerFITPruningCallback(TrainerCallback):
     def on_log(self, args, state, control, logs: dict[str, float] | None = None, **kwargs: Any):
         if logs is not None and kwargs.get("model") is not None:
             model = find_perfit_model(kwargs["model"])
-            logs["perfit_kept"] = model.num_kept()
-            logs["perfit_density"] = round(model.density(), 6)
+            extra = {"perfit_kept": model.num_kept(), "perfit_density": round(model.density(), 6)}
+            logs.update(extra)
+            # The Trainer appends a copy of `logs` to the history before calling on_log; keep both in step.
+            if state.log_history:
+                state.log_history[-1].update(extra)

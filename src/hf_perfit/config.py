@@ -11,6 +11,8 @@ rank-`r` LoRA. At run time the adapter *is* a plain PEFT LoRA of rank `R` whose 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import json
 import numbers
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,8 +104,10 @@ class PerFITLoraConfig(LoraConfig):
             raise ValueError(f"importance_ema={self.importance_ema!r} must be in [0, 1).")
         if not isinstance(self.symmetric_init_std, numbers.Real) or not self.symmetric_init_std > 0:
             raise ValueError(f"symmetric_init_std={self.symmetric_init_std!r} must be a number > 0.")
-        if self.init_lora_weights not in INIT_CHOICES or isinstance(self.init_lora_weights, numbers.Number) and (
-            not isinstance(self.init_lora_weights, bool)
+        if (
+            self.init_lora_weights not in INIT_CHOICES
+            or isinstance(self.init_lora_weights, numbers.Number)
+            and (not isinstance(self.init_lora_weights, bool))
         ):
             raise ValueError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported by PerFIT; allowed values: "
@@ -159,16 +163,18 @@ class PerFITLoraConfig(LoraConfig):
 
     def perfit_dict(self) -> dict[str, Any]:
         """The full config as a JSON-serialisable dict (LoRA and PerFIT fields), for `perfit_config.json`."""
+        # PEFT's to_dict() already drops runtime-only fields (e.g. runtime_config); keep the constructor's fields.
+        init_fields = {f.name for f in dataclasses.fields(self) if f.init}
         out = {}
-        for f in dataclasses.fields(self):
-            if not f.init:
+        for name, value in self.to_dict().items():
+            if name not in init_fields:
                 continue
-            value = getattr(self, f.name)
             if isinstance(value, set):
                 value = sorted(value)
-            if hasattr(value, "value") and not isinstance(value, (str, int, float, bool)):
-                value = value.value  # enums such as task_type
-            out[f.name] = value
+            elif isinstance(value, enum.Enum):
+                value = value.value  # e.g. task_type
+            out[name] = value
+        json.dumps(out)  # fail here, not half-way through writing a file
         return out
 
     @classmethod

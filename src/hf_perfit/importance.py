@@ -110,7 +110,9 @@ def keep_schedule(total: int, budget: int, iterations: int) -> list[int]:
     if not 0 < budget <= total:
         raise ValueError(f"budget={budget} must be in (0, total={total}].")
     final = budget / total
-    counts = [max(budget, min(total, math.floor(total * final ** (i / iterations) + 0.5))) for i in range(1, iterations)]
+    counts = [
+        max(budget, min(total, math.floor(total * final ** (i / iterations) + 0.5))) for i in range(1, iterations)
+    ]
     return counts + [budget]
 
 

@@ -70,7 +70,9 @@ class PerFITModel(PeftModel):
             )
         _refuse_unsupported_base(model)
         try:
-            super().__init__(model, peft_config.to_lora_config(), adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
+            super().__init__(
+                model, peft_config.to_lora_config(), adapter_name, autocast_adapter_dtype, low_cpu_mem_usage
+            )
         except ValueError as err:
             if "not found in the base model" in str(err) or "No modules were targeted" in str(err):
                 raise ValueError(
@@ -149,7 +151,8 @@ class PerFITModel(PeftModel):
     def kept_per_module(self) -> dict[str, int]:
         """Kept elements per target module (its `lora_A` and `lora_B` together): the searched architecture."""
         return {
-            prefix: int(self._masks[f"{prefix}.lora_A.weight"].sum()) + int(self._masks[f"{prefix}.lora_B.weight"].sum())
+            prefix: int(self._masks[f"{prefix}.lora_A.weight"].sum())
+            + int(self._masks[f"{prefix}.lora_B.weight"].sum())
             for prefix in self._layers
         }
 
@@ -242,6 +245,12 @@ class PerFITModel(PeftModel):
     def before_optimizer_step(self) -> None:
         """Call after `backward()` (and gradient clipping), before `optimizer.step()`: accumulates importance during
         the search and masks the gradients of pruned elements."""
+        if not any(p.grad is not None for p in self._params.values()):
+            raise RuntimeError(
+                "no gradient reached the PerFIT LoRA parameters before the optimizer step. Call loss.backward() "
+                "first, and put the model in training mode with model.train() (on a bitsandbytes 4-bit base, an "
+                "eval-mode forward on CPU switches the layers to an inference kernel that has no backward)."
+            )
         if self.is_searching:
             self._tracker.update(self._params)
         self.mask_gradients()
@@ -270,6 +279,13 @@ class PerFITModel(PeftModel):
             "budget": self._budget,
             "expanded_size": self.expanded_size(),
         }
+
+    def train(self, mode: bool = True) -> PerFITModel:
+        """As `nn.Module.train`; entering training mode also undoes bitsandbytes' CPU inference packing of 4-bit
+        weights (made by any eval-mode forward), whose kernel has no backward and would silently stop gradients."""
+        if mode:
+            _unpack_cpu_4bit_weights(self)
+        return super().train(mode)
 
     # ------------------------------------------------------------------ init
 
@@ -395,6 +411,17 @@ def _refuse_unsupported_base(model: nn.Module) -> None:
             f"PerFIT is tested on full-precision and bitsandbytes 4-bit base models; quant_method={method!r} is not "
             "supported. Load the base model without it or with BitsAndBytesConfig(load_in_4bit=True)."
         )
+
+
+def _unpack_cpu_4bit_weights(model: nn.Module) -> None:
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is None or not getattr(state, "packing_format_for_cpu", False):
+            continue
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
 
 
 def _show_targets(targets: Any) -> Any:

@@ -32,6 +32,7 @@ COMPLETE_MARKER = ".complete"
 """File written last into a converted preset folder; its presence means the conversion finished."""
 
 _MARKER_FORMAT = 1
+_STALE_TMP_SECONDS = 6 * 3600
 
 
 @dataclass(frozen=True)
@@ -233,9 +234,21 @@ def _convert(preset: ModelPreset, gguf: Path, target: Path) -> None:
         logger.warning("Removing incomplete preset folder %s", target)
         shutil.rmtree(target, ignore_errors=True)
 
+    tmp_prefix = f".{target.name}.tmp-"
+    for stale in target.parent.glob(f"{tmp_prefix}*"):
+        # Left behind by a killed conversion: a live one takes well under a minute, so hours-old folders are dead.
+        try:
+            if time.time() - stale.stat().st_mtime > _STALE_TMP_SECONDS:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
+
     logger.info("Converting preset %r from %s to %s (one-time)", preset.name, gguf, target)
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp creates 0700; the cache folder should get the usual permissions
     try:
         folder, filename = str(gguf.parent), gguf.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
@@ -274,6 +287,9 @@ def _convert(preset: ModelPreset, gguf: Path, target: Path) -> None:
             "transformers_version": transformers_version,
             "seconds": round(time.perf_counter() - start, 2),
         }
+        for file in tmp.iterdir():
+            if file.is_file():  # safetensors writes its file 0600
+                file.chmod(0o666 & ~umask)
         (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
         try:

@@ -1,0 +1,93 @@
+"""Tiny random models and a local tokenizer: nothing is downloaded, every test runs in seconds on 2 cores."""
+
+from __future__ import annotations
+
+import os
+import string
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that tries to reach the Hub fails loudly
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+    "{% else %}<|assistant|>{% generation %}{{ m['content'] }}</s>{% endgeneration %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer (printable ASCII + specials) with a chat template, built offline."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL)}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIAL)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_llama(vocab_size: int = 128, hidden: int = 16, seed: int = 0) -> LlamaForCausalLM:
+    """2-layer Llama, hidden 16: q_proj 16→16 and v_proj 16→8 (2 KV heads) give layers of different sizes."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(vocab_size: int = 128, hidden: int = 16, seed: int = 0) -> GPT2LMHeadModel:
+    """2-layer GPT-2 whose attention/MLP projections are `Conv1D` (transposed weights)."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=vocab_size, n_embd=hidden, n_layer=2, n_head=4, n_positions=256, pad_token_id=0, eos_token_id=2
+    )
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture
+def tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
+
+
+@pytest.fixture
+def llama() -> LlamaForCausalLM:
+    return tiny_llama()
+
+
+@pytest.fixture
+def gpt2() -> GPT2LMHeadModel:
+    return tiny_gpt2()
+
+
+@pytest.fixture
+def batch() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(3, 128, (4, 12), generator=g)
