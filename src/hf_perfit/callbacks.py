@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -45,6 +46,15 @@ class PerFITPruningCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs: Any):
         find_perfit_model(kwargs.get("model")).after_optimizer_step()
+
+    def on_train_end(self, args, state, control, **kwargs: Any):
+        # accelerate wraps `model.forward` in an autocast + fp32-output wrapper for mixed precision (TRL's SFTConfig
+        # defaults to bf16=True) and leaves it there after training: later inference in this process would silently
+        # run in bf16, and every further Trainer on the same model would stack another wrapper. Restore the plain
+        # forward so the model behaves exactly like the adapter it saves.
+        model = kwargs.get("model")
+        if model is not None:
+            extract_model_from_parallel(find_perfit_model(model), keep_fp32_wrapper=False)
 
     def on_log(self, args, state, control, logs: dict[str, float] | None = None, **kwargs: Any):
         if logs is not None and kwargs.get("model") is not None:
