@@ -106,3 +106,23 @@ def test_gpt2_conv1d_search(gpt2, batch):
     model = get_perfit_model(gpt2, cfg)
     _train(model, batch, steps=6, check_zeros_from=2)
     assert model.num_kept() == model.trainable_budget()
+
+
+def test_adapter_state_swaps_clients_exactly(llama, batch):
+    """One shared base model serves many clients: get/set_adapter_state round-trips weights, masks and progress."""
+    cfg = PerFITLoraConfig(r=4, target_modules=["q_proj", "v_proj"], search_steps=4, prune_iterations=2)
+    model = get_perfit_model(llama, cfg)
+    fresh = model.get_adapter_state()
+    _train(model, batch, steps=5)
+    trained = model.get_adapter_state()
+    with torch.no_grad():
+        logits = model(batch).logits.clone()
+    model.set_adapter_state(*fresh)  # another client, not searched yet
+    assert model.num_kept() == model.expanded_size() and model.is_searching
+    model.set_budget_multiplier(2.0)
+    assert model.trainable_budget() == 2 * model.expanded_size() // 4
+    model.set_adapter_state(*trained)  # back to the first client: budget, masks, weights, progress
+    assert model.trainable_budget() == model.expanded_size() // 4 and not model.is_searching
+    with torch.no_grad():
+        assert torch.equal(model(batch).logits, logits)
+    assert_pruned_are_zero(model)

@@ -124,6 +124,17 @@ class PerFITModel(PeftModel):
         # Round, not floor: 1.0 * budget must give the budget exactly even after float error.
         return min(self.expanded_size(), max(1, math.floor(cfg.budget_multiplier * base + 0.5)))
 
+    def set_budget_multiplier(self, multiplier: float) -> None:
+        """Change `budget_multiplier` (e.g. per federated client, for heterogeneous resources) and recompute the
+        budget and pruning schedule. Only allowed before the search has pruned anything."""
+        if not isinstance(multiplier, int | float) or isinstance(multiplier, bool) or not multiplier > 0:
+            raise ValueError(f"budget_multiplier={multiplier!r} must be a number > 0.")
+        if self._iterations_done:
+            raise RuntimeError("the search already pruned with the old budget; call start_search() first.")
+        self.perfit_config.budget_multiplier = float(multiplier)
+        self._budget = self._compute_budget()
+        self._schedule_keep = keep_schedule(self.expanded_size(), self._budget, self.perfit_config.prune_iterations)
+
     def trainable_budget(self) -> int:
         """Elements this client keeps: `r·(d_in + d_out)` summed over target modules, times `budget_multiplier`,
         capped at [`expanded_size`]."""
@@ -286,6 +297,45 @@ class PerFITModel(PeftModel):
         if mode:
             _unpack_cpu_4bit_weights(self)
         return super().train(mode)
+
+    # ------------------------------------------------------------------ whole client state (federated swapping)
+
+    def get_adapter_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything that makes this adapter *this client's*: LoRA tensors (CPU float32 copies), masks and search
+        progress with the budget multiplier. The inverse of [`set_adapter_state`]; used to swap clients in and out of
+        one shared base model."""
+        tensors = {k: p.detach().float().cpu().clone() for k, p in self._params.items()}
+        masks = {k: m.cpu().clone() for k, m in self._masks.items()}
+        meta = {
+            "search_step": self._search_step,
+            "prune_iterations_done": self._iterations_done,
+            "budget_multiplier": self.perfit_config.budget_multiplier,
+        }
+        return tensors, masks, meta
+
+    @torch.no_grad()
+    def set_adapter_state(
+        self,
+        tensors: dict[str, torch.Tensor],
+        masks: dict[str, torch.Tensor] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        """Load LoRA tensors (all keys of [`lora_parameters`]), and optionally masks and search progress. Without
+        `masks` every element is kept (a client that has not searched yet); without `meta` the search restarts."""
+        missing = sorted(set(self._params) - set(tensors))
+        if missing:
+            raise ValueError(f"adapter state lacks {len(missing)} tensors (first: {missing[0]}).")
+        for k, p in self._params.items():
+            if tuple(tensors[k].shape) != tuple(p.shape):
+                raise ValueError(f"{k} has shape {tuple(tensors[k].shape)}, expected {tuple(p.shape)}.")
+            p.copy_(tensors[k].to(device=p.device, dtype=p.dtype))
+        meta = meta or {}
+        self._iterations_done = 0  # allows changing the budget below
+        self.set_budget_multiplier(float(meta.get("budget_multiplier", self.perfit_config.budget_multiplier)))
+        self.set_masks(masks if masks is not None else {k: torch.ones_like(m) for k, m in self._masks.items()})
+        self._search_step = int(meta.get("search_step", 0))
+        self._iterations_done = int(meta.get("prune_iterations_done", 0))
+        self._tracker.reset()
 
     # ------------------------------------------------------------------ init
 
