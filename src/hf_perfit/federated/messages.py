@@ -1,0 +1,61 @@
+"""The messages exchanged between the server and a client in one federated round.
+
+Pure data: the same objects travel through the in-process simulation and (converted to Flower records) through the
+Flower apps. Adapter tensors are `dict[str, torch.Tensor]` keyed like `peft.get_peft_model_state_dict`
+(e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`); masks are boolean tensors with the same keys
+and shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+
+@dataclass
+class ClientUpdate:
+    """What a client uploads after its local training in a round.
+
+    Args:
+        client_id (`str`): the client's stable identifier.
+        num_examples (`int`): number of local training examples (the aggregation weight `n_k`); must be > 0.
+        tensors (`dict[str, Tensor]`): the client's adapter state after training, dense. For PerFIT the elements
+            outside `masks` are zeros (a real deployment sends only the kept values, see
+            [`~hf_perfit.federated.comm.kept_values`]).
+        masks (`dict[str, Tensor]`, *optional*): PerFIT only: the client's current boolean keep-mask. The server caches
+            it, so a client whose mask did not change may leave it `None`.
+        mask_changed (`bool`, defaults to `False`): PerFIT only: the mask is part of this upload (the first round after
+            the architecture search, or after a re-search). Only affects the byte accounting and marks the upload as
+            carrying a new mask; the server uses `masks` whenever it is given.
+        metrics (`dict[str, float]`, *optional*): client-side metrics (training loss, ...).
+        extra_tensors (`dict[str, Tensor]`, *optional*): anything else a strategy needs from the client that is not
+            part of the adapter state (e.g. FedAMoLE's mean token embeddings). Counted as dense in the uplink.
+    """
+
+    client_id: str
+    num_examples: int
+    tensors: dict[str, Tensor]
+    masks: dict[str, Tensor] | None = None
+    mask_changed: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra_tensors: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ClientInstruction:
+    """What the server sends a sampled client at the start of a round.
+
+    Args:
+        tensors (`dict[str, Tensor]` or `None`): the adapter state to start this round from, dense. `None` means "keep
+            your own local state" (the `local` strategy). For PerFIT it is `θ_g ⊙ m_k`: exactly 0.0 outside `mask`.
+        mask (`dict[str, Tensor]`, *optional*): PerFIT only: the mask `tensors` are restricted to (the client's own,
+            cached by the server). `None` when the client has not searched yet or must search again.
+        config (`dict[str, Any]`, *optional*): per-round settings for the client update, JSON-able, e.g.
+            `{"proximal_mu": 0.01}` (FedProx) or `{"research": True}` (PerFIT: run the architecture search again).
+    """
+
+    tensors: dict[str, Tensor] | None
+    mask: dict[str, Tensor] | None = None
+    config: dict[str, Any] = field(default_factory=dict)

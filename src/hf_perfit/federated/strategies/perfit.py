@@ -1,0 +1,223 @@
+"""`perfit`: personalized parameter-wise aggregation over the clients' element masks (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..messages import ClientInstruction, ClientUpdate
+from .base import Strategy, check_nonnegative_int, register_strategy
+
+MASK_PREFIX = "mask/"
+_GRAM_CHUNK = 1 << 22  # columns per float32 matmul chunk: counts stay < 2**24, hence exact
+
+
+@register_strategy
+class PerFITStrategy(Strategy):
+    """PerFIT's personalized parameter-wise aggregation.
+
+    Each client `k` trains only the elements of its keep-mask `m_k` (found by its architecture search) and uploads
+    `θ_k ⊙ m_k`, `n_k` and, when it changed, `m_k`. The server caches every client's last mask. For each element `p`
+    with `S_p = {k in this round : m_k[p] = 1}`:
+
+        θ_g[p] = Σ_{k∈S_p} n_k θ_k[p] / Σ_{k∈S_p} n_k        (S_p empty: θ_g[p] keeps its last value)
+
+    computed for all elements at once (masks stacked per tensor), summed in float64 and stored as float32. Values of
+    `θ_k` outside `m_k` are ignored.
+
+    A client whose mask is cached starts its round from its personalized model `θ_g ⊙ m_k` (exactly 0.0 outside the
+    mask) with `mask=m_k`; a client the server has no mask of yet gets `θ_g` dense and `mask=None` (it runs its search
+    first). On a re-search round every sampled client gets `θ_g` dense, `mask=None` and
+    `config={"research": True}`: starting from its own masked model the search could never regrow a pruned element
+    (its Taylor score `|0·g|` is 0), while `θ_g` carries the other clients' values there.
+
+    Round metrics: `shared_fraction` (elements kept by >= 2 of this round's clients / all elements),
+    `exclusive_fraction` (kept by exactly 1), `mask_jaccard` (mean pairwise Jaccard index of this round's masks, 1.0
+    with fewer than 2 clients; two empty masks count as identical), `mean_density` (mean kept fraction per client),
+    `num_new_masks`, `num_clients`, `num_examples`, `update_norm` (`‖θ_g^new − θ_g^old‖₂`).
+
+    Args:
+        research_every (`int`, *optional*, defaults to 0): when > 0, rounds `round_idx > 0` with
+            `round_idx % research_every == 0` ask the sampled clients to run the architecture search again. 0: the
+            mask found in a client's first round stays fixed.
+    """
+
+    name = "perfit"
+    default_options = {"research_every": 0}
+
+    def _check_options(self) -> None:
+        self._options["research_every"] = check_nonnegative_int("research_every", self._options["research_every"])
+
+    def __init__(self, **options: Any) -> None:
+        self._masks: dict[str, dict[str, Tensor]] = {}
+        super().__init__(**options)
+
+    def _reset_state(self) -> None:
+        self._masks = {}
+
+    # ------------------------------------------------------------------ masks
+
+    @property
+    def research_every(self) -> int:
+        """See the class docstring."""
+        return self._options["research_every"]
+
+    def is_research_round(self, round_idx: int) -> bool:
+        """Whether round `round_idx` asks clients to search their masks again."""
+        return self.research_every > 0 and round_idx > 0 and round_idx % self.research_every == 0
+
+    @property
+    def known_clients(self) -> list[str]:
+        """The clients whose mask the server has cached, in first-seen order."""
+        return list(self._masks)
+
+    def client_mask(self, client_id: str) -> dict[str, Tensor] | None:
+        """A copy of the cached mask of `client_id`, or `None` if the server has none."""
+        mask = self._masks.get(client_id)
+        return None if mask is None else {k: m.clone() for k, m in mask.items()}
+
+    # ------------------------------------------------------------------ round
+
+    def configure_client(self, client_id: str, round_idx: int) -> ClientInstruction:
+        """The personalized start `θ_g ⊙ m_k` with `mask=m_k`, or `θ_g` dense for a client without a cached mask and on
+        re-search rounds (then with `config={"research": True}`)."""
+        glob = self._require_global()
+        research = self.is_research_round(round_idx)
+        config: dict[str, Any] = {"research": True} if research else {}
+        mask = self._masks.get(client_id)
+        if mask is None or research:
+            return ClientInstruction(tensors=self.global_tensors, mask=None, config=config)
+        tensors = {k: torch.where(mask[k], t, 0.0) for k, t in glob.items()}
+        return ClientInstruction(tensors=tensors, mask={k: m.clone() for k, m in mask.items()}, config=config)
+
+    def _aggregate(self, round_idx: int, updates: list[ClientUpdate]) -> dict[str, float]:
+        glob = self._require_global()
+        # Validate everything before touching the server state.
+        client_tensors = [self._check_update_tensors(u) for u in updates]
+        client_masks = [self._resolve_mask(u) for u in updates]
+
+        num_clients = len(updates)
+        weights = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
+        new: dict[str, Tensor] = {}
+        shared = exclusive = total = 0
+        gram = torch.zeros(num_clients, num_clients, dtype=torch.float64)
+        sq_change = 0.0
+        for key, old in glob.items():
+            masks = torch.stack([m[key] for m in client_masks])  # [K, *shape], bool
+            values = torch.stack([t[key] for t in client_tensors]).to(torch.float64)
+            w = weights.view(-1, *([1] * old.dim()))
+            num = torch.where(masks, values, 0.0).mul_(w).sum(0)
+            den = masks.to(torch.float64).mul_(w).sum(0)
+            old64 = old.to(torch.float64)
+            agg = torch.where(den > 0, num / den, old64).to(torch.float32)
+            sq_change += float((agg.to(torch.float64) - old64).square().sum())
+            new[key] = agg
+
+            count = masks.sum(0)
+            shared += int((count >= 2).sum())
+            exclusive += int((count == 1).sum())
+            total += old.numel()
+            gram += _gram(masks.reshape(num_clients, -1))
+
+        self._global = new
+        for u, m in zip(updates, client_masks, strict=True):
+            self._masks[u.client_id] = m
+
+        kept = gram.diagonal()
+        return {
+            "shared_fraction": shared / total,
+            "exclusive_fraction": exclusive / total,
+            "mask_jaccard": _mean_pairwise_jaccard(gram),
+            "mean_density": float(kept.mean()) / total,
+            "num_new_masks": float(sum(bool(u.mask_changed) for u in updates)),
+            "num_clients": float(num_clients),
+            "num_examples": float(weights.sum()),
+            "update_norm": sq_change**0.5,
+        }
+
+    def _resolve_mask(self, update: ClientUpdate) -> dict[str, Tensor]:
+        """The mask to aggregate `update` with: the uploaded one when given, else the cached one."""
+        if update.masks is None:
+            if update.mask_changed:
+                raise ValueError(f"client {update.client_id!r} set mask_changed=True but uploaded no masks.")
+            cached = self._masks.get(update.client_id)
+            if cached is None:
+                raise ValueError(
+                    f"client {update.client_id!r} uploaded no mask and the server has none cached for it: a client's "
+                    "first PerFIT upload (and its first upload after a re-search) must carry `masks` with "
+                    "`mask_changed=True`."
+                )
+            return cached
+        return _check_masks(update.client_id, update.masks, self._require_global())
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """As [`Strategy.state_dict`], plus every cached client mask as `mask/<client_id>/<key>` (bool tensors) and
+        the list of those clients in `meta["mask_clients"]`."""
+        tensors, meta = super().state_dict()
+        meta["mask_clients"] = list(self._masks)
+        for cid, mask in self._masks.items():
+            tensors.update({f"{MASK_PREFIX}{cid}/{k}": m.clone().contiguous() for k, m in mask.items()})
+        return tensors, meta
+
+    def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Restore the state saved by [`state_dict`] (global adapter and cached masks)."""
+        super().load_state_dict(tensors, meta)
+        clients = list(meta.get("mask_clients", []))
+        if clients and self._global is None:
+            raise ValueError("strategy state has client masks but no global adapter.")
+        masks: dict[str, dict[str, Tensor]] = {}
+        for cid in clients:
+            found = {}
+            for key in self._global or {}:
+                name = f"{MASK_PREFIX}{cid}/{key}"
+                if name not in tensors:
+                    raise ValueError(f"strategy state is missing tensor {name!r}.")
+                found[key] = tensors[name]
+            masks[cid] = _check_masks(cid, found, self._global or {})
+        self._masks = masks
+
+
+def _check_masks(client_id: str, masks: Mapping[str, Tensor], glob: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Boolean CPU copies of `masks`, checked against the keys and shapes of the global adapter."""
+    if set(masks) != set(glob):
+        missing, extra = sorted(set(glob) - set(masks)), sorted(set(masks) - set(glob))
+        raise ValueError(
+            f"client {client_id!r}: masks do not fit the global adapter: missing {missing[:3]}, "
+            f"unexpected {extra[:3]}."
+        )
+    out = {}
+    for key, ref in glob.items():
+        m = masks[key]
+        if not isinstance(m, Tensor) or tuple(m.shape) != tuple(ref.shape):
+            shape = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
+            raise ValueError(f"client {client_id!r}: mask {key!r} is {shape}, expected shape {tuple(ref.shape)}.")
+        m = m.detach().to("cpu")
+        out[key] = (m if m.dtype == torch.bool else m != 0).clone().contiguous()
+    return out
+
+
+def _gram(flat_masks: Tensor) -> Tensor:
+    """`G[i, j] = |m_i ∧ m_j|` for boolean rows `flat_masks` `[K, N]`, exact, as float64."""
+    k, n = flat_masks.shape
+    gram = torch.zeros(k, k, dtype=torch.float64)
+    for start in range(0, n, _GRAM_CHUNK):
+        chunk = flat_masks[:, start : start + _GRAM_CHUNK].to(torch.float32)
+        gram += (chunk @ chunk.T).to(torch.float64)
+    return gram
+
+
+def _mean_pairwise_jaccard(gram: Tensor) -> float:
+    """Mean over pairs `i < j` of `|m_i ∧ m_j| / |m_i ∨ m_j|` from the intersection matrix (1.0 if < 2 masks)."""
+    k = gram.shape[0]
+    if k < 2:
+        return 1.0
+    i, j = torch.triu_indices(k, k, offset=1)
+    inter = gram[i, j]
+    union = gram[i, i] + gram[j, j] - inter
+    jac = torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(inter))
+    return float(jac.mean())
