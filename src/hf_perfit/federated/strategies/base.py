@@ -135,6 +135,11 @@ class Strategy(ABC):
         """
         return None
 
+    def personalized_tensors(self, client_id: str, local_tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The adapter client `client_id` ends a round with (what is evaluated and exported): by default the global
+        adapter; strategies with personal state override it. `local_tensors` is the client's own last adapter."""
+        return self.global_tensors
+
     @abstractmethod
     def configure_client(self, client_id: str, round_idx: int) -> ClientInstruction:
         """What client `client_id` starts round `round_idx` from.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from ..messages import ClientInstruction, ClientUpdate
 from .base import Strategy, register_strategy
 
@@ -15,6 +17,10 @@ class LocalStrategy(Strategy):
     """
 
     name = "local"
+
+    def personalized_tensors(self, client_id: str, local_tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A local client keeps exactly what it trained."""
+        return {k: t.clone() for k, t in local_tensors.items()}
 
     def configure_client(self, client_id: str, round_idx: int) -> ClientInstruction:
         """Tell the client to continue from its own adapter (`tensors=None`)."""

@@ -81,6 +81,14 @@ class PerFITStrategy(Strategy):
 
     # ------------------------------------------------------------------ round
 
+    def personalized_tensors(self, client_id: str, local_tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`θ_g ⊙ m_k` for a client whose mask is known, else `θ_g`."""
+        glob = self._require_global()
+        mask = self._masks.get(client_id)
+        if mask is None:
+            return self.global_tensors
+        return {k: torch.where(mask[k], t, 0.0) for k, t in glob.items()}
+
     def configure_client(self, client_id: str, round_idx: int) -> ClientInstruction:
         """The personalized start `θ_g ⊙ m_k` with `mask=m_k`, or `θ_g` dense for a client without a cached mask and on
         re-search rounds (then with `config={"research": True}`)."""

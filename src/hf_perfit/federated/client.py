@@ -1,0 +1,186 @@
+"""The client side of a federated round: tokenize once, train with TRL's SFTTrainer, evaluate perplexity.
+
+One function per step, shared by the in-process simulation and (later) the Flower ClientApp, so each algorithm's
+client update exists in one place. Every method uses the same `PerFITModel` machinery: FedIT/FedProx/local are a
+PerFIT adapter with `expansion_factor=1` and PEFT's standard init, i.e. exactly a vanilla rank-r LoRA (nothing is
+pruned, so the mask code is skipped).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from ..callbacks import PerFITPruningCallback
+from ..model import PerFITModel
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LocalTrainingArgs:
+    """What a client's local update needs to know (the same for every client of a run)."""
+
+    local_steps: int = 10
+    learning_rate: float = 2e-4
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    eval_batch_size: int = 8
+    seed: int = 0
+
+
+def tokenize_for_completion_loss(ds: datasets.Dataset, tokenizer: Any, max_length: int) -> datasets.Dataset:
+    """Tokenize `prompt`/`completion` rows (conversational or text) into `input_ids` and `labels`, the prompt's
+    labels set to -100 (completion-only loss). Used for training and evaluation alike."""
+
+    def one(example: dict[str, Any]) -> dict[str, list[int]]:
+        prompt, completion = example["prompt"], example["completion"]
+        if isinstance(prompt, list):  # conversational: the tokenizer's chat template
+            prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            full_ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True)
+            if hasattr(prompt_ids, "keys"):  # transformers 5 returns a BatchEncoding (a UserDict) by default
+                prompt_ids, full_ids = prompt_ids["input_ids"], full_ids["input_ids"]
+        else:
+            prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            full_ids = tokenizer(prompt + completion + (tokenizer.eos_token or ""), add_special_tokens=True)[
+                "input_ids"
+            ]
+        n = 0  # where prompt and prompt+completion diverge (the template may render the prompt differently)
+        while n < min(len(prompt_ids), len(full_ids)) and prompt_ids[n] == full_ids[n]:
+            n += 1
+        full_ids = list(full_ids)[:max_length]
+        labels = [IGNORE_INDEX] * min(n, len(full_ids)) + full_ids[n:]
+        return {"input_ids": full_ids, "labels": labels}
+
+    out = ds.map(one, remove_columns=ds.column_names, desc="Tokenizing")
+    return out.filter(lambda ex: any(t != IGNORE_INDEX for t in ex["labels"]), desc="Dropping empty completions")
+
+
+class _ProximalSFTTrainer(SFTTrainer):
+    """SFTTrainer whose loss adds FedProx's `(mu/2)·‖θ − θ_global‖²` over the trainable LoRA tensors."""
+
+    def __init__(self, *args: Any, proximal_mu: float, anchor: dict[str, torch.Tensor], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.proximal_mu = proximal_mu
+        self._anchor = anchor
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        loss, rest = (out[0], out[1:]) if return_outputs else (out, None)
+        params = self._perfit.lora_parameters()
+        prox = sum(((params[k] - a.to(params[k].device)) ** 2).sum() for k, a in self._anchor.items())
+        loss = loss + 0.5 * self.proximal_mu * prox
+        return (loss, *rest) if return_outputs else loss
+
+
+def train_client(
+    model: PerFITModel,
+    tokenizer: Any,
+    train_ds: datasets.Dataset,
+    args: LocalTrainingArgs,
+    proximal_mu: float = 0.0,
+    seed: int | None = None,
+) -> dict[str, float]:
+    """Run `args.local_steps` optimizer steps of completion-only SFT on a tokenized dataset, from whatever adapter
+    state `model` holds. PerFIT's search runs inside through [`PerFITPruningCallback`]. FedProx's proximal term pulls
+    toward the adapter the client started from (the global model it received).
+
+    Returns:
+        `dict` with `train_loss` (mean over the round's logged steps) and `steps`.
+    """
+    if len(train_ds) == 0:
+        raise ValueError("this client has no training examples after tokenization; check its data and max_length.")
+    model.train()
+    with tempfile.TemporaryDirectory() as tmp:
+        sft_args = SFTConfig(
+            output_dir=tmp,
+            max_steps=args.local_steps,
+            per_device_train_batch_size=args.per_device_train_batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            learning_rate=args.learning_rate,
+            weight_decay=args.weight_decay,
+            max_grad_norm=args.max_grad_norm,
+            lr_scheduler_type="constant",
+            optim="adamw_torch",
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            max_length=args.max_length,
+            bf16=False,  # fp32 reference; TRL defaults to bf16
+            use_cpu=not torch.cuda.is_available(),
+            seed=args.seed if seed is None else seed,
+            data_seed=args.seed if seed is None else seed,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            remove_unused_columns=False,
+        )
+        common = dict(
+            model=model,
+            args=sft_args,
+            train_dataset=train_ds,
+            processing_class=tokenizer,
+            callbacks=[PerFITPruningCallback()],
+        )
+        if proximal_mu > 0:
+            anchor = {k: p.detach().clone() for k, p in model.lora_parameters().items()}
+            trainer = _ProximalSFTTrainer(**common, proximal_mu=proximal_mu, anchor=anchor)
+            trainer._perfit = model
+        else:
+            trainer = SFTTrainer(**common)
+        result = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    model.eval()
+    return {
+        "train_loss": float(sum(losses) / len(losses)) if losses else float(result.training_loss),
+        "steps": args.local_steps,
+    }
+
+
+@torch.no_grad()
+def evaluate_perplexity(
+    model: torch.nn.Module, tokenizer: Any, test_ds: datasets.Dataset, batch_size: int = 8
+) -> dict:
+    """Personalized perplexity: `exp` of the mean response-token loss (token-weighted over the whole split; prompt
+    tokens excluded) on a tokenized test split.
+
+    Returns:
+        `dict` with `eval_loss`, `perplexity` and `eval_tokens`.
+    """
+    if len(test_ds) == 0:
+        raise ValueError("this client has an empty test split; give it at least one test example.")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(test_ds), batch_size):
+        rows = test_ds[start : start + batch_size]
+        width = max(len(x) for x in rows["input_ids"])
+        ids = torch.full((len(rows["input_ids"]), width), pad, dtype=torch.long)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        attn = torch.zeros_like(ids)
+        for i, (x, y) in enumerate(zip(rows["input_ids"], rows["labels"], strict=True)):
+            ids[i, : len(x)], labels[i, : len(y)], attn[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
+        nll = torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]),
+            shift_labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        total_nll += float(nll)
+        total_tokens += int((shift_labels != IGNORE_INDEX).sum())
+    if was_training:
+        model.train()
+    loss = total_nll / max(total_tokens, 1)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": total_tokens}
