@@ -68,15 +68,17 @@ def tokenize_for_completion_loss(ds: datasets.Dataset, tokenizer: Any, max_lengt
 class _ProximalSFTTrainer(SFTTrainer):
     """SFTTrainer whose loss adds FedProx's `(mu/2)·‖θ − θ_global‖²` over the trainable LoRA tensors."""
 
-    def __init__(self, *args: Any, proximal_mu: float, anchor: dict[str, torch.Tensor], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, model: PerFITModel, proximal_mu: float, **kwargs: Any) -> None:
+        super().__init__(*args, model=model, **kwargs)
         self.proximal_mu = proximal_mu
-        self._anchor = anchor
+        self._params = model.lora_parameters()
+        # θ_global: the adapter the client starts the round from (what the server sent)
+        self._anchor = {k: p.detach().clone() for k, p in self._params.items()}
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         loss, rest = (out[0], out[1:]) if return_outputs else (out, None)
-        params = self._perfit.lora_parameters()
+        params = self._params
         prox = sum(((params[k] - a.to(params[k].device)) ** 2).sum() for k, a in self._anchor.items())
         loss = loss + 0.5 * self.proximal_mu * prox
         return (loss, *rest) if return_outputs else loss
@@ -131,9 +133,7 @@ def train_client(
             callbacks=[PerFITPruningCallback()],
         )
         if proximal_mu > 0:
-            anchor = {k: p.detach().clone() for k, p in model.lora_parameters().items()}
-            trainer = _ProximalSFTTrainer(**common, proximal_mu=proximal_mu, anchor=anchor)
-            trainer._perfit = model
+            trainer = _ProximalSFTTrainer(**common, proximal_mu=proximal_mu)
         else:
             trainer = SFTTrainer(**common)
         result = trainer.train()

@@ -188,23 +188,8 @@ class Strategy(ABC):
     def _check_update_tensors(self, update: ClientUpdate) -> dict[str, Tensor]:
         """Check that `update.tensors` has exactly the keys and shapes of `θ_g`; return them as float32 CPU tensors."""
         glob = self._require_global()
-        tensors = update.tensors
-        if set(tensors) != set(glob):
-            missing, extra = sorted(set(glob) - set(tensors)), sorted(set(tensors) - set(glob))
-            raise ValueError(
-                f"client {update.client_id!r} uploaded tensors that do not fit the global adapter: missing "
-                f"{_first(missing)}, unexpected {_first(extra)}."
-            )
-        out = {}
-        for key, ref in glob.items():
-            t = tensors[key]
-            if not isinstance(t, Tensor) or tuple(t.shape) != tuple(ref.shape):
-                raise ValueError(
-                    f"client {update.client_id!r}: tensor {key!r} is {_describe(t)}, "
-                    f"expected shape {tuple(ref.shape)}."
-                )
-            out[key] = t.detach().to(device="cpu", dtype=torch.float32)
-        return out
+        check_like_global(update.client_id, "tensor", update.tensors, glob)
+        return {key: update.tensors[key].detach().to(device="cpu", dtype=torch.float32) for key in glob}
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -276,6 +261,23 @@ def _take(tensors: Mapping[str, Tensor], key: str) -> Tensor:
     if key not in tensors:
         raise ValueError(f"strategy state is missing tensor {key!r}.")
     return tensors[key]
+
+
+def check_like_global(client_id: str, what: str, tensors: Mapping[str, Any], glob: Mapping[str, Tensor]) -> None:
+    """Raise `ValueError` unless `tensors` (a client's `what`s: tensors or masks) has exactly the keys and shapes of
+    the global adapter `glob`, naming the client and the first offending keys."""
+    if set(tensors) != set(glob):
+        missing, extra = sorted(set(glob) - set(tensors)), sorted(set(tensors) - set(glob))
+        raise ValueError(
+            f"client {client_id!r}: {what}s do not fit the global adapter: missing {_first(missing)}, "
+            f"unexpected {_first(extra)}."
+        )
+    for key, ref in glob.items():
+        t = tensors[key]
+        if not isinstance(t, Tensor) or tuple(t.shape) != tuple(ref.shape):
+            raise ValueError(
+                f"client {client_id!r}: {what} {key!r} is {_describe(t)}, expected shape {tuple(ref.shape)}."
+            )
 
 
 def _first(names: list[str], n: int = 3) -> str:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..messages import ClientInstruction, ClientUpdate
-from .base import Strategy, check_nonnegative_int, register_strategy
+from .base import Strategy, check_like_global, check_nonnegative_int, register_strategy
 
 MASK_PREFIX = "mask/"
 _GRAM_CHUNK = 1 << 22  # columns per float32 matmul chunk: counts stay < 2**24, hence exact
@@ -192,18 +192,10 @@ class PerFITStrategy(Strategy):
 
 def _check_masks(client_id: str, masks: Mapping[str, Tensor], glob: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Boolean CPU copies of `masks`, checked against the keys and shapes of the global adapter."""
-    if set(masks) != set(glob):
-        missing, extra = sorted(set(glob) - set(masks)), sorted(set(masks) - set(glob))
-        raise ValueError(
-            f"client {client_id!r}: masks do not fit the global adapter: missing {missing[:3]}, "
-            f"unexpected {extra[:3]}."
-        )
+    check_like_global(client_id, "mask", masks, glob)
     out = {}
-    for key, ref in glob.items():
+    for key in glob:
         m = masks[key]
-        if not isinstance(m, Tensor) or tuple(m.shape) != tuple(ref.shape):
-            shape = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
-            raise ValueError(f"client {client_id!r}: mask {key!r} is {shape}, expected shape {tuple(ref.shape)}.")
         m = m.detach().to("cpu")
         out[key] = (m if m.dtype == torch.bool else m != 0).clone().contiguous()
     return out
