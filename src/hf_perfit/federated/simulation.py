@@ -65,7 +65,11 @@ class FederatedConfig:
     test_fraction: float = 0.1
     max_eval_examples: int | None = None
     eval_batch_size: int = 8
+    strategy_options: dict[str, Any] = field(default_factory=dict)
     trust_remote_code: bool = False
+    push_to_hub: bool = False
+    hub_repo_prefix: str | None = None
+    hub_private: bool = False
     resume: bool = False
     overwrite: bool = False
 
@@ -92,6 +96,10 @@ class FederatedConfig:
             )
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other; choose one.")
+        if not isinstance(self.strategy_options, dict):
+            raise ValueError(f"strategy_options must be a mapping of option -> value, got {self.strategy_options!r}.")
+        if self.push_to_hub and not self.hub_repo_prefix:
+            raise ValueError("push_to_hub=True needs hub_repo_prefix (e.g. 'my-org/perfit-flan8').")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FederatedConfig:
@@ -121,10 +129,11 @@ class FederatedConfig:
             **common, expansion_factor=1, init_lora_weights=True, search_steps=1, prune_iterations=1
         )
 
-    def strategy_options(self) -> dict[str, Any]:
-        return {"perfit": {"research_every": self.research_every}, "fedprox": {"proximal_mu": self.proximal_mu}}.get(
-            self.strategy, {}
-        )
+    def resolved_strategy_options(self) -> dict[str, Any]:
+        """The options the strategy is built with: those of the named config keys (`research_every` for perfit,
+        `proximal_mu` for fedprox), overridden by `strategy_options` (any option the strategy defines)."""
+        named = {"perfit": {"research_every": self.research_every}, "fedprox": {"proximal_mu": self.proximal_mu}}
+        return {**named.get(self.strategy, {}), **self.strategy_options}
 
 
 # ---------------------------------------------------------------------- client state on disk
@@ -209,7 +218,7 @@ class FederatedSimulation:
             )
         torch.manual_seed(config.seed)
         self.model = PerFITModel(model, config.adapter_config())
-        self.strategy = get_strategy(config.strategy, **config.strategy_options())
+        self.strategy = get_strategy(config.strategy, **config.resolved_strategy_options())
         self.args = LocalTrainingArgs(
             local_steps=config.local_steps,
             learning_rate=config.learning_rate,
@@ -285,6 +294,10 @@ class FederatedSimulation:
             self._checkpoint(r + 1, records)
         bar.close()
         self._export()
+        if cfg.push_to_hub:
+            from ..hub import push_run
+
+            push_run(self.out, cfg.hub_repo_prefix, private=cfg.hub_private)
         return summary
 
     def _client_round(self, r: int, index: int, cid: str, init_tensors, comm: dict) -> ClientUpdate:
@@ -299,7 +312,8 @@ class FederatedSimulation:
             tensors = instr.tensors
         self.model.set_adapter_state(tensors, masks, meta)
         seed = self.config.seed * 100003 + r * 1009 + index
-        metrics = train_client(self.model, self.tokenizer, self.train_sets[cid], self.args, self._mu(), seed=seed)
+        mu = float(instr.config.get("proximal_mu", 0.0))  # FedProx sends μ with every instruction
+        metrics = train_client(self.model, self.tokenizer, self.train_sets[cid], self.args, mu, seed=seed)
         new_tensors, new_masks, new_meta = self.model.get_adapter_state()
         perfit = self.config.strategy == "perfit"
         searched = perfit and not self.model.is_searching
@@ -322,9 +336,6 @@ class FederatedSimulation:
             "density": self.model.density(),
         }
         return update
-
-    def _mu(self) -> float:
-        return self.config.proximal_mu if self.config.strategy == "fedprox" else 0.0
 
     def _personalize(self, cid: str, r: int) -> None:
         state = _load_client_state(self.out, cid, r)
