@@ -19,6 +19,8 @@ from trl import SFTConfig, SFTTrainer
 
 from ..callbacks import PerFITPruningCallback
 from ..model import PerFITModel
+from .comm import downlink_bytes, uplink_bytes
+from .messages import ClientInstruction, ClientUpdate
 
 IGNORE_INDEX = -100
 
@@ -143,6 +145,89 @@ def train_client(
         "train_loss": float(sum(losses) / len(losses)) if losses else float(result.training_loss),
         "steps": args.local_steps,
     }
+
+
+AdapterState = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]
+"""A client's persistent state between rounds: (adapter tensors, keep-masks or None, search progress/meta)."""
+
+
+@dataclass
+class ClientRoundResult:
+    """What one client round produces: the upload, the state to keep locally, and bookkeeping for metrics."""
+
+    update: ClientUpdate
+    state: AdapterState
+    bytes_up: int
+    bytes_down: int
+    train_loss: float
+    density: float
+
+
+def client_update(
+    model: PerFITModel,
+    tokenizer: Any,
+    train_ds: datasets.Dataset,
+    instruction: ClientInstruction,
+    state: AdapterState | None,
+    args: LocalTrainingArgs,
+    *,
+    client_id: str,
+    initial_tensors: dict[str, torch.Tensor],
+    uses_masks: bool,
+    budget_multiplier: float = 1.0,
+    seed: int | None = None,
+) -> ClientRoundResult:
+    """One client's whole federated round, the single implementation shared by the in-process simulation and the
+    Flower `ClientApp`: load the client's state into the shared model, apply the server's instruction, train with
+    [`train_client`], and build the upload.
+
+    Args:
+        model: the shared `PerFITModel` (its adapter is overwritten).
+        tokenizer: the tokenizer.
+        train_ds: the client's tokenized training set (see [`tokenize_for_completion_loss`]).
+        instruction: what the server sent. `tensors=None` keeps the client's own adapter (`local`);
+            `config["research"]` restarts PerFIT's architecture search; `config["proximal_mu"]` turns on FedProx.
+        state: the client's state from its last round, or `None` in its first round.
+        args: local training settings.
+        client_id: the client's id (goes into the upload).
+        initial_tensors: the adapter a client starts from when it has no state and the server sent no tensors.
+        uses_masks: whether the strategy aggregates over PerFIT masks (`Strategy.uses_masks`): then the mask is
+            uploaded once the search has finished, and only when it changed.
+        budget_multiplier: PerFIT's per-client budget multiplier `b_k`.
+        seed: the seed of this client round (data order, dropout).
+
+    Returns:
+        [`ClientRoundResult`].
+    """
+    tensors, masks, meta = state if state is not None else (initial_tensors, None, {"mask_uploaded": False})
+    meta = {**meta, "budget_multiplier": float(budget_multiplier)}
+    if instruction.config.get("research"):
+        masks, meta = None, {**meta, "search_step": 0, "prune_iterations_done": 0, "mask_uploaded": False}
+    if instruction.tensors is not None:
+        tensors = instruction.tensors
+    model.set_adapter_state(tensors, masks, meta)
+    mu = float(instruction.config.get("proximal_mu", 0.0))
+    metrics = train_client(model, tokenizer, train_ds, args, mu, seed=seed)
+    new_tensors, new_masks, new_meta = model.get_adapter_state()
+    searched = uses_masks and not model.is_searching
+    mask_changed = searched and not meta.get("mask_uploaded", False)
+    new_meta["mask_uploaded"] = bool(meta.get("mask_uploaded", False) or mask_changed)
+    update = ClientUpdate(
+        client_id=client_id,
+        num_examples=len(train_ds),
+        tensors=new_tensors,
+        masks=new_masks if searched else None,
+        mask_changed=mask_changed,
+        metrics={k: float(v) for k, v in metrics.items()},
+    )
+    return ClientRoundResult(
+        update=update,
+        state=(new_tensors, new_masks, new_meta),
+        bytes_up=uplink_bytes(update),
+        bytes_down=downlink_bytes(instruction),
+        train_loss=float(metrics["train_loss"]),
+        density=model.density(),
+    )
 
 
 @torch.no_grad()

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from .._io import atomic_write_json, atomic_write_text
 from ..config import PerFITLoraConfig
 from ..model import PerFITModel
-from .client import LocalTrainingArgs, evaluate_perplexity, tokenize_for_completion_loss, train_client
-from .comm import downlink_bytes, uplink_bytes
+from .client import LocalTrainingArgs, client_update, evaluate_perplexity, tokenize_for_completion_loss
 from .messages import ClientUpdate
+from .plots import plot_run
 from .strategies import STRATEGIES, get_strategy
 
 CHECKPOINT_NAME = "checkpoint.json"
@@ -89,13 +89,18 @@ class FederatedConfig:
                 f"budget_multipliers has {len(self.budget_multipliers)} entries for num_clients={self.num_clients}; "
                 "give one per client."
             )
-        if self.strategy == "perfit" and self.search_steps > self.local_steps:
+        if STRATEGIES[self.strategy].uses_masks and self.search_steps > self.local_steps:
             raise ValueError(
                 f"search_steps={self.search_steps} > local_steps={self.local_steps}: PerFIT's search must finish "
                 "within a client's first round; set search_steps <= local_steps."
             )
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other; choose one.")
+        if isinstance(self.strategy_options, str):  # from the command line: --strategy_options '{"mu": 0.1}'
+            try:
+                self.strategy_options = json.loads(self.strategy_options or "{}")
+            except json.JSONDecodeError as err:
+                raise ValueError(f"strategy_options={self.strategy_options!r} is not valid JSON: {err}.") from None
         if not isinstance(self.strategy_options, dict):
             raise ValueError(f"strategy_options must be a mapping of option -> value, got {self.strategy_options!r}.")
         if self.push_to_hub and not self.hub_repo_prefix:
@@ -116,7 +121,7 @@ class FederatedConfig:
     def adapter_config(self) -> PerFITLoraConfig:
         """PerFIT's expanded adapter for `perfit`; for every other method a vanilla rank-r LoRA (γ = 1, PEFT init)."""
         common = dict(r=self.lora_r, lora_alpha=self.lora_alpha, target_modules=list(self.lora_target_modules))
-        if self.strategy == "perfit":
+        if STRATEGIES[self.strategy].uses_masks:
             return PerFITLoraConfig(
                 **common,
                 expansion_factor=self.expansion_factor,
@@ -302,46 +307,34 @@ class FederatedSimulation:
 
     def _client_round(self, r: int, index: int, cid: str, init_tensors, comm: dict) -> ClientUpdate:
         instr = self.strategy.configure_client(cid, r)
-        state = _load_client_state(self.out, cid, r - 1)
-        tensors, masks, meta = state if state else (init_tensors, None, {"mask_uploaded": False})
-        meta = dict(meta)
-        meta["budget_multiplier"] = self._budget(index)
-        if instr.config.get("research"):
-            masks, meta = None, {**meta, "search_step": 0, "prune_iterations_done": 0, "mask_uploaded": False}
-        if instr.tensors is not None:
-            tensors = instr.tensors
-        self.model.set_adapter_state(tensors, masks, meta)
-        seed = self.config.seed * 100003 + r * 1009 + index
-        mu = float(instr.config.get("proximal_mu", 0.0))  # FedProx sends μ with every instruction
-        metrics = train_client(self.model, self.tokenizer, self.train_sets[cid], self.args, mu, seed=seed)
-        new_tensors, new_masks, new_meta = self.model.get_adapter_state()
-        perfit = self.config.strategy == "perfit"
-        searched = perfit and not self.model.is_searching
-        mask_changed = searched and not meta.get("mask_uploaded", False)
-        new_meta["mask_uploaded"] = bool(meta.get("mask_uploaded", False) or mask_changed)
-        _save_client_state(self.out, cid, r, new_tensors, new_masks, new_meta)
-        update = ClientUpdate(
+        result = client_update(
+            self.model,
+            self.tokenizer,
+            self.train_sets[cid],
+            instr,
+            _load_client_state(self.out, cid, r - 1),
+            self.args,
             client_id=cid,
-            num_examples=len(self.train_sets[cid]),
-            tensors=new_tensors,
-            masks=new_masks if searched else None,
-            mask_changed=mask_changed,
-            metrics=metrics,
+            initial_tensors=init_tensors,
+            uses_masks=self.strategy.uses_masks,
+            budget_multiplier=self._budget(index),
+            seed=self.config.seed * 100003 + r * 1009 + index,
         )
+        _save_client_state(self.out, cid, r, *result.state)
         comm[cid] = {
-            "bytes_up": uplink_bytes(update),
-            "bytes_down": downlink_bytes(instr),
-            "train_loss": metrics["train_loss"],
+            "bytes_up": result.bytes_up,
+            "bytes_down": result.bytes_down,
+            "train_loss": result.train_loss,
             "trained": True,
-            "density": self.model.density(),
+            "density": result.density,
         }
-        return update
+        return result.update
 
     def _personalize(self, cid: str, r: int) -> None:
         state = _load_client_state(self.out, cid, r)
         local_tensors, masks, meta = state if state else (self.strategy.global_tensors, None, {})
         tensors = self.strategy.personalized_tensors(cid, local_tensors)
-        if self.config.strategy != "perfit":
+        if not self.strategy.uses_masks:
             masks = None
         self.model.set_adapter_state(tensors, masks, meta)
 
@@ -363,7 +356,7 @@ class FederatedSimulation:
             "bytes_up": 0,
             "bytes_down": 0,
         }
-        if not base and self.config.strategy == "perfit":
+        if not base and self.strategy.uses_masks:
             rec["density"] = self.model.density()
         return rec
 
@@ -413,6 +406,8 @@ class FederatedSimulation:
             + "\n".join(rows)
             + f"\n\nMean personalized perplexity: {mean:.3f}\n"
         )
+        plots = plot_run(self.out)
+        text += "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
         atomic_write_text(self.out / "results.md", text)
 
 

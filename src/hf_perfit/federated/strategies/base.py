@@ -55,6 +55,9 @@ class Strategy(ABC):
     default_options: ClassVar[dict[str, Any]] = {}
     """The allowed options and their defaults (JSON-able values)."""
 
+    uses_masks: ClassVar[bool] = False
+    """Whether clients train PerFIT's expanded, masked adapter and upload their keep-masks (PerFIT only)."""
+
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.default_options))
         if unknown:

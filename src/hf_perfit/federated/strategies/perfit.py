@@ -47,6 +47,7 @@ class PerFITStrategy(Strategy):
 
     name = "perfit"
     default_options = {"research_every": 0}
+    uses_masks = True
 
     def _check_options(self) -> None:
         self._options["research_every"] = check_nonnegative_int("research_every", self._options["research_every"])

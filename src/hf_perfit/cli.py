@@ -1,0 +1,127 @@
+"""The `perfit` command.
+
+```
+perfit federate --config recipes/smollm2-135m/perfit/config_demo.yaml [--key value ...]
+perfit push --run outputs/perfit --repo_prefix my-org/perfit-flan8 [--private] [--clients client_0 client_3]
+perfit plot --run outputs/perfit
+```
+
+`federate` parses [`~hf_perfit.federated.simulation.FederatedConfig`] the way TRL's scripts parse their configs
+(`trl.TrlParser`): YAML keys are the dataclass fields, command-line flags override them, and an unknown key in either
+place is an error. Every user error (bad value, missing file, output folder of another run) ends with a one-line
+message and exit status 2 instead of a traceback; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+COMMANDS = ("federate", "push", "plot")
+USAGE = (
+    "usage: perfit {federate,push,plot} [--config CONFIG.yaml] [--key value ...]\n\n"
+    "  federate  run a federated job (FedIT, FedProx, local, PerFIT, ...) from a YAML config plus flags\n"
+    "  push      push each client's personalized adapter of a finished run to its own Hub repo\n"
+    "  plot      (re)draw a run's plots from its metrics.jsonl and adapters\n\n"
+    "`perfit <command> --help` lists the keys of a command."
+)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+
+
+def _json_dict(text: str) -> dict[str, Any]:
+    """argparse type for dict-valued fields given on the command line as JSON (`--strategy_options '{"a": 1}'`)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object such as '{{\"proximal_mu\": 0.1}}', got {text!r} ({err})"
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _parser(dataclass_type: type, prog: str):
+    from trl import TrlParser
+
+    parser = TrlParser(dataclass_types=[dataclass_type], prog=prog)
+    # HfArgumentParser gives dict fields `type=dict`, which cannot parse a string; accept JSON instead.
+    for action in parser._actions:
+        if getattr(action.type, "__origin__", action.type) is dict:
+            action.type = _json_dict
+    return parser
+
+
+def parse_federate_args(argv: Sequence[str]):
+    """Parse `perfit federate` arguments into a `FederatedConfig` (YAML from `--config`, then flags)."""
+    from .federated.simulation import FederatedConfig
+
+    (config,) = _parser(FederatedConfig, "perfit federate").parse_args_and_config(list(argv))
+    return config
+
+
+def federate(argv: Sequence[str]) -> int:
+    from .federated.simulation import run_federated
+
+    config = parse_federate_args(argv)
+    summary = run_federated(config)
+    print(
+        f"done: {config.num_rounds} rounds of {config.strategy}; mean personalized perplexity "
+        f"{summary['mean_perplexity']:.3f}; results in {config.output_dir}/results.md"
+    )
+    return 0
+
+
+def push(argv: Sequence[str]) -> int:
+    from .hub import PushConfig, push_main
+
+    (config,) = _parser(PushConfig, "perfit push").parse_args_and_config(list(argv))
+    return int(push_main(config) or 0)
+
+
+def plot(argv: Sequence[str]) -> int:
+    from .federated.plots import plot_run
+
+    parser = argparse.ArgumentParser(prog="perfit plot")
+    parser.add_argument("--run", required=True, help="a federated run's output_dir")
+    args = parser.parse_args(list(argv))
+    for path in plot_run(args.run):
+        print(path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `perfit` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"perfit: unknown command {command!r}; choose one of {', '.join(COMMANDS)}.\n\n{USAGE}", file=sys.stderr)
+        return 2
+    handler = {"federate": federate, "push": push, "plot": plot}[command]
+    try:
+        return handler(rest)
+    except SystemExit as done:  # argparse: --help (0) or a bad flag (2, message already printed)
+        return done.code if isinstance(done.code, int) else 2
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"perfit {command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"perfit {command}: interrupted; a federated run continues from its last round with --resume.",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""`perfit federate` end to end on a tiny model saved to disk: YAML + flags, errors, plots, and a run killed with
+SIGKILL mid-round that resumes to exactly the adapters of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from hf_perfit.cli import main, parse_federate_args
+
+from .conftest import build_tokenizer, tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny Llama + tokenizer saved like a Hub checkpoint, and a 3-category instruction file."""
+    root = tmp_path_factory.mktemp("assets")
+    tiny_llama().save_pretrained(root / "model")
+    build_tokenizer().save_pretrained(root / "model")
+    rows = [
+        {"instruction": f"Task {k}: echo {i}", "response": f"{k}{i}{k}", "category": f"c{k}"}
+        for k in range(3)
+        for i in range(12)
+    ]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _config(assets: Path, out: Path, **overrides) -> Path:
+    cfg = {
+        "model_name_or_path": str(assets / "model"),
+        "dataset_name": str(assets / "data.jsonl"),
+        "strategy": "perfit",
+        "num_clients": 3,
+        "num_rounds": 3,
+        "local_steps": 4,
+        "search_steps": 4,
+        "prune_iterations": 2,
+        "learning_rate": 5e-3,
+        "per_device_train_batch_size": 2,
+        "max_length": 48,
+        "lora_r": 2,
+        "lora_alpha": 4,
+        "test_fraction": 0.25,
+        "output_dir": str(out),
+        **overrides,
+    }
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_yaml_keys_and_flag_overrides(tmp_path, assets):
+    path = _config(assets, tmp_path / "run", lora_target_modules=["q_proj"])
+    cfg = parse_federate_args(
+        [
+            "--config",
+            str(path),
+            "--num_rounds",
+            "5",
+            "--strategy",
+            "fedprox",
+            "--strategy_options",
+            '{"proximal_mu": 0.5}',
+        ]
+    )
+    assert cfg.num_rounds == 5 and cfg.strategy == "fedprox"  # flags win over the YAML
+    assert cfg.lora_target_modules == ["q_proj"] and cfg.num_clients == 3  # the YAML wins over the defaults
+    assert cfg.resolved_strategy_options() == {"proximal_mu": 0.5}
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path, assets, capsys):
+    bad_key = _config(assets, tmp_path / "a", lora_rank=4)
+    assert main(["federate", "--config", str(bad_key)]) == 2
+    assert "lora_rank" in capsys.readouterr().err
+    assert main(["federate", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    unknown = _config(assets, tmp_path / "b", strategy="fedsgd")
+    assert main(["federate", "--config", str(unknown)]) == 2
+    assert "fedsgd" in capsys.readouterr().err
+    assert main(["federate", "--config", str(unknown), "--strategy_options", "{oops"]) == 2
+    assert main(["fedrate"]) == 2
+    assert "unknown command 'fedrate'" in capsys.readouterr().err
+    missing_col = tmp_path / "nocat.jsonl"
+    missing_col.write_text(json.dumps({"instruction": "a", "response": "b"}) + "\n")
+    cfg = _config(assets, tmp_path / "c", dataset_name=str(missing_col))
+    assert main(["federate", "--config", str(cfg)]) == 2
+    assert "category" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "metrics.jsonl").exists()  # refused before any training
+
+
+_HANG_SCRIPT = """
+import os, sys, time
+import hf_perfit.federated.client as client_mod
+real, calls = client_mod.train_client, [0]
+def train_then_hang(*args, **kwargs):
+    out = real(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == int(os.environ["HANG_AFTER_CALL"]):
+        open(os.environ["READY_FILE"], "w").close()
+        time.sleep(600)  # mid-round: this client trained, its state is not saved, the round is not complete
+    return out
+client_mod.train_client = train_then_hang
+from hf_perfit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path, assets):
+    reference = tmp_path / "reference"
+    assert main(["federate", "--config", str(_config(assets, reference))]) == 0
+    assert {"perplexity.png", "density.png", "results.md"} <= {p.name for p in reference.iterdir()}
+    assert "![perplexity](perplexity.png)" in (reference / "results.md").read_text()
+
+    killed = tmp_path / "killed"
+    config = _config(assets, killed)
+    ready = tmp_path / "ready"
+    env = {**os.environ, "HANG_AFTER_CALL": "8", "READY_FILE": str(ready), "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HANG_SCRIPT, "federate", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not ready.exists():  # round 2 (0-based), second client has trained
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the run never reached round 2"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    checkpoint = json.loads((killed / "state" / "checkpoint.json").read_text())
+    assert checkpoint["completed_rounds"] == 2
+    assert not (killed / "clients").exists()  # no export from a killed run
+
+    assert main(["federate", "--config", str(config)]) == 2  # another run's state: refused without --resume
+    assert main(["federate", "--config", str(config), "--resume"]) == 0
+    for cid in ("client_0", "client_1", "client_2"):
+        a = load_file(str(reference / "clients" / cid / "adapter" / "adapter_model.safetensors"))
+        b = load_file(str(killed / "clients" / cid / "adapter" / "adapter_model.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (cid, key)
+    ref = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    res = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert ref == res  # the same records, each round once
