@@ -7,11 +7,9 @@ memory does not grow with the number of clients and a killed run resumes from it
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,124 +19,15 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .._io import atomic_write_json, atomic_write_text
-from ..config import PerFITLoraConfig
-from ..model import PerFITModel
-from .client import LocalTrainingArgs, client_update, evaluate_perplexity, tokenize_for_completion_loss
+from .client import client_update, evaluate_perplexity
+from .config import FederatedConfig
 from .messages import ClientUpdate
 from .plots import plot_run
-from .strategies import STRATEGIES, get_strategy
+from .runtime import build_client_model, load_clients, load_model, local_training_args, tokenize_clients
+from .strategies import get_strategy
 
 CHECKPOINT_NAME = "checkpoint.json"
 STATE_DIR = "state"
-
-
-@dataclass
-class FederatedConfig:
-    """A federated run. YAML keys and command-line flags are these field names."""
-
-    model_name_or_path: str = "smollm2-135m-instruct"
-    dataset_name: str = ""
-    strategy: str = "perfit"
-    num_clients: int = 8
-    num_rounds: int = 3
-    fraction_clients: float = 1.0
-    local_steps: int = 10
-    learning_rate: float = 2e-4
-    per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    max_length: int = 512
-    output_dir: str = "outputs/federated"
-    seed: int = 0
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    expansion_factor: int = 4
-    search_steps: int = 10
-    prune_iterations: int = 4
-    importance: str = "taylor1"
-    budget_multipliers: list[float] | None = None
-    research_every: int = 0
-    proximal_mu: float = 0.01
-    partition: str = "category"
-    partition_column: str = "category"
-    dirichlet_alpha: float = 0.5
-    test_fraction: float = 0.1
-    max_eval_examples: int | None = None
-    eval_batch_size: int = 8
-    strategy_options: dict[str, Any] = field(default_factory=dict)
-    trust_remote_code: bool = False
-    push_to_hub: bool = False
-    hub_repo_prefix: str | None = None
-    hub_private: bool = False
-    resume: bool = False
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy={self.strategy!r} is unknown; allowed values: {sorted(STRATEGIES)}.")
-        for name in ("num_clients", "num_rounds", "local_steps", "max_length", "per_device_train_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1.")
-        if not 0.0 < self.fraction_clients <= 1.0:
-            raise ValueError(f"fraction_clients={self.fraction_clients} must be in (0, 1].")
-        if self.partition not in ("category", "dirichlet", "iid"):
-            raise ValueError(f"partition={self.partition!r} is unknown; allowed values: category, dirichlet, iid.")
-        if self.budget_multipliers is not None and len(self.budget_multipliers) != self.num_clients:
-            raise ValueError(
-                f"budget_multipliers has {len(self.budget_multipliers)} entries for num_clients={self.num_clients}; "
-                "give one per client."
-            )
-        if STRATEGIES[self.strategy].uses_masks and self.search_steps > self.local_steps:
-            raise ValueError(
-                f"search_steps={self.search_steps} > local_steps={self.local_steps}: PerFIT's search must finish "
-                "within a client's first round; set search_steps <= local_steps."
-            )
-        if self.resume and self.overwrite:
-            raise ValueError("resume and overwrite exclude each other; choose one.")
-        if isinstance(self.strategy_options, str):  # from the command line: --strategy_options '{"mu": 0.1}'
-            try:
-                self.strategy_options = json.loads(self.strategy_options or "{}")
-            except json.JSONDecodeError as err:
-                raise ValueError(f"strategy_options={self.strategy_options!r} is not valid JSON: {err}.") from None
-        if not isinstance(self.strategy_options, dict):
-            raise ValueError(f"strategy_options must be a mapping of option -> value, got {self.strategy_options!r}.")
-        if self.push_to_hub and not self.hub_repo_prefix:
-            raise ValueError("push_to_hub=True needs hub_repo_prefix (e.g. 'my-org/perfit-flan8').")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FederatedConfig:
-        """Build from a dict (e.g. a YAML file); an unknown key is a ValueError naming it."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}.")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def adapter_config(self) -> PerFITLoraConfig:
-        """PerFIT's expanded adapter for `perfit`; for every other method a vanilla rank-r LoRA (γ = 1, PEFT init)."""
-        common = dict(r=self.lora_r, lora_alpha=self.lora_alpha, target_modules=list(self.lora_target_modules))
-        if STRATEGIES[self.strategy].uses_masks:
-            return PerFITLoraConfig(
-                **common,
-                expansion_factor=self.expansion_factor,
-                search_steps=self.search_steps,
-                prune_iterations=min(self.prune_iterations, self.search_steps),
-                importance=self.importance,
-                research_every=self.research_every,
-            )
-        return PerFITLoraConfig(
-            **common, expansion_factor=1, init_lora_weights=True, search_steps=1, prune_iterations=1
-        )
-
-    def resolved_strategy_options(self) -> dict[str, Any]:
-        """The options the strategy is built with: those of the named config keys (`research_every` for perfit,
-        `proximal_mu` for fedprox), overridden by `strategy_options` (any option the strategy defines)."""
-        named = {"perfit": {"research_every": self.research_every}, "fedprox": {"proximal_mu": self.proximal_mu}}
-        return {**named.get(self.strategy, {}), **self.strategy_options}
 
 
 # ---------------------------------------------------------------------- client state on disk
@@ -195,44 +84,17 @@ class FederatedSimulation:
         self.out = Path(config.output_dir)
         self._check_output_dir()
         if model is None or tokenizer is None:
-            model, tokenizer = _load_model(config)
+            model, tokenizer = load_model(config)
         self.tokenizer = tokenizer
         if clients is None:
-            clients = _load_clients(config)
+            clients = load_clients(config)
         if len(clients) != config.num_clients:
             raise ValueError(f"the data gives {len(clients)} clients but num_clients={config.num_clients}.")
         self.clients = clients
-        self.train_sets, self.test_sets = {}, {}
-        from ..data import format_for_tokenizer
-
-        for c in clients:
-            if len(c.train) == 0:
-                raise ValueError(f"client {c.client_id} has no training examples; remove it or repartition.")
-            if len(c.test) == 0:
-                raise ValueError(f"client {c.client_id} has no test examples; raise test_fraction or repartition.")
-            test = (
-                c.test
-                if config.max_eval_examples is None
-                else c.test.select(range(min(len(c.test), config.max_eval_examples)))
-            )
-            self.train_sets[c.client_id] = tokenize_for_completion_loss(
-                format_for_tokenizer(c.train, tokenizer), tokenizer, config.max_length
-            )
-            self.test_sets[c.client_id] = tokenize_for_completion_loss(
-                format_for_tokenizer(test, tokenizer), tokenizer, config.max_length
-            )
-        torch.manual_seed(config.seed)
-        self.model = PerFITModel(model, config.adapter_config())
+        self.train_sets, self.test_sets = tokenize_clients(clients, tokenizer, config)
+        self.model = build_client_model(model, config)
         self.strategy = get_strategy(config.strategy, **config.resolved_strategy_options())
-        self.args = LocalTrainingArgs(
-            local_steps=config.local_steps,
-            learning_rate=config.learning_rate,
-            per_device_train_batch_size=config.per_device_train_batch_size,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            max_length=config.max_length,
-            eval_batch_size=config.eval_batch_size,
-            seed=config.seed,
-        )
+        self.args = local_training_args(config)
         self.init_tensors = self.model.get_adapter_state()[0]  # the seeded initial adapter, identical on resume
         self.completed_rounds, self.records = 0, []
         if config.resume:
@@ -414,40 +276,6 @@ class FederatedSimulation:
 def run_federated(config: FederatedConfig, **kwargs: Any) -> dict[str, Any]:
     """Run a federated job from Python (recipes and notebooks): `run_federated(FederatedConfig(...))`."""
     return FederatedSimulation(config, **kwargs).run()
-
-
-def _load_model(config: FederatedConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..presets import resolve_model_path
-
-    path = resolve_model_path(config.model_name_or_path)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        path, trust_remote_code=config.trust_remote_code, use_safetensors=True
-    )
-    return model, tok
-
-
-def _load_clients(config: FederatedConfig):
-    from ..data import detect_client_folder, load_client_folder, load_instruction_dataset, partition_dataset
-
-    if not config.dataset_name:
-        raise ValueError("dataset_name is empty; give a Hub id, a json/jsonl/parquet file or a per-client folder.")
-    if detect_client_folder(config.dataset_name):
-        return load_client_folder(config.dataset_name)
-    ds = load_instruction_dataset(config.dataset_name)
-    return partition_dataset(
-        ds,
-        config.num_clients,
-        method=config.partition,
-        column=config.partition_column,
-        alpha=config.dirichlet_alpha,
-        seed=config.seed,
-        test_fraction=config.test_fraction,
-    )
 
 
 __all__ = ["FederatedConfig", "FederatedSimulation", "run_federated"]

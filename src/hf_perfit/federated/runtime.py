@@ -1,0 +1,106 @@
+"""Setting up a client-side runtime from a [`FederatedConfig`]: the base model, the clients' data, the adapter model
+and the local training arguments. The in-process simulation and the Flower apps build everything through here, so
+they train exactly the same thing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+import torch
+
+from ..model import PerFITModel
+from .client import LocalTrainingArgs, tokenize_for_completion_loss
+from .config import FederatedConfig
+
+
+def tokenize_clients(
+    clients: list, tokenizer: Any, config: FederatedConfig
+) -> tuple[dict[str, datasets.Dataset], dict[str, datasets.Dataset]]:
+    """Check and tokenize every client's train and test split (completion-only labels; chat template if any).
+
+    Returns:
+        `(train_sets, test_sets)`, each `{client_id: tokenized Dataset}`.
+
+    Raises:
+        ValueError: a client with no training or no test examples.
+    """
+    from ..data import format_for_tokenizer
+
+    train_sets, test_sets = {}, {}
+    for c in clients:
+        if len(c.train) == 0:
+            raise ValueError(f"client {c.client_id} has no training examples; remove it or repartition.")
+        if len(c.test) == 0:
+            raise ValueError(f"client {c.client_id} has no test examples; raise test_fraction or repartition.")
+        test = c.test
+        if config.max_eval_examples is not None:
+            test = test.select(range(min(len(test), config.max_eval_examples)))
+        train_sets[c.client_id] = tokenize_for_completion_loss(
+            format_for_tokenizer(c.train, tokenizer), tokenizer, config.max_length
+        )
+        test_sets[c.client_id] = tokenize_for_completion_loss(
+            format_for_tokenizer(test, tokenizer), tokenizer, config.max_length
+        )
+    return train_sets, test_sets
+
+
+def build_client_model(base_model: torch.nn.Module, config: FederatedConfig) -> PerFITModel:
+    """Wrap the base model in the adapter the strategy trains (seeded with `config.seed`, so every process builds
+    the same initial adapter): PerFIT's expanded masked LoRA for `perfit`, a vanilla rank-r LoRA otherwise."""
+    torch.manual_seed(config.seed)
+    return PerFITModel(base_model, config.adapter_config())
+
+
+def local_training_args(config: FederatedConfig) -> LocalTrainingArgs:
+    """The local-update settings of every client of the run."""
+    return LocalTrainingArgs(
+        local_steps=config.local_steps,
+        learning_rate=config.learning_rate,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_length=config.max_length,
+        eval_batch_size=config.eval_batch_size,
+        seed=config.seed,
+    )
+
+
+def load_model(config: FederatedConfig):
+    """The base model and tokenizer of `config.model_name_or_path` (a preset name, Hub id or local folder), loaded
+    from safetensors only; `trust_remote_code` only when the config turns it on."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..presets import resolve_model_path
+
+    path = resolve_model_path(config.model_name_or_path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        path, trust_remote_code=config.trust_remote_code, use_safetensors=True
+    )
+    return model, tok
+
+
+def load_clients(config: FederatedConfig):
+    """The clients' data (`list[ClientData]`) of `config.dataset_name`: a per-client folder as is, anything else
+    partitioned with `config.partition`."""
+    from ..data import detect_client_folder, load_client_folder, load_instruction_dataset, partition_dataset
+
+    if not config.dataset_name:
+        raise ValueError("dataset_name is empty; give a Hub id, a json/jsonl/parquet file or a per-client folder.")
+    if detect_client_folder(config.dataset_name):
+        return load_client_folder(config.dataset_name)
+    ds = load_instruction_dataset(config.dataset_name)
+    return partition_dataset(
+        ds,
+        config.num_clients,
+        method=config.partition,
+        column=config.partition_column,
+        alpha=config.dirichlet_alpha,
+        seed=config.seed,
+        test_fraction=config.test_fraction,
+    )
+
+
+__all__ = ["build_client_model", "load_clients", "load_model", "local_training_args", "tokenize_clients"]
