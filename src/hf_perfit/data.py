@@ -247,7 +247,11 @@ def load_instruction_dataset(
             - a local folder of such files (read with `datasets.load_dataset(folder)`, so files named after a
               split, e.g. `train.jsonl`/`test.jsonl`, form that split; otherwise every file is `train`);
             - a Hub dataset id (`datasets.load_dataset(name, split=split)`), tried only when no such local
-              path exists.
+              path exists;
+            - a built-in dataset, `"builtin:stdlib"` (the Python standard library's documentation, one category
+              per module family; see `hf_perfit.builtin_data`), with optional options as a query string, e.g.
+              `"builtin:stdlib?max_per_category=200&seed=1"`. Nothing is downloaded; `split`, `column_map` and
+              `load_kwargs` do not apply to it.
         split (`str`, *optional*, defaults to `"train"`): split to load from a folder or Hub dataset (a single
             file has one split and ignores it).
         column_map (`Mapping[str, str]`, *optional*): explicit `{canonical: source}` column names, e.g.
@@ -264,15 +268,20 @@ def load_instruction_dataset(
         `FileNotFoundError`: the path does not exist (or the name is neither a local path nor a loadable Hub
             dataset).
         `ValueError`: no instruction/response column (the message lists the columns present), an unreadable
-            file, or an empty dataset.
+            file, an empty dataset, or an unknown `builtin:` name (the message lists the available ones).
 
     Example:
         ```python
         >>> ds = load_instruction_dataset("alpaca_data.json")
         >>> ds = load_instruction_dataset("my.csv", column_map={"instruction": "question", "response": "answer"})
+        >>> ds = load_instruction_dataset("builtin:stdlib")  # built from the local Python, nothing downloaded
         ```
     """
     name = str(name_or_path)
+    if name.startswith("builtin:"):
+        from .builtin_data import load_builtin_dataset
+
+        return load_builtin_dataset(name)
     path = Path(name).expanduser()
     if path.is_file():
         ds = _read_local_file(path)
