@@ -10,7 +10,9 @@ import pkgutil
 
 from .base import STRATEGIES, Strategy, get_strategy, register_strategy
 from .fedit import FedITStrategy
+from .fedmut import FedMutStrategy
 from .fedprox import FedProxStrategy
+from .fedqp import FedQPStrategy
 from .local import LocalStrategy
 from .perfit import PerFITStrategy
 
@@ -22,7 +24,9 @@ del _module
 __all__ = [
     "STRATEGIES",
     "FedITStrategy",
+    "FedMutStrategy",
     "FedProxStrategy",
+    "FedQPStrategy",
     "LocalStrategy",
     "PerFITStrategy",
     "Strategy",
