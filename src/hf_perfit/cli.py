@@ -4,6 +4,7 @@
 perfit federate --config recipes/smollm2-135m/perfit/config_demo.yaml [--key value ...]
 perfit push --run outputs/perfit --repo_prefix my-org/perfit-flan8 [--private] [--clients client_0 client_3]
 perfit plot --run outputs/perfit
+perfit compare --runs outputs/demo/fedit outputs/demo/perfit [--output outputs/demo/comparison.md]
 ```
 
 `federate` parses [`~hf_perfit.federated.simulation.FederatedConfig`] the way TRL's scripts parse their configs
@@ -20,12 +21,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-COMMANDS = ("federate", "push", "plot")
+COMMANDS = ("federate", "push", "plot", "compare")
 USAGE = (
-    "usage: perfit {federate,push,plot} [--config CONFIG.yaml] [--key value ...]\n\n"
+    "usage: perfit {federate,push,plot,compare} [--config CONFIG.yaml] [--key value ...]\n\n"
     "  federate  run a federated job (FedIT, FedProx, local, PerFIT, ...) from a YAML config plus flags\n"
     "  push      push each client's personalized adapter of a finished run to its own Hub repo\n"
-    "  plot      (re)draw a run's plots from its metrics.jsonl and adapters\n\n"
+    "  plot      (re)draw a run's plots from its metrics.jsonl and adapters\n"
+    "  compare   per-client table of several finished runs: base model and each run's personalized perplexity\n\n"
     "`perfit <command> --help` lists the keys of a command."
 )
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
@@ -93,6 +95,21 @@ def plot(argv: Sequence[str]) -> int:
     return 0
 
 
+def compare(argv: Sequence[str]) -> int:
+    from ._io import atomic_write_text
+    from .federated.results import comparison_table
+
+    parser = argparse.ArgumentParser(prog="perfit compare")
+    parser.add_argument("--runs", nargs="+", required=True, help="output_dir of each run; the first is the reference")
+    parser.add_argument("--output", help="also write the table to this markdown file")
+    args = parser.parse_args(list(argv))
+    table = comparison_table(args.runs)
+    print(table)
+    if args.output:
+        atomic_write_text(args.output, table)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `perfit` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -105,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"perfit: unknown command {command!r}; choose one of {', '.join(COMMANDS)}.\n\n{USAGE}", file=sys.stderr)
         return 2
-    handler = {"federate": federate, "push": push, "plot": plot}[command]
+    handler = {"federate": federate, "push": push, "plot": plot, "compare": compare}[command]
     try:
         return handler(rest)
     except SystemExit as done:  # argparse: --help (0) or a bad flag (2, message already printed)
@@ -115,6 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"perfit {command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # a Hub push that failed for good (hf_perfit.hub.HubPushError): says what was pushed
+        if debug or type(err).__name__ != "HubPushError":
+            raise
+        print(f"perfit {command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             f"perfit {command}: interrupted; a federated run continues from its last round with --resume.",

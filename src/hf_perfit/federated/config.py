@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import PerFITLoraConfig
+from ..mole.config import MoLEConfig
 from .strategies import STRATEGIES
 
 
@@ -39,6 +41,12 @@ class FederatedConfig:
     budget_multipliers: list[float] | None = None
     research_every: int = 0
     proximal_mu: float = 0.01
+    num_experts: int = 30
+    experts_per_client_min: int = 2
+    experts_per_client_max: int = 8
+    clients_per_expert: int = 2
+    mole_top_k: int = 2
+    balance_loss_coef: float = 0.001
     partition: str = "category"
     partition_column: str = "category"
     dirichlet_alpha: float = 0.5
@@ -74,6 +82,7 @@ class FederatedConfig:
                 f"search_steps={self.search_steps} > local_steps={self.local_steps}: PerFIT's search must finish "
                 "within a client's first round; set search_steps <= local_steps."
             )
+        self._check_fedamole()
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other; choose one.")
         if isinstance(self.strategy_options, str):  # from the command line: --strategy_options '{"mu": 0.1}'
@@ -83,8 +92,41 @@ class FederatedConfig:
                 raise ValueError(f"strategy_options={self.strategy_options!r} is not valid JSON: {err}.") from None
         if not isinstance(self.strategy_options, dict):
             raise ValueError(f"strategy_options must be a mapping of option -> value, got {self.strategy_options!r}.")
-        if self.push_to_hub and not self.hub_repo_prefix:
-            raise ValueError("push_to_hub=True needs hub_repo_prefix (e.g. 'my-org/perfit-flan8').")
+        if self.push_to_hub:  # checked now, not after hours of training
+            if not self.hub_repo_prefix:
+                raise ValueError("push_to_hub=True needs hub_repo_prefix (e.g. 'my-org/perfit-flan8').")
+            from ..hub import parse_repo_prefix
+
+            parse_repo_prefix(self.hub_repo_prefix)
+            if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+                raise ValueError(
+                    "push_to_hub=True but HF_HUB_OFFLINE is set: the push at the end would fail. Unset HF_HUB_OFFLINE, "
+                    "or drop push_to_hub and push later with `perfit push --run <output_dir> --repo_prefix ...`."
+                )
+
+    def _check_fedamole(self) -> None:
+        """FedAMoLE's fields: ranges always, and for `strategy=fedamole` that every round's expert assignment exists."""
+        names = ("num_experts", "experts_per_client_min", "experts_per_client_max", "clients_per_expert", "mole_top_k")
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1.")
+        coef = self.balance_loss_coef
+        if isinstance(coef, bool) or not isinstance(coef, int | float) or not coef >= 0:
+            raise ValueError(f"balance_loss_coef={coef!r} must be a number >= 0.")
+        if self.strategy == "fedamole":
+            from ..mole.assignment import assignment_error
+
+            sampled = max(1, round(self.fraction_clients * self.num_clients))  # clients per round, as the simulation
+            error = assignment_error(
+                self.num_experts,
+                sampled,
+                self.clients_per_expert,
+                self.experts_per_client_min,
+                self.experts_per_client_max,
+            )
+            if error is not None:
+                raise ValueError(f"strategy=fedamole with {sampled} clients per round: {error}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FederatedConfig:
@@ -98,9 +140,17 @@ class FederatedConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def adapter_config(self) -> PerFITLoraConfig:
-        """PerFIT's expanded adapter for `perfit`; for every other method a vanilla rank-r LoRA (γ = 1, PEFT init)."""
+    def adapter_config(self) -> PerFITLoraConfig | MoLEConfig:
+        """PerFIT's expanded adapter for `perfit`; FedAMoLE's MoLE adapter (rank `lora_r` experts) for `fedamole`; for
+        every other method a vanilla rank-r LoRA (γ = 1, PEFT init)."""
         common = dict(r=self.lora_r, lora_alpha=self.lora_alpha, target_modules=list(self.lora_target_modules))
+        if self.strategy == "fedamole":
+            return MoLEConfig(
+                **common,
+                num_experts=self.num_experts,
+                top_k=self.mole_top_k,
+                balance_loss_coef=float(self.balance_loss_coef),
+            )
         if STRATEGIES[self.strategy].uses_masks:
             return PerFITLoraConfig(
                 **common,
@@ -116,8 +166,18 @@ class FederatedConfig:
 
     def resolved_strategy_options(self) -> dict[str, Any]:
         """The options the strategy is built with: those of the named config keys (`research_every` for perfit,
-        `proximal_mu` for fedprox), overridden by `strategy_options` (any option the strategy defines)."""
-        named = {"perfit": {"research_every": self.research_every}, "fedprox": {"proximal_mu": self.proximal_mu}}
+        `proximal_mu` for fedprox, the expert-assignment constraints and `seed` for fedamole), overridden by
+        `strategy_options` (any option the strategy defines)."""
+        named = {
+            "perfit": {"research_every": self.research_every},
+            "fedprox": {"proximal_mu": self.proximal_mu},
+            "fedamole": {
+                "clients_per_expert": self.clients_per_expert,
+                "experts_per_client_min": self.experts_per_client_min,
+                "experts_per_client_max": self.experts_per_client_max,
+                "seed": self.seed,
+            },
+        }
         return {**named.get(self.strategy, {}), **self.strategy_options}
 
 
