@@ -94,3 +94,35 @@ def test_smollm2_preset_forward():
     assert logits.shape == (1, inputs["input_ids"].shape[1], model.config.vocab_size)
     assert model.config.vocab_size == len(tokenizer) == 49152
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_smollm2_federated_steps(tmp_path):
+    # The real default end to end for a few steps: preset model, built-in data, PerFIT search, plain-PEFT export.
+    assert is_preset_available(SMOLLM2), f"preset {SMOLLM2!r} not installed: {PRESETS[SMOLLM2].install_command}"
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hf_perfit.federated import FederatedConfig, run_federated
+
+    cfg = FederatedConfig(
+        model_name_or_path=SMOLLM2,
+        dataset_name="builtin:stdlib?max_per_category=6",
+        strategy="perfit",
+        num_clients=8,
+        num_rounds=1,
+        local_steps=2,
+        search_steps=2,
+        prune_iterations=1,
+        per_device_train_batch_size=2,
+        max_length=128,
+        test_fraction=0.34,
+        max_eval_examples=1,
+        output_dir=str(tmp_path / "run"),
+    )
+    summary = run_federated(cfg)
+    assert 1.0 < summary["mean_perplexity"] < 1e4
+    adapter = tmp_path / "run" / "clients" / "client_0" / "adapter"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model_path(SMOLLM2)), adapter)
+    kept = sum(int((p != 0).sum()) for n, p in model.named_parameters() if "lora_" in n)
+    assert kept <= 460_800  # the rank-8 budget of q_proj/v_proj, inside a rank-32 plain LoRA

@@ -15,6 +15,7 @@ from typing import Any
 
 import datasets
 import torch
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
 from ..callbacks import PerFITPruningCallback
@@ -86,6 +87,25 @@ class _ProximalSFTTrainer(SFTTrainer):
         return (loss, *rest) if return_outputs else loss
 
 
+class _AuxLossSFTTrainer(SFTTrainer):
+    """SFTTrainer that adds the model's auxiliary loss (`model.auxiliary_loss()`, e.g. MoLE's load-balancing loss).
+
+    TRL's SFTTrainer computes the LM loss itself from per-token log-probabilities and never reads `outputs.loss`, so
+    a loss term the model computes in its forward has to be added here."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        aux = self.model.auxiliary_loss()
+        if aux is None:
+            return out
+        # as TRL does for its own MoE aux loss: with num_items_in_batch the Trainer leaves gradient accumulation to
+        # the loss, and the aux loss is a per-micro-batch mean
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        if return_outputs:
+            return (out[0] + aux / steps, *out[1:])
+        return out + aux / steps
+
+
 def train_client(
     model: PerFITModel,
     tokenizer: Any,
@@ -103,6 +123,15 @@ def train_client(
     """
     if len(train_ds) == 0:
         raise ValueError("this client has no training examples after tokenization; check its data and max_length.")
+    from ..distributed import process_state
+
+    processes = process_state().num_processes
+    if args.per_device_train_batch_size % processes:
+        raise ValueError(
+            f"per_device_train_batch_size={args.per_device_train_batch_size} is not divisible by the "
+            f"{processes} processes: under accelerate each client batch is split across the processes; choose a "
+            "multiple of the process count."
+        )
     model.train()
     with tempfile.TemporaryDirectory() as tmp:
         sft_args = SFTConfig(
@@ -126,18 +155,27 @@ def train_client(
             dataloader_num_workers=0,
             disable_tqdm=True,
             remove_unused_columns=False,
+            # With N processes each batch is split N ways (data-parallel), so the optimizer sees the same examples
+            # per step as a one-process run and the results agree within floating-point tolerance.
+            accelerator_config={"split_batches": processes > 1},
         )
         common = dict(
             model=model,
             args=sft_args,
             train_dataset=train_ds,
             processing_class=tokenizer,
-            callbacks=[PerFITPruningCallback()],
+            callbacks=[PerFITPruningCallback()] if isinstance(model, PerFITModel) else [],
         )
         if proximal_mu > 0:
             trainer = _ProximalSFTTrainer(**common, proximal_mu=proximal_mu)
+        elif hasattr(model, "auxiliary_loss"):  # FedAMoLE's MoLEModel: its balance loss
+            trainer = _AuxLossSFTTrainer(**common)
         else:
             trainer = SFTTrainer(**common)
+        # The coordinator shows one progress bar over rounds and clients; the Trainer's per-step log lines would
+        # drown it (the losses still reach `log_history`).
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
         result = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     model.eval()
@@ -219,6 +257,8 @@ def client_update(
         masks=new_masks if searched else None,
         mask_changed=mask_changed,
         metrics={k: float(v) for k, v in metrics.items()},
+        # FedAMoLE: the routing statistics the server assigns experts with
+        extra_tensors=model.client_extras() if hasattr(model, "client_extras") else {},
     )
     return ClientRoundResult(
         update=update,

@@ -82,6 +82,12 @@ class FederatedSimulation:
     def __init__(self, config: FederatedConfig, model=None, tokenizer=None, clients=None) -> None:
         self.config = config
         self.out = Path(config.output_dir)
+        # Under `accelerate launch --num_processes N` every process runs this coordinator in lockstep (same seed, same
+        # sampling, DDP keeps the adapters identical) and each client's training is data-parallel; only the main
+        # process writes files, and the others wait for it wherever they read what it wrote.
+        from ..distributed import process_state
+
+        self._processes = process_state()
         self._check_output_dir()
         if model is None or tokenizer is None:
             model, tokenizer = load_model(config)
@@ -109,10 +115,20 @@ class FederatedSimulation:
         records = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines() if line]
         self.records = [r for r in records if r["round"] < self.completed_rounds]
 
+    @property
+    def is_main_process(self) -> bool:
+        """Whether this process writes the run's files (always, unless launched with several processes)."""
+        return self._processes.is_main_process
+
+    def _barrier(self) -> None:
+        self._processes.wait_for_everyone()
+
     def _check_output_dir(self) -> None:
         ckpt = self.out / STATE_DIR / CHECKPOINT_NAME
-        if self.config.overwrite and self.out.exists():
-            shutil.rmtree(self.out)
+        if self.config.overwrite:
+            if self.is_main_process and self.out.exists():
+                shutil.rmtree(self.out)
+            self._barrier()
         elif ckpt.exists() and not self.config.resume:
             raise FileExistsError(
                 f"{self.out} holds another run's state; pass --resume to continue it or --overwrite to replace it."
@@ -128,14 +144,20 @@ class FederatedSimulation:
         cfg = self.config
         start_round, records = self.completed_rounds, self.records
         init_tensors = self.init_tensors
-        if not cfg.resume:
+        if not cfg.resume and self.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.out / "config.json", cfg.to_dict())
+        if not cfg.resume:
             self.strategy.initialize(init_tensors)
             records = [self._eval_record(-1, c.client_id, base=True) for c in self.clients]
             records.append(self._summary(-1, records, {}))
         summary = records[-1]
-        bar = tqdm(total=cfg.num_rounds * len(self.clients), initial=start_round * len(self.clients), desc="rounds")
+        bar = tqdm(
+            total=cfg.num_rounds * len(self.clients),
+            initial=start_round * len(self.clients),
+            desc="rounds",
+            disable=not self.is_main_process,
+        )
         for r in range(start_round, cfg.num_rounds):
             rng = random.Random(cfg.seed * 1000 + r)
             k = max(1, round(cfg.fraction_clients * len(self.clients)))
@@ -161,7 +183,7 @@ class FederatedSimulation:
             self._checkpoint(r + 1, records)
         bar.close()
         self._export()
-        if cfg.push_to_hub:
+        if cfg.push_to_hub and self.is_main_process:
             from ..hub import push_run
 
             push_run(self.out, cfg.hub_repo_prefix, private=cfg.hub_private)
@@ -182,7 +204,9 @@ class FederatedSimulation:
             budget_multiplier=self._budget(index),
             seed=self.config.seed * 100003 + r * 1009 + index,
         )
-        _save_client_state(self.out, cid, r, *result.state)
+        if self.is_main_process:
+            _save_client_state(self.out, cid, r, *result.state)
+        self._barrier()
         comm[cid] = {
             "bytes_up": result.bytes_up,
             "bytes_down": result.bytes_down,
@@ -234,6 +258,11 @@ class FederatedSimulation:
         }
 
     def _checkpoint(self, completed: int, records: list[dict]) -> None:
+        if self.is_main_process:
+            self._write_checkpoint(completed, records)
+        self._barrier()
+
+    def _write_checkpoint(self, completed: int, records: list[dict]) -> None:
         tensors, meta = self.strategy.state_dict()
         tmp = self.out / STATE_DIR / ".strategy.tmp"
         tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -248,6 +277,11 @@ class FederatedSimulation:
 
     def _export(self) -> None:
         """Each client's final personalized adapter, loadable with plain `PeftModel.from_pretrained`."""
+        if self.is_main_process:
+            self._write_export()
+        self._barrier()
+
+    def _write_export(self) -> None:
         last = self.config.num_rounds - 1
         rows = []
         records = [json.loads(x) for x in (self.out / "metrics.jsonl").read_text().splitlines() if x]
