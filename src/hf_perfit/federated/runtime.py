@@ -10,6 +10,7 @@ import datasets
 import torch
 
 from ..model import PerFITModel
+from ..mole import MoLEConfig, MoLEModel
 from .client import LocalTrainingArgs, tokenize_for_completion_loss
 from .config import FederatedConfig
 
@@ -27,6 +28,17 @@ def tokenize_clients(
     """
     from ..data import format_for_tokenizer
 
+    # one progress bar for the whole run: the per-client map/filter bars of `datasets` would drown it
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return _tokenize_clients(clients, tokenizer, config, format_for_tokenizer)
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _tokenize_clients(clients, tokenizer, config, format_for_tokenizer):
     train_sets, test_sets = {}, {}
     for c in clients:
         if len(c.train) == 0:
@@ -45,11 +57,15 @@ def tokenize_clients(
     return train_sets, test_sets
 
 
-def build_client_model(base_model: torch.nn.Module, config: FederatedConfig) -> PerFITModel:
+def build_client_model(base_model: torch.nn.Module, config: FederatedConfig) -> PerFITModel | MoLEModel:
     """Wrap the base model in the adapter the strategy trains (seeded with `config.seed`, so every process builds
-    the same initial adapter): PerFIT's expanded masked LoRA for `perfit`, a vanilla rank-r LoRA otherwise."""
+    the same initial adapter): PerFIT's expanded masked LoRA for `perfit`, the MoLE adapter with the whole expert
+    pool for `fedamole`, a vanilla rank-r LoRA otherwise."""
     torch.manual_seed(config.seed)
-    return PerFITModel(base_model, config.adapter_config())
+    adapter = config.adapter_config()
+    if isinstance(adapter, MoLEConfig):
+        return MoLEModel(base_model, adapter)
+    return PerFITModel(base_model, adapter)
 
 
 def local_training_args(config: FederatedConfig) -> LocalTrainingArgs:
