@@ -166,12 +166,18 @@ def train_client(
             processing_class=tokenizer,
             callbacks=[PerFITPruningCallback()] if isinstance(model, PerFITModel) else [],
         )
-        if proximal_mu > 0:
-            trainer = _ProximalSFTTrainer(**common, proximal_mu=proximal_mu)
-        elif hasattr(model, "auxiliary_loss"):  # FedAMoLE's MoLEModel: its balance loss
-            trainer = _AuxLossSFTTrainer(**common)
-        else:
-            trainer = SFTTrainer(**common)
+        bars_were_on = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # TRL's per-round truncation/filter bars; the coordinator has its own bar
+        try:
+            if proximal_mu > 0:
+                trainer = _ProximalSFTTrainer(**common, proximal_mu=proximal_mu)
+            elif hasattr(model, "auxiliary_loss"):  # FedAMoLE's MoLEModel: its balance loss
+                trainer = _AuxLossSFTTrainer(**common)
+            else:
+                trainer = SFTTrainer(**common)
+        finally:
+            if bars_were_on:
+                datasets.enable_progress_bars()
         # The coordinator shows one progress bar over rounds and clients; the Trainer's per-step log lines would
         # drown it (the losses still reach `log_history`).
         trainer.remove_callback(PrinterCallback)
