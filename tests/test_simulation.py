@@ -102,3 +102,57 @@ def test_bad_config_is_refused_before_training(tmp_path):
     empty[1] = ClientData("client_1", empty[1].train.select([]), empty[1].test, ["c1"])
     with pytest.raises(ValueError, match="client client_1 has no training examples"):
         FederatedSimulation(_cfg(tmp_path, "fedit"), model=tiny_llama(), tokenizer=build_tokenizer(), clients=empty)
+
+
+def test_uploads_carry_only_tensors_counts_and_metrics(tmp_path, monkeypatch):
+    import dataclasses
+
+    import hf_perfit.federated.simulation as sim_mod
+
+    uploads = []
+    real = sim_mod.client_update
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        uploads.append(result.update)
+        return result
+
+    monkeypatch.setattr(sim_mod, "client_update", spy)
+    _run(_cfg(tmp_path, "perfit", num_rounds=1))
+    assert len(uploads) == 3
+    for u in uploads:
+        for f in dataclasses.fields(u):
+            value = getattr(u, f.name)
+            if f.name == "client_id":
+                assert value in ("client_0", "client_1", "client_2")
+            elif f.name == "num_examples":
+                assert type(value) is int
+            elif f.name == "mask_changed":
+                assert type(value) is bool
+            elif f.name == "metrics":
+                assert all(isinstance(k, str) and type(v) is float for k, v in value.items())
+            else:  # tensors, masks, extra_tensors: tensors only, never text
+                assert value is None or all(isinstance(t, torch.Tensor) for t in value.values()), f.name
+    # checkpoints and adapters: safetensors and JSON only, never pickle
+    suffixes = {p.suffix for p in (tmp_path / "perfit").rglob("*") if p.is_file()}
+    assert suffixes <= {".safetensors", ".json", ".jsonl", ".md", ".png"}, suffixes
+
+
+def test_trust_remote_code_stays_off_unless_asked(monkeypatch):
+    import transformers
+
+    from hf_perfit.federated.runtime import load_model
+
+    seen = []
+
+    def fake(path, **kwargs):
+        seen.append(kwargs)
+        return build_tokenizer() if len(seen) % 2 else tiny_llama()
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
+    load_model(FederatedConfig(model_name_or_path="some/model"))
+    assert [k["trust_remote_code"] for k in seen] == [False, False]
+    assert seen[1]["use_safetensors"] is True  # weights from safetensors only, never a pickle checkpoint
+    load_model(FederatedConfig(model_name_or_path="some/model", trust_remote_code=True))
+    assert [k["trust_remote_code"] for k in seen[2:]] == [True, True]
