@@ -28,6 +28,7 @@ class FederatedConfig:
     learning_rate: float = 2e-4
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False  # trade compute for activation memory (large models)
     max_length: int = 512
     output_dir: str = "outputs/federated"
     seed: int = 0

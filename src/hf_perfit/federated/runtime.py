@@ -78,6 +78,7 @@ def local_training_args(config: FederatedConfig) -> LocalTrainingArgs:
         max_length=config.max_length,
         eval_batch_size=config.eval_batch_size,
         seed=config.seed,
+        gradient_checkpointing=config.gradient_checkpointing,
     )
 
 
