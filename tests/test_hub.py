@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from hf_perfit import PerFITModel
 from hf_perfit.data import ClientData
 from hf_perfit.federated.simulation import FederatedConfig, FederatedSimulation
-from hf_perfit.hub import HubPushError, PushConfig, push_main, push_run
+from hf_perfit.federated.strategies import STRATEGIES
+from hf_perfit.hub import STRATEGY_DESCRIPTIONS, STRATEGY_NAMES, HubPushError, PushConfig, push_main, push_run
 
 from .conftest import build_tokenizer, tiny_llama
 from .hub_server import LocalHub, Repo
@@ -382,3 +383,126 @@ def test_preview_renders_the_same_bytes_twice(run_dir, tmp_path):
     assert len(files) == 3 * 6 + 4
     for rel in files:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+# ---------------------------------------------------------------------- FedAMoLE: MoLE adapters, not plain LoRA
+
+
+@pytest.fixture(scope="module")
+def mole_run_dir(tmp_path_factory):
+    """A finished 1-round FedAMoLE run on tiny_llama (4 experts per module, each held by one client)."""
+    out = tmp_path_factory.mktemp("runs") / "fedamole"
+    cfg = FederatedConfig(
+        model_name_or_path="unused",
+        strategy="fedamole",
+        num_clients=3,
+        num_rounds=1,
+        local_steps=2,
+        learning_rate=5e-3,
+        per_device_train_batch_size=2,
+        max_length=48,
+        lora_r=2,
+        lora_alpha=4,
+        num_experts=4,
+        clients_per_expert=1,
+        experts_per_client_min=1,
+        experts_per_client_max=2,
+        output_dir=str(out),
+        seed=0,
+    )
+    FederatedSimulation(cfg, model=tiny_llama(), tokenizer=build_tokenizer(), clients=_clients()).run()
+    return out
+
+
+MOLE_LOAD_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir, batch_file, out_file, *repos = sys.argv[1:]
+    try:  # what the card warns about: without hf_perfit, PEFT does not know the MOLE adapter type
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), repos[0])
+    except KeyError as err:
+        assert "MOLE" in str(err), err
+    else:
+        raise AssertionError("plain PEFT loaded a MoLE adapter without hf_perfit")
+    import hf_perfit  # the card's first line
+
+    batch = torch.load(batch_file)
+    logits = {}
+    for repo in repos:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), repo).eval()
+        with torch.no_grad():
+            logits[repo] = model(batch).logits
+    # the card's other way in: hf_perfit's own class, with the client's experts held
+    held = hf_perfit.MoLEModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), repos[0]).held_experts()
+    torch.save({"logits": logits, "held": held}, out_file)
+    """
+)
+
+
+def test_fedamole_run_pushes_cards_with_experts_and_loads_after_import_hf_perfit(mole_run_dir, hub, tmp_path):
+    assert set(STRATEGIES) <= set(STRATEGY_NAMES) & set(STRATEGY_DESCRIPTIONS)
+    report = push_run(mole_run_dir, "alice/mole")
+    assert [r.status for r in report.results] == ["created"] * 4
+    repos = [f"alice/mole-{c}" for c in CLIENTS]
+    pools: dict[str, list[int]] = {}
+    for repo, cid in zip(repos, CLIENTS, strict=True):
+        local = mole_run_dir / "clients" / cid / "adapter"
+        files = hub.files(repo)
+        assert set(files) == {".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors"}
+        assert files["adapter_model.safetensors"] == (local / "adapter_model.safetensors").read_bytes()
+        held = json.loads(files["adapter_config.json"])["held_experts"]
+        assert held == json.loads((local / "adapter_config.json").read_text())["held_experts"]
+        card = ModelCard(files["README.md"].decode())
+        assert card.data.library_name == "peft" and {"fedamole", "mixture-of-experts"} <= set(card.data.tags)
+        text = card.text
+        snippet = text.split("```python\n", 1)[1].split("```", 1)[0]
+        assert snippet.startswith("import hf_perfit") and snippet.index("import hf_perfit") < snippet.index(
+            "PeftModel.from_pretrained"
+        )
+        assert "## Architecture" in text and "| module | domain experts held (ids) | count |" in text
+        for module, ids in held.items():
+            assert f"| `{module}` | {', '.join(map(str, ids))} | {len(ids)} |" in text
+            for j in ids:
+                pools.setdefault(module, []).append(j)
+        assert f"holds {sum(map(len, held.values()))} of the {4 * len(held)} domain experts" in text
+        assert "plain PEFT LoRA" not in text and "no hf_perfit code" not in text and "pruned" not in text
+        assert "MoLE weights: per module the shared expert" in text
+        assert "RSEA" in text and "`experts_per_client_max` | `2`" in text
+    # clients_per_expert=1: every expert of every module is held by exactly one client
+    assert all(sorted(ids) == [0, 1, 2, 3] for ids in pools.values())
+    fed = hub.files("alice/mole-federation")["README.md"].decode()
+    assert "## Expert assignments" in fed and "[`client_1`](/alice/mole-client_1)" in fed
+
+    # a fresh process: plain PEFT refuses the adapter, `import hf_perfit` + PeftModel loads it with the run's logits
+    base_dir, batch_file, out_file = tmp_path / "base", tmp_path / "batch.pt", tmp_path / "logits.pt"
+    tiny_llama().save_pretrained(base_dir)
+    batch = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(1))
+    torch.save(batch, batch_file)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env.update(HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", MOLE_LOAD_SCRIPT, str(base_dir), str(batch_file), str(out_file), *repos],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    remote = torch.load(out_file)
+    for repo, cid in zip(repos, CLIENTS, strict=True):
+        folder = mole_run_dir / "clients" / cid / "adapter"
+        with torch.no_grad():
+            ours = PeftModel.from_pretrained(tiny_llama(), folder).eval()(batch).logits
+        assert (remote["logits"][repo] - ours).abs().max().item() <= 1e-5
+    config = json.loads((mole_run_dir / "clients" / "client_0" / "adapter" / "adapter_config.json").read_text())
+    assert remote["held"] == config["held_experts"]
+    assert hub.count("GET", r"/alice/mole-client_2/resolve/") > 0  # the weights really came over HTTP
+    _no_secrets_on_hub(hub)
+    assert TOKEN not in proc.stdout + proc.stderr
+    # deterministic cards: pushing the same run again commits nothing
+    assert [r.status for r in push_run(mole_run_dir, "alice/mole").results] == ["unchanged"] * 4

@@ -1,10 +1,13 @@
 """Publish a finished federated run on the Hugging Face Hub: one model repo per client, plus a federation summary.
 
-Client `k` of a run goes to `<namespace>/<prefix>-<client_id>` with its personalized adapter as a plain PEFT LoRA
-(`adapter_config.json` + `adapter_model.safetensors`, loadable with `peft.PeftModel.from_pretrained(base, repo_id)`
-and no hf_perfit code), a model card rendered from `model_cards/client_card.md`, and for PerFIT runs the searched
-architecture (`density.png`, `perfit_config.json`, `perfit_masks.safetensors`). `<namespace>/<prefix>-federation`
-holds the run's `results.md`, plots and a card from `model_cards/federation_card.md`.
+Client `k` of a run goes to `<namespace>/<prefix>-<client_id>` with its personalized adapter as the run exported it
+(`adapter_config.json` + `adapter_model.safetensors`, loadable with `peft.PeftModel.from_pretrained(base, repo_id)`),
+a model card rendered from `model_cards/client_card.md`, and for PerFIT runs the searched architecture
+(`density.png`, `perfit_config.json`, `perfit_masks.safetensors`). Every method but FedAMoLE exports a plain PEFT
+LoRA that loads without hf_perfit code; a FedAMoLE adapter is a mixture of LoRA experts (PEFT type `"MOLE"`), which
+PEFT loads once `import hf_perfit` has registered the type, and its card states which experts the client holds in
+every module. `<namespace>/<prefix>-federation` holds the run's `results.md`, plots and a card from
+`model_cards/federation_card.md`.
 
 Pushing is idempotent: each repo's remote file list (git blob ids) is compared with the local bytes first, and a
 repo whose files are all unchanged gets no commit. Cards and plots are rendered deterministically (no timestamps, no
@@ -51,6 +54,8 @@ CLIENT_REPO_FILES = (*ADAPTER_FILES, *PERFIT_FILES, CARD_NAME, DENSITY_PLOT)
 FEDERATION_REPO_FILES = (CARD_NAME, RESULTS_NAME, PERPLEXITY_PLOT, DENSITY_PLOT)
 FEDERATION_SUFFIX = "federation"
 CARD_TAGS = ("federated-learning", "perfit", "lora")
+MOLE_CARD_TAGS = ("mixture-of-experts",)
+"""Tags added to the cards of a run whose adapters are MoLE (FedAMoLE)."""
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 """HTTP statuses retried with backoff (any other 5xx is retried too)."""
@@ -92,9 +97,25 @@ STRATEGY_DESCRIPTIONS = {
         "client ends with the global adapter."
     ),
     "local": "Local training: each client trains its own LoRA alone and nothing is aggregated.",
-    "fedamole": "FedAMoLE: a mixture of LoRA experts with a client-specific expert set chosen by the server (RSEA).",
-    "fedmut": "FedMut: FedAvg, then each client starts the next round from a mutated copy of the global adapter.",
-    "fedqp": "FedQP: FedMut whose mutations are projected (a one-constraint QP) toward the last update direction.",
+    "fedamole": (
+        "FedAMoLE (arXiv 2411.19128): every target module holds a mixture of LoRA experts (an always-on shared "
+        "expert, a token router and a pool of domain experts); the server averages the shared expert and the router "
+        "over all clients and each domain expert over the clients that held it, and before each round assigns every "
+        "client its own domain experts per module (RSEA: an optimal assignment under per-expert and per-client "
+        "limits, scored by the similarity of the client's token embedding and the experts' embeddings; random in "
+        "round 0), so each client ends with its own mixture holding the experts of its last assignment."
+    ),
+    "fedmut": (
+        "FedMut over LoRA: the server averages the clients' LoRA tensors weighted by their numbers of training "
+        "examples, as FedIT does, and starts each client's next round from a mutated copy of the global adapter, "
+        "w + α·v·Δ along the last global update Δ, where the two clients of each random pair draw opposite "
+        "coefficients v (+1 and −1 + β_t; by default per tensor); every client ends with the global adapter."
+    ),
+    "fedqp": (
+        "FedQP over LoRA: FedMut with each client's mutation projected (by default per LoRA module) onto the "
+        "directions that do not oppose the last global update Δ (the one-constraint QP ⟨m, Δ⟩ ≥ 0, or a cone "
+        "around Δ when qp_margin > 0, solved in closed form); every client ends with the global adapter."
+    ),
 }
 
 _HIDDEN_CONFIG_KEYS = frozenset(
@@ -558,6 +579,7 @@ def _client_plan(
         files[DENSITY_PLOT] = _density_png(density, title=f"{cid}: kept LoRA elements per layer and module")
     adapter_cfg = json.loads(files["adapter_config.json"])
     perfit_meta = json.loads(files["perfit_config.json"]) if "perfit_config.json" in files else {}
+    mole = _mole_architecture(adapter_cfg)
     rows = [("base model (no adapter)", run.base_ppl.get(cid))]
     rows.append((f"this adapter ({_method_name(run.strategy)}, after round {run.num_rounds - 1})", run.final_ppl(cid)))
     rows += [(_compare_label(other, compare), other.final_ppl(cid)) for other in compare]
@@ -599,9 +621,10 @@ def _client_plan(
                 for d in density
             ],
         },
-        "files": _file_rows(files),
+        "mole": mole,
+        "files": _file_rows(files, mole=mole is not None),
     }
-    files[CARD_NAME] = _render_card(templates["client"], _card_data(base, run.strategy), ctx)
+    files[CARD_NAME] = _render_card(templates["client"], _card_data(base, run.strategy, mole=mole is not None), ctx)
     message = f"Upload {cid} adapter ({_method_name(run.strategy)}, {run.num_rounds} rounds)"
     return _Plan(repo_id, cid, dict(sorted(files.items())), CLIENT_REPO_FILES, message)
 
@@ -627,6 +650,7 @@ def _federation_plan(
     means = [run.mean_ppl.get(-1), run.mean_ppl.get(run.num_rounds - 1)] + [
         o.mean_ppl.get(o.num_rounds - 1) for o in compare
     ]
+    experts = _federation_experts(run, links)
     ctx = {
         "repo_id": repo_id,
         "repo_name": repo_id.split("/", 1)[1],
@@ -644,9 +668,12 @@ def _federation_plan(
         "config_rows": _config_rows(run.config),
         "has_results": RESULTS_NAME in files,
         "has_density": has_density,
+        "experts": experts,
         "files": _file_rows(files),
     }
-    files[CARD_NAME] = _render_card(templates["federation"], _card_data(base, run.strategy), ctx)
+    files[CARD_NAME] = _render_card(
+        templates["federation"], _card_data(base, run.strategy, mole=experts is not None), ctx
+    )
     message = f"Upload {_method_name(run.strategy)} federation summary ({run.num_rounds} rounds)"
     return _Plan(repo_id, None, dict(sorted(files.items())), FEDERATION_REPO_FILES, message)
 
@@ -663,15 +690,67 @@ _FILE_DESCRIPTIONS = {
 }
 
 
-def _file_rows(files: dict[str, bytes]) -> list[dict[str, str]]:
+_MOLE_FILE_DESCRIPTIONS = {
+    "adapter_config.json": (
+        "PEFT config of the MoLE adapter (`peft_type` `MOLE`, `held_experts` per module); PEFT reads it once "
+        "`import hf_perfit` has registered the type"
+    ),
+    "adapter_model.safetensors": "MoLE weights: per module the shared expert, the router's `P` and the held experts",
+}
+
+
+def _file_rows(files: dict[str, bytes], mole: bool = False) -> list[dict[str, str]]:
     names = sorted({*files, CARD_NAME})
-    return [{"name": n, "description": _FILE_DESCRIPTIONS.get(n, "")} for n in names]
+    descriptions = {**_FILE_DESCRIPTIONS, **_MOLE_FILE_DESCRIPTIONS} if mole else _FILE_DESCRIPTIONS
+    return [{"name": n, "description": descriptions.get(n, "")} for n in names]
 
 
-def _card_data(base: _BaseModel, strategy: str):
+def _mole_architecture(adapter_cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """For a MoLE adapter config: its architecture paragraph and table (from `hf_perfit.mole`) and summary numbers;
+    `None` for any other adapter."""
+    from .mole import MOLE_PEFT_TYPE, architecture_markdown, architecture_summary
+
+    if adapter_cfg.get("peft_type") != MOLE_PEFT_TYPE:
+        return None
+    summary = architecture_summary(adapter_cfg)
+    return {
+        "markdown": architecture_markdown(adapter_cfg).rstrip("\n"),
+        "num_experts": summary["num_experts"],
+        "top_k": summary["top_k"],
+        "num_modules": len(summary["modules"]),
+        "held": summary["held"],
+        "pool": summary["pool"],
+    }
+
+
+def _federation_experts(run: _Run, links: dict[str, str]) -> dict[str, Any] | None:
+    """Per client, how many domain experts its exported MoLE adapter holds; `None` unless every client's is MoLE."""
+    archs = {}
+    for cid in run.client_ids:
+        arch = _mole_architecture(json.loads((run.adapter_dir(cid) / "adapter_config.json").read_bytes()))
+        if arch is None:
+            return None
+        archs[cid] = arch
+    first = next(iter(archs.values()))
+    rows = []
+    for cid, arch in archs.items():
+        held, modules = arch["held"], arch["num_modules"]
+        rows.append(
+            {
+                "client": cid,
+                "repo": links[cid],
+                "held": "all" if held is None else held,
+                "pool": "-" if arch["pool"] is None else arch["pool"],
+                "mean": "-" if held is None or not modules else f"{held / modules:.2f}",
+            }
+        )
+    return {"num_experts": first["num_experts"], "top_k": first["top_k"], "rows": rows}
+
+
+def _card_data(base: _BaseModel, strategy: str, mole: bool = False):
     from huggingface_hub import ModelCardData
 
-    tags = list(dict.fromkeys([*CARD_TAGS, strategy]))
+    tags = list(dict.fromkeys([*CARD_TAGS, *(MOLE_CARD_TAGS if mole else ()), strategy]))
     kwargs: dict[str, Any] = {"library_name": "peft", "tags": tags}
     if base.hub_id:
         kwargs["base_model"] = base.hub_id
