@@ -1,0 +1,1254 @@
+"""Personalized quality of every method on the 8-client FLAN benchmark (issue 9): mean personalized perplexity, its
+ratio to FedIT, per-client perplexity, ROUGE-L of greedy answers, wall time and bytes sent.
+
+SmolLM2-135M-Instruct on `../shared/data/flan8` (one FLAN task category per client, 300 training examples each,
+evaluated on its own test split). Every method runs with the same rounds, local steps, batch, learning rate, seed and
+the same trainable-parameter budget per client (that of a rank-r LoRA on the same target modules): `local`, `fedit`,
+`fedprox`, `fedmut`, `fedqp` train exactly a rank-r LoRA; `perfit` expands it γ× and prunes back to the rank-r budget;
+`fedamole` (a shared expert, the router projection `P` and the assigned domain experts per module) gets the expert
+rank and pool size whose trainable parameters per client come closest to the budget (chosen from the model's module
+shapes, see `fedamole_equal_budget`; stated in the table). The `base` row is the model without an adapter.
+
+Each method is run through `hf_perfit.federated` (`FederatedSimulation(config).run()`, i.e. `run_federated`) into
+`<output-root>/<method>`. A finished run there (same settings) is reused, a partial one resumed (`resume=True`), so
+the table can be built one method at a time, and a killed run loses at most the round in progress. Wall time is
+recorded per session in `<method>/wall_time.json` (setup + completed rounds + export, summed over the sessions of a
+resumed run). After a run, each client's exported adapter (`clients/<id>/adapter`) is loaded on the base model and
+answers the first `--rouge-examples` examples of its own test split greedily; answers and ROUGE-L
+(`hf_perfit.evaluation.rouge_l`) are cached per client in `<method>/rouge.json`. Every invocation then rebuilds the
+section of `docs/benchmarks.md` and `docs/quality_perplexity.png` from whatever runs are cached.
+
+Default scale: 4 rounds × 6 local steps of batch 4, max_length 128, lr 2e-4 (the recipes'), 50 test examples per
+client for perplexity (every round) and for ROUGE-L. Estimate for 2 quiet cores (from the facts of this machine: a
+SmolLM2 optimizer step on 2×128 tokens takes ~1.5 s, on 4×256 ~6 s; not a measurement of this script):
+
+- Token lengths with the SmolLM2 tokenizer (chat template incl. its default system prompt, prompt + answer) of the
+  2,400 training examples: mean 88, median 83, p90 111, p95 132, p99 190, max 262; `max_length 128` keeps 94.5% of
+  them whole (all of clients 0-2, 4 and 7, 99.3% of client 3's; it cuts the end of the answer of 28.7% of client 5's
+  structure_to_text and 14.3% of client 6's text_formatting examples; 160 would keep 97.8% for ~4% more compute).
+  Answers of the first 50 test examples per client: median 4 tokens, p90 32, p95 43.
+- Training: a batch of 4 is padded to its longest example: 395 tokens per step on average (299-495 per client).
+  At ~5.9 ms per token for forward + backward + AdamW, plus ~30% for TRL's gradient checkpointing: ~3 s per step,
+  ~20 s per client round with the trainer's setup, ~160 s per round for 8 clients.
+- Evaluation (after every round and once for the base model, 50 test examples per client): 41,000 padded tokens
+  forward only, ~2 ms per token: ~80 s per evaluation.
+- ROUGE-L (50 examples per client, ≤ 32 new tokens, batch 8): ~2.5 min per method (prompt prefill ~9 s and up to
+  7 × 32 cached decoding steps per client; short answers stop early).
+- Total: 15 s setup + 80 s base evaluation + 4 × (160 + 80) s + 10 s export + 150 s ROUGE-L ≈ 20 min per method
+  (PerFIT's rank-4r storage and FedAMoLE's routing within a few % of it).
+
+On a loaded machine (load average above the 2 cores) PyTorch's two threads wait for each other at every operation
+and everything takes several times longer; `--threads 1` then helps a lot. Measured here at load 3-6 with 2
+threads: 4 optimizer steps of batch 4 in 63 s, perplexity of 50 test examples in 82 s, 8 greedy 32-token answers of
+the base model in 135 s; at load ~4, 8 answers of 16 tokens took 5.2 s with 1 thread against 19.5 s with 2, and a
+forward of 8×100 tokens 3.0 s against 7.4 s. Each run's `wall_time.json` records the load and thread count.
+
+    python benchmarks/quality.py --methods base           # ROUGE-L of the base model (~3 min)
+    python benchmarks/quality.py --methods fedit          # one method per call, ~20 min each; cached and resumable
+    python benchmarks/quality.py --report-only            # rebuild the table and the plot from the cached runs
+    python benchmarks/quality.py --split validation ...   # tune on held-out training examples, never the test split
+    python benchmarks/quality.py --tiny                   # smoke test: tiny random Llama, synthetic clients (~1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import os
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import DOC_PATH, REPO_ROOT, command_line, machine_lines, update_doc  # noqa: E402
+
+SECTION = "## Personalized quality on FLAN-8 (benchmarks/quality.py)"
+PLOT_NAME = "quality_perplexity.png"
+PLOT_PATH = DOC_PATH.parent / PLOT_NAME
+METHODS = ("local", "fedit", "fedprox", "perfit", "fedamole", "fedmut", "fedqp")
+ROWS = ("base", *METHODS)
+PRESET = "smollm2-135m-instruct"
+FLAN8 = REPO_ROOT.parent / "shared" / "data" / "flan8"
+RECIPES = REPO_ROOT / "recipes" / "smollm2-135m"
+DEFAULT_ROOT = REPO_ROOT / "outputs" / "quality"
+GOAL_RATIO = 0.77
+WALL_FILE = "wall_time.json"
+ROUGE_FILE = "rouge.json"
+BUDGET_FILE = "fedamole_budget.json"
+SETTINGS_FILE = "quality_settings.json"
+IGNORED_CONFIG_KEYS = ("resume", "overwrite", "output_dir", "push_to_hub", "hub_repo_prefix", "hub_private")
+PER_METHOD_KEYS = frozenset(
+    {
+        "strategy",
+        "lora_r",
+        "lora_alpha",
+        "num_experts",
+        "clients_per_expert",
+        "experts_per_client_min",
+        "experts_per_client_max",
+        "mole_top_k",
+        "balance_loss_coef",
+        "strategy_options",
+        "proximal_mu",
+        "expansion_factor",
+        "search_steps",
+        "prune_iterations",
+        "importance",
+        "research_every",
+    }
+)
+"""Config keys that differ between methods by design (everything else must be the same in every run)."""
+TINY_CLIENTS = 3
+VALIDATION_SEED = 1234  # fixed: the same held-out examples whatever --seed a run uses
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+
+
+@dataclass
+class Settings:
+    """The common settings of every method's run (command-line flags; `--tiny` swaps in its own defaults).
+
+    Args:
+        rounds (`int`): federated rounds (every client trains in every round).
+        local_steps (`int`): optimizer steps per client and round.
+        batch_size (`int`): examples per optimizer step.
+        max_length (`int`): tokens per example (prompt + answer), longer ones cut at the end.
+        learning_rate (`float`): AdamW, constant schedule.
+        eval_examples (`int`): first test examples per client for personalized perplexity (every round).
+        rouge_examples (`int`): first test examples per client answered for ROUGE-L (after the run).
+        max_new_tokens (`int`): greedy answer length cap.
+        seed (`int`): the run seed (initial adapter, data order, sampling, FedMut/FedQP/FedAMoLE randomness).
+        lora_r (`int`), lora_alpha (`int`), targets (`list[str]`): the rank-r LoRA every method's budget is based on.
+        expansion_factor (`int`), search_steps (`int`), prune_iterations (`int`), importance (`str`): PerFIT's search
+            (`search_steps` 0 means all of the first round's local steps).
+        fedamole_rank (`int`), fedamole_experts (`int`): FedAMoLE's expert rank and pool size per module; 0 chooses
+            both for the closest match to the budget.
+        data (`str`): a per-client folder (FLAN-8 by default).
+        split (`str`): `test` (the benchmark) or `validation` (held-out training examples, for tuning).
+        validation_examples (`int`): held-out training examples per client with `split="validation"`.
+        tiny (`bool`): tiny random Llama and synthetic clients (smoke test).
+    """
+
+    rounds: int = 4
+    local_steps: int = 6
+    batch_size: int = 4
+    max_length: int = 128
+    learning_rate: float = 2e-4
+    eval_examples: int = 50
+    rouge_examples: int = 50
+    max_new_tokens: int = 32
+    seed: int = 0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    expansion_factor: int = 4
+    search_steps: int = 0
+    prune_iterations: int = 3
+    importance: str = "taylor1"
+    fedamole_rank: int = 0
+    fedamole_experts: int = 0
+    data: str = str(FLAN8)
+    split: str = "test"
+    validation_examples: int = 50
+    tiny: bool = False
+
+
+TINY_DEFAULTS: dict[str, Any] = {
+    "rounds": 2,
+    "local_steps": 2,
+    "batch_size": 2,
+    "max_length": 64,
+    "learning_rate": 1e-3,
+    "eval_examples": 4,
+    "rouge_examples": 3,
+    "max_new_tokens": 6,
+    "lora_r": 4,
+    "lora_alpha": 8,
+    "expansion_factor": 2,
+    "prune_iterations": 2,
+    "validation_examples": 3,
+}
+"""What `--tiny` uses for every flag left at its default."""
+
+FLAGS: dict[str, str] = {
+    "rounds": "--rounds",
+    "local_steps": "--local-steps",
+    "batch_size": "--batch-size",
+    "max_length": "--max-length",
+    "learning_rate": "--lr",
+    "eval_examples": "--eval-examples",
+    "rouge_examples": "--rouge-examples",
+    "max_new_tokens": "--max-new-tokens",
+    "seed": "--seed",
+    "lora_r": "--lora-r",
+    "lora_alpha": "--lora-alpha",
+    "targets": "--targets",
+    "expansion_factor": "--expansion-factor",
+    "search_steps": "--search-steps",
+    "prune_iterations": "--prune-iterations",
+    "importance": "--importance",
+    "fedamole_rank": "--fedamole-rank",
+    "fedamole_experts": "--fedamole-experts",
+    "data": "--data",
+    "split": "--split",
+    "validation_examples": "--validation-examples",
+}
+"""Settings field -> command-line flag."""
+
+
+def available_methods() -> dict[str, str | None]:
+    """`{method: None}` for a registered strategy, `{method: why not}` otherwise (e.g. FedAMoLE not built yet)."""
+    try:
+        from hf_perfit.federated import STRATEGIES
+    except ImportError as err:  # pragma: no cover - the package itself is broken
+        return {m: f"hf_perfit.federated does not import: {err}" for m in METHODS}
+    return {m: None if m in STRATEGIES else "strategy not registered in this version" for m in METHODS}
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def _clear_client_folder(folder: Path) -> None:
+    """Create `folder`, or remove the client and test files a previous call wrote there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in [*folder.glob("local_training_*.json*"), *folder.glob("test.json*")]:
+        old.unlink()
+
+
+def write_tiny_clients(
+    folder: Path, num_clients: int = TINY_CLIENTS, train_rows: int = 12, test_rows: int = 6
+) -> Path:
+    """A tiny synthetic per-client folder (`local_training_{k}.json` + `test.jsonl`, one category per client) for
+    `--tiny`; deterministic content, rewritten in place."""
+    _clear_client_folder(folder)
+    tests = []
+    for k in range(num_clients):
+        rows = [
+            {"instruction": f"Task {k}: echo {i}", "output": f"{k}{i}{k}", "category": f"cat{k}"}
+            for i in range(train_rows + test_rows)
+        ]
+        (folder / f"local_training_{k}.json").write_text(json.dumps(rows[:train_rows]))
+        tests += rows[train_rows:]
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tests))
+    return folder
+
+
+def write_validation_clients(source: Path, folder: Path, per_client: int, seed: int = VALIDATION_SEED) -> Path:
+    """A per-client folder for tuning without the test split: from each client's training file, `per_client`
+    examples (a seeded choice, the same for every run) become its `test.jsonl` rows and the rest its training
+    file. The source's `test.jsonl` is never read."""
+    import numpy as np
+
+    from hf_perfit.data import _client_files
+
+    _clear_client_folder(folder)
+    held = []
+    for k, path in sorted(_client_files(source).items()):
+        text = path.read_text(encoding="utf-8").strip()
+        rows = json.loads(text) if text.startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+        if per_client >= len(rows):
+            raise ValueError(f"{path} has {len(rows)} rows; --validation-examples {per_client} leaves none to train.")
+        pick = set(np.random.default_rng([seed, k]).choice(len(rows), size=per_client, replace=False).tolist())
+        (folder / f"local_training_{k}.json").write_text(json.dumps([r for i, r in enumerate(rows) if i not in pick]))
+        held += [r for i, r in enumerate(rows) if i in pick]
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+    return folder
+
+
+def data_folder(s: Settings, root: Path) -> Path:
+    """The per-client folder the runs train and evaluate on."""
+    if s.tiny:
+        source = write_tiny_clients(Path(tempfile.gettempdir()) / "hf_perfit_quality_tiny_clients")
+    else:
+        source = Path(s.data).expanduser().resolve()
+        if not source.is_dir():
+            raise SystemExit(f"--data {s.data}: no such folder (the FLAN-8 client folder, e.g. {FLAN8}).")
+    if s.split == "validation":
+        return write_validation_clients(source, root / "validation_data", s.validation_examples)
+    return source
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+def _tiny_model_and_tokenizer():
+    sys.path.insert(0, str(REPO_ROOT))
+    from tests.conftest import build_tokenizer, tiny_llama
+
+    return tiny_llama(), build_tokenizer()
+
+
+def base_model_and_tokenizer(s: Settings):
+    """A fresh base model and its tokenizer (the tiny random Llama with `--tiny`)."""
+    if s.tiny:
+        return _tiny_model_and_tokenizer()
+    from hf_perfit.federated import FederatedConfig
+    from hf_perfit.federated.runtime import load_model
+
+    return load_model(FederatedConfig(model_name_or_path=PRESET, strategy="fedit"))
+
+
+def target_shapes(s: Settings) -> list[tuple[int, int]]:
+    """`(d_in, d_out)` of every adapted Linear layer of the base model (built on the meta device: no weights)."""
+    import torch
+
+    if s.tiny:
+        model = _tiny_model_and_tokenizer()[0]
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from hf_perfit.presets import resolve_model_path
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(PRESET)))
+    return [
+        (m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in s.targets
+    ]
+
+
+def mole_params(shapes: list[tuple[int, int]], rank: int, experts: float) -> float:
+    """Trainable parameters of a FedAMoLE client holding `experts` domain experts in every module: per module a
+    shared expert `r(d_in + d_out)`, the router projection `P` (`r·d_in`) and `experts × r(d_in + d_out)`."""
+    return sum(rank * ((1 + experts) * (d_in + d_out) + d_in) for d_in, d_out in shapes)
+
+
+def fedamole_equal_budget(
+    shapes: list[tuple[int, int]],
+    lora_r: int,
+    num_clients: int,
+    clients_per_expert: int = 2,
+    top_k: int = 2,
+    rank: int = 0,
+    num_experts: int = 0,
+) -> dict[str, Any]:
+    """FedAMoLE's expert rank and pool size whose trainable parameters per client come closest to the rank-r LoRA
+    budget `lora_r · Σ (d_in + d_out)`.
+
+    Every expert goes to exactly `clients_per_expert` of the `num_clients` clients, so a client holds
+    `E·k/C` experts per module on average; the per-client range is set to `[floor, ceil]` of that, so every client
+    is within one expert per module of the mean. Searched: rank 1..lora_r and E up to 8·C with at least `top_k`
+    experts per client (a real mixture), ties to the larger rank; `rank`/`num_experts` > 0 fix that value.
+
+    Returns:
+        `dict` with `rank`, `num_experts`, `experts_min`, `experts_max`, `experts_mean`, `params_mean`, `budget`,
+        `ratio` (mean / budget) and, for reference, `recipe_ratio` (the recipe's rank-`lora_r` experts, E=30).
+    """
+    from hf_perfit.mole.assignment import assignment_error
+
+    budget = lora_r * sum(d_in + d_out for d_in, d_out in shapes)
+    best = None
+    for min_experts in (top_k, 1):
+        for r in [rank] if rank else range(1, lora_r + 1):
+            for e in [num_experts] if num_experts else range(1, 8 * num_clients + 1):
+                mean = e * clients_per_expert / num_clients
+                lo, hi = math.floor(mean), math.ceil(mean)
+                if lo < min_experts or assignment_error(e, num_clients, clients_per_expert, lo, hi) is not None:
+                    continue
+                params = mole_params(shapes, r, mean)
+                key = (abs(params / budget - 1.0), -r, e)
+                if best is None or key < best[0]:
+                    best = (key, r, e, lo, hi, mean, params)
+        if best is not None:
+            break
+    if best is None:
+        raise ValueError(f"no FedAMoLE expert pool fits {num_clients} clients with {clients_per_expert} per expert.")
+    _, r, e, lo, hi, mean, params = best
+    recipe_mean = 30 * clients_per_expert / num_clients
+    return {
+        "rank": r,
+        "num_experts": e,
+        "clients_per_expert": clients_per_expert,
+        "experts_min": lo,
+        "experts_max": hi,
+        "experts_mean": mean,
+        "params_mean": params,
+        "budget": budget,
+        "ratio": params / budget,
+        "recipe_ratio": mole_params(shapes, lora_r, recipe_mean) / budget,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- configs
+
+
+def _recipe(method: str) -> dict[str, Any]:
+    path = RECIPES / method / "config_flan8.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def method_config(method: str, s: Settings, data: Path, out: Path, budget: dict | None = None):
+    """The `FederatedConfig` of one method's run: the common settings, plus what the method's FLAN-8 recipe sets
+    for it (FedProx's μ, FedMut/FedQP's mutation options with β decaying over the first half of the rounds,
+    FedAMoLE's routing), plus FedAMoLE's equal-budget expert pool (`budget`, from [`fedamole_equal_budget`])."""
+    from hf_perfit.federated import FederatedConfig
+
+    num_clients = TINY_CLIENTS if s.tiny else len(list(data.glob("local_training_*.json*")))
+    kw: dict[str, Any] = dict(
+        model_name_or_path="tiny-random-llama" if s.tiny else PRESET,
+        dataset_name=str(data),
+        strategy=method,
+        num_clients=num_clients,
+        num_rounds=s.rounds,
+        fraction_clients=1.0,
+        local_steps=s.local_steps,
+        learning_rate=s.learning_rate,
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=1,
+        max_length=s.max_length,
+        output_dir=str(out),
+        seed=s.seed,
+        lora_r=s.lora_r,
+        lora_alpha=s.lora_alpha,
+        lora_target_modules=list(s.targets),
+        max_eval_examples=s.eval_examples,
+        eval_batch_size=8,
+    )
+    recipe = _recipe(method)
+    if method == "perfit":
+        search = s.search_steps or s.local_steps
+        kw.update(
+            expansion_factor=s.expansion_factor,
+            search_steps=search,
+            prune_iterations=min(s.prune_iterations, search),
+            importance=s.importance,
+            research_every=0,
+        )
+    elif method == "fedprox":
+        kw["proximal_mu"] = float(recipe.get("proximal_mu", 0.01))
+    elif method in ("fedmut", "fedqp"):
+        options = dict(recipe.get("strategy_options") or {})
+        options["mutation_beta_rounds"] = max(1, math.ceil(s.rounds / 2))  # the recipes: β -> 0 over half the run
+        kw["strategy_options"] = options
+    elif method == "fedamole":
+        assert budget is not None
+        scale = s.lora_alpha / s.lora_r
+        alpha = budget["rank"] * scale
+        kw.update(
+            lora_r=budget["rank"],
+            lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+            num_experts=budget["num_experts"],
+            clients_per_expert=budget["clients_per_expert"],
+            experts_per_client_min=budget["experts_min"],
+            experts_per_client_max=budget["experts_max"],
+            mole_top_k=int(recipe.get("mole_top_k", 2)),
+            balance_loss_coef=float(recipe.get("balance_loss_coef", 0.001)),
+        )
+    return FederatedConfig(**kw)
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in IGNORED_CONFIG_KEYS}
+
+
+def run_status(out: Path, config, client_ids: list[str]) -> str:
+    """`"missing"` (nothing to resume), `"partial"` (resume it) or `"finished"` (results.md and every client's
+    adapter exported).
+
+    Raises:
+        SystemExit: `out` holds a run with other settings (it is never overwritten silently).
+    """
+    ckpt = out / "state" / "checkpoint.json"
+    if not ckpt.is_file():
+        return "missing"
+    saved = json.loads(ckpt.read_text())
+    old, new = _comparable(saved["config"]), _comparable(config.to_dict())
+    if old != new:
+        diff = ", ".join(
+            f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
+            for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)
+        )
+        raise SystemExit(
+            f"{out} holds a run with other settings ({diff}); use another --output-root, or delete {out} to rerun."
+        )
+    adapters = all(
+        (out / "clients" / cid / "adapter" / name).is_file()
+        for cid in client_ids
+        for name in ("adapter_config.json", "adapter_model.safetensors")
+    )
+    done = int(saved["completed_rounds"]) >= config.num_rounds and (out / "results.md").is_file() and adapters
+    return "finished" if done else "partial"
+
+
+# ---------------------------------------------------------------------------------------------------- wall time
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from hf_perfit._io import atomic_write_json
+
+    atomic_write_json(path, obj)
+
+
+class WallClock:
+    """The wall time of a method's run over all its sessions, in `<run>/wall_time.json`: per session the setup
+    (model, data, tokenization), each completed round (round 0 includes the base model's evaluation) and the final
+    export. A round counts once its checkpoint is written, so the part of a round a killed session lost (and redid
+    after `resume`) is not counted; the setup of every session is."""
+
+    def __init__(self, path: Path, fresh: bool) -> None:
+        self.path = path
+        self.data = {"sessions": []} if fresh or not path.is_file() else json.loads(path.read_text())
+
+    def start(self, resumed_from: int, setup_s: float) -> None:
+        self.data["sessions"].append(
+            {
+                "started": _now(),
+                "resumed_from_round": resumed_from,
+                "setup_s": setup_s,
+                "rounds": {},
+                "export_s": None,
+                "load_start": os.getloadavg()[0],
+                "load_end": None,
+                "threads": _threads(),
+            }
+        )
+        self._save()
+
+    def round_done(self, round_idx: int, seconds: float) -> None:
+        self.data["sessions"][-1]["rounds"][str(round_idx)] = seconds
+        self.data["sessions"][-1]["load_end"] = os.getloadavg()[0]
+        self._save()
+
+    def exported(self, seconds: float) -> None:
+        self.data["sessions"][-1]["export_s"] = seconds
+        self.data["sessions"][-1]["load_end"] = os.getloadavg()[0]
+        self._save()
+
+    def _save(self) -> None:
+        self.data["wall_s"] = wall_seconds(self.data)
+        _write_json(self.path, self.data)
+
+
+def wall_seconds(data: dict[str, Any]) -> float:
+    """Total wall time of a run from its `wall_time.json` content."""
+    return float(
+        sum(
+            (s.get("setup_s") or 0.0) + sum(s.get("rounds", {}).values()) + (s.get("export_s") or 0.0)
+            for s in data.get("sessions", [])
+        )
+    )
+
+
+def run_method(method: str, s: Settings, root: Path, data: Path, client_ids: list[str]) -> str:
+    """Run (or resume, or reuse) one method's federated run; returns its status before this call."""
+    from hf_perfit.federated import FederatedSimulation
+
+    out = root / method
+    budget = None
+    if method == "fedamole":
+        budget = fedamole_equal_budget(
+            target_shapes(s),
+            s.lora_r,
+            len(client_ids),
+            clients_per_expert=int(_recipe("fedamole").get("clients_per_expert", 2)),
+            top_k=int(_recipe("fedamole").get("mole_top_k", 2)),
+            rank=s.fedamole_rank,
+            num_experts=s.fedamole_experts,
+        )
+    config = method_config(method, s, data, out, budget)
+    status = run_status(out, config, client_ids)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / SETTINGS_FILE, dataclasses.asdict(s))  # same run config; ROUGE-L follows these settings
+    if status == "finished":
+        print(f"[{method}] finished run in {out}: reused")
+        return status
+    config.resume = status == "partial"
+    clock = WallClock(out / WALL_FILE, fresh=status == "missing")
+    if budget is not None:
+        _write_json(out / BUDGET_FILE, budget)
+    print(f"[{method}] {'resuming' if config.resume else 'starting'} {config.num_rounds} rounds in {out}")
+    kwargs = {}
+    if s.tiny:
+        model, tokenizer = _tiny_model_and_tokenizer()
+        kwargs = {"model": model, "tokenizer": tokenizer}
+
+    class TimedSimulation(FederatedSimulation):
+        """The simulation, with a clock on its checkpoints and export (nothing else changes)."""
+
+        def _checkpoint(self, completed: int, records: list[dict]) -> None:
+            super()._checkpoint(completed, records)
+            now = time.perf_counter()
+            clock.round_done(completed - 1, now - self._mark)
+            self._mark = now
+
+        def _export(self) -> None:
+            t0 = time.perf_counter()
+            super()._export()
+            clock.exported(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    sim = TimedSimulation(config, **kwargs)
+    clock.start(sim.completed_rounds, time.perf_counter() - t0)
+    sim._mark = time.perf_counter()
+    sim.run()
+    print(f"[{method}] done: {wall_seconds(clock.data) / 60:.1f} min of run wall time over all sessions")
+    return status
+
+
+# ---------------------------------------------------------------------------------------------------- ROUGE-L
+
+
+def rouge_for(row: str, s: Settings, root: Path, clients: list, base_cache: dict) -> None:
+    """Greedy answers and ROUGE-L of `row` (a finished method's run, or `base`) on the first `s.rouge_examples`
+    test examples of every client's own test split, cached per client in `<root>/<row>/rouge.json`."""
+    from peft import PeftModel
+
+    import hf_perfit  # noqa: F401  (registers FedAMoLE's MOLE PEFT type for PeftModel.from_pretrained)
+    from hf_perfit.evaluation import generate_answers, rouge_l
+
+    path = root / row / ROUGE_FILE
+    if row == "base":
+        _write_json(root / row / SETTINGS_FILE, dataclasses.asdict(s))
+    settings = {"examples": s.rouge_examples, "max_new_tokens": s.max_new_tokens, "split": s.split}
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if cached.get("settings") != settings:
+        cached = {"settings": settings, "clients": {}}
+    todo = [c for c in clients if c.client_id not in cached["clients"]]
+    if not todo:
+        print(f"[{row}] ROUGE-L cached in {path}")
+        return
+    if "model" not in base_cache:
+        base_cache["model"], base_cache["tokenizer"] = base_model_and_tokenizer(s)
+    base, tokenizer = base_cache["model"], base_cache["tokenizer"]
+    for c in todo:
+        t0 = time.perf_counter()
+        if row == "base":
+            model = base
+        else:
+            model = PeftModel.from_pretrained(
+                copy.deepcopy(base), str(root / row / "clients" / c.client_id / "adapter")
+            )
+        model.eval()
+        examples = c.test.select(range(min(s.rouge_examples, len(c.test))))
+        answers = generate_answers(model, tokenizer, examples, max_new_tokens=s.max_new_tokens, batch_size=8)
+        references = list(examples["response"])
+        scores = [rouge_l(a, r) for a, r in zip(answers, references, strict=True)]
+        cached["clients"][c.client_id] = {
+            "category": c.categories[0] if c.categories else "",
+            "rouge_l": sum(scores) / len(scores),
+            "scores": scores,
+            "answers": answers,
+            "references": references,
+            "seconds": time.perf_counter() - t0,
+        }
+        _write_json(path, cached)
+        print(f"[{row}] ROUGE-L {c.client_id}: {sum(scores) / len(scores):.3f} ({time.perf_counter() - t0:.0f} s)")
+        del model
+
+
+# ---------------------------------------------------------------------------------------------------- results
+
+
+def _adapter_trainable(folder: Path) -> int:
+    """Trainable elements of an exported client adapter: PerFIT's kept elements (its masks), otherwise every
+    stored element (a rank-r LoRA; a MoLE adapter stores exactly its shared expert, `P` and assigned experts)."""
+    from safetensors.torch import load_file
+
+    masks = folder / "perfit_masks.safetensors"
+    if masks.is_file():
+        return int(sum(int(m.bool().sum()) for m in load_file(str(masks)).values()))
+    return int(sum(t.numel() for t in load_file(str(folder / "adapter_model.safetensors")).values()))
+
+
+def collect(root: Path, row: str) -> dict[str, Any] | None:
+    """What the table needs from `<root>/<row>` (read from disk only), or `None` when nothing is there."""
+    out = root / row
+    rouge = json.loads((out / ROUGE_FILE).read_text()) if (out / ROUGE_FILE).is_file() else None
+    if row == "base":
+        return {"rouge": rouge} if rouge else None
+    if not (out / "metrics.jsonl").is_file() or not (out / "config.json").is_file():
+        return None
+    from hf_perfit.federated.plots import read_metrics
+
+    config = json.loads((out / "config.json").read_text())
+    records = read_metrics(out)
+    clients = [r for r in records if "client" in r]
+    rounds = sorted({int(r["round"]) for r in clients})
+    last = rounds[-1]
+    finished = (out / "results.md").is_file() and last == int(config["num_rounds"]) - 1
+    wall = json.loads((out / WALL_FILE).read_text()) if (out / WALL_FILE).is_file() else {}
+    trainable = []
+    if finished:
+        for folder in sorted((out / "clients").glob("*/adapter")):
+            trainable.append(_adapter_trainable(folder))
+    budget = json.loads((out / BUDGET_FILE).read_text()) if (out / BUDGET_FILE).is_file() else None
+    return {
+        "config": config,
+        "finished": finished,
+        "last_round": last,
+        "mean_per_round": {int(r["round"]): float(r["mean_perplexity"]) for r in records if r.get("summary")},
+        "base": {r["client"]: float(r["perplexity"]) for r in clients if r["round"] == -1},
+        "final": {r["client"]: float(r["perplexity"]) for r in clients if r["round"] == last},
+        "bytes_up": sum(int(r.get("bytes_up") or 0) for r in clients if r["round"] >= 0),
+        "bytes_down": sum(int(r.get("bytes_down") or 0) for r in clients if r["round"] >= 0),
+        "trainable": trainable,
+        "wall_s": wall_seconds(wall) if wall else None,
+        "sessions": wall.get("sessions", []),
+        "rouge": rouge,
+        "budget": budget,
+    }
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _client_order(ids) -> list[str]:
+    return sorted(ids, key=lambda c: (len(c), c))
+
+
+def _rouge_mean(rouge: dict | None, client_ids: list[str]) -> float | None:
+    if not rouge or any(c not in rouge["clients"] for c in client_ids):
+        return None
+    return _mean(rouge["clients"][c]["rouge_l"] for c in client_ids)
+
+
+def plot_rounds(results: dict[str, dict], paths: list[Path], title: str) -> None:
+    """Mean personalized perplexity per round (round -1: the base model), one line per method (PerFIT thick and
+    black); log scale when the values span more than 3×. Written atomically to every path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    values = []
+    for method in METHODS:
+        res = results.get(method)
+        if not res:
+            continue
+        rounds = sorted(res["mean_per_round"])
+        values += [res["mean_per_round"][r] for r in rounds]
+        style = {"lw": 2.6, "color": "black", "zorder": 3} if method == "perfit" else {"lw": 1.4}
+        label = method if res["finished"] else f"{method} (partial)"
+        ax.plot(rounds, [res["mean_per_round"][r] for r in rounds], marker="o", ms=3.5, label=label, **style)
+    if values and max(values) > 3 * min(values):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round (-1 = base model)")
+    ax.set_ylabel("mean personalized perplexity")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, ncol=2)
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    plt.close(fig)
+
+
+def _fmt_mb(n: float) -> str:
+    return f"{n / 1e6:,.1f}" if n >= 1e6 else f"{n / 1e6:.4f}"
+
+
+def _fmt_int(n: float) -> str:
+    return f"{n:,.0f}"
+
+
+def _settings_lines(ref: dict, results: dict[str, dict], rouge_settings: dict | None, tiny: bool) -> list[str]:
+    c = ref["config"]
+    model = "tiny random Llama (hidden 16, 2 layers; smoke test)" if tiny else "SmolLM2-135M-Instruct (fp32)"
+    n = len(ref["final"])
+    lines = [
+        f"- model: {model}; data: `{_show_path(c['dataset_name'])}`, {n} clients, "
+        + (
+            "each evaluated on held-out examples of its own training file (`--split validation`, not the test split)"
+            if Path(c["dataset_name"]).name == "validation_data"
+            else "each evaluated on its own test split"
+        ),
+        f"- every method: {c['num_rounds']} rounds, all {n} clients every round, {c['local_steps']} local steps of "
+        f"batch {c['per_device_train_batch_size']} (max_length {c['max_length']}), AdamW lr {c['learning_rate']:g} "
+        f"constant, completion-only loss, seed {c['seed']}",
+        f"- budget: a rank-{c['lora_r']} LoRA (lora_alpha {c['lora_alpha']}) on "
+        f"{', '.join(c['lora_target_modules'])}; local, fedit, fedprox, fedmut, fedqp train exactly that",
+    ]
+    p = results.get("perfit")
+    if p:
+        pc = p["config"]
+        lines.append(
+            f"- perfit: expansion_factor {pc['expansion_factor']} (rank {pc['expansion_factor'] * pc['lora_r']}), "
+            f"symmetric init, {pc['importance']} importance, searched over the first {pc['search_steps']} local steps "
+            f"in {pc['prune_iterations']} pruning iterations back to the rank-{pc['lora_r']} budget, mask fixed after"
+        )
+    fa = results.get("fedamole")
+    if fa:
+        fc, b = fa["config"], fa.get("budget") or {}
+        extra = (
+            f"; expected {b['params_mean']:,.0f} trainable per client on average = {b['ratio']:.3f}× the budget "
+            f"(the recipe's rank-{c['lora_r']} experts with E=30 would be {b['recipe_ratio']:.2f}×)"
+            if b
+            else ""
+        )
+        lines.append(
+            f"- fedamole: rank-{fc['lora_r']} experts (lora_alpha {fc['lora_alpha']}, the same scale), "
+            f"E={fc['num_experts']} per module, each to {fc['clients_per_expert']} clients, "
+            f"{fc['experts_per_client_min']}–{fc['experts_per_client_max']} per client and module, "
+            f"top-{fc['mole_top_k']} routing, balance loss {fc['balance_loss_coef']:g}{extra}"
+        )
+    if results.get("fedprox"):
+        lines.append(f"- fedprox: μ = {results['fedprox']['config']['proximal_mu']:g}")
+    for m in ("fedmut", "fedqp"):
+        if results.get(m):
+            opts = results[m]["config"]["strategy_options"]
+            lines.append(f"- {m}: " + ", ".join(f"{k} {v}" for k, v in sorted(opts.items())))
+    lines.append(
+        f"- personalized perplexity: the first {c['max_eval_examples']} test examples of each client's own split, "
+        "after every round (round -1: the base model)"
+    )
+    if rouge_settings:
+        lines.append(
+            f"- ROUGE-L: greedy answers (≤ {rouge_settings['max_new_tokens']} new tokens, chat template as in "
+            f"training) to the first {rouge_settings['examples']} test examples of each client, LCS F-measure on "
+            "lowercased word tokens with punctuation removed (`hf_perfit.evaluation.rouge_l`), mean over examples, "
+            "then over clients"
+        )
+    common = _comparable(c)
+    for m, res in results.items():
+        if m == "base" or not res:
+            continue
+        diff = [k for k, v in _comparable(res["config"]).items() if k not in PER_METHOD_KEYS and common.get(k) != v]
+        if diff:
+            lines.append(f"- **{m} ran with other settings**: " + ", ".join(f"{k}={res['config'][k]!r}" for k in diff))
+    return lines
+
+
+def render(results: dict[str, dict | None], s: Settings, root: Path, commands: list[str]) -> str:
+    """The markdown section (table, per-client tables, plot, computed facts)."""
+    unavailable = available_methods()
+    done = {m: r for m, r in results.items() if m != "base" and r and r["finished"]}
+    ref = done.get("fedit") or next(iter(done.values()), None)
+    lines = [
+        SECTION,
+        "",
+        "Personalized quality of every method on FLAN-8 at the same rounds, local steps, seed and trainable budget "
+        "per client: mean personalized perplexity (final round, mean over clients), its ratio to FedIT, ROUGE-L of "
+        "greedy answers, wall time and bytes sent. Goal: PerFIT at most "
+        f"{GOAL_RATIO}× FedIT's mean personalized perplexity and the lowest of all methods.",
+        "",
+        "Commands (one method per call, ~20 min each on 2 quiet cores; every run is cached in "
+        f"`{_rel(root)}/<method>` and resumes where it stopped; the last call rebuilds this section):",
+        "",
+        "```bash",
+        *commands,
+        "```",
+        "",
+        f"This section was written by `{command_line()}`.",
+        "",
+        "Machine (where the report was built; the runs' wall times and load averages are below):",
+        "",
+        machine_lines(),
+    ]
+    if ref is None:
+        lines += ["No finished run yet.", ""]
+        return "\n".join(lines)
+    client_ids = _client_order(ref["final"])
+    base_res = results.get("base")
+    rouge_settings = next((r["rouge"]["settings"] for r in [base_res, *done.values()] if r and r.get("rouge")), None)
+    lines += ["Settings:", "", *_settings_lines(ref, done, rouge_settings, s.tiny), ""]
+    fedit_mean = _mean(done["fedit"]["final"][c] for c in client_ids) if "fedit" in done else None
+    budget = None
+    for m in ("fedit", "local", "fedprox", "fedmut", "fedqp"):
+        if m in done and done[m]["trainable"]:
+            budget = done[m]["trainable"][0]
+            break
+    header = (
+        "| method | mean personalized perplexity | / FedIT | ROUGE-L | trainable per client | × budget | "
+        "run wall (min) | ROUGE-L wall (min) | MB up | MB down |"
+    )
+    lines += [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base_ppl = ref["base"]
+    base_mean = _mean(base_ppl[c] for c in client_ids)
+    base_rouge = _rouge_mean(base_res["rouge"] if base_res else None, client_ids)
+    base_rouge_s = sum(v["seconds"] for v in base_res["rouge"]["clients"].values()) if base_rouge is not None else None
+    base_cells = [
+        "base model",
+        f"{base_mean:.3f}",
+        f"{base_mean / fedit_mean:.3f}" if fedit_mean else "–",
+        f"{base_rouge:.3f}" if base_rouge is not None else "not run",
+        "0",
+        "–",
+        "–",
+        f"{base_rouge_s / 60:.1f}" if base_rouge_s is not None else "–",
+        "0",
+        "0",
+    ]
+    lines.append("| " + " | ".join(base_cells) + " |")
+    means: dict[str, float] = {}
+    rouges: dict[str, float] = {}
+    for m in METHODS:
+        res = results.get(m)
+        if unavailable.get(m):
+            lines.append(f"| {m} | not available ({unavailable[m]}) | | | | | | | | |")
+            continue
+        if not res:
+            lines.append(f"| {m} | not run yet | | | | | | | | |")
+            continue
+        if not res["finished"]:
+            lines.append(
+                f"| {m} | partial: {res['last_round'] + 1} of {res['config']['num_rounds']} rounds | | | | | | | | |"
+            )
+            continue
+        mean = _mean(res["final"][c] for c in client_ids)
+        means[m] = mean
+        rl = _rouge_mean(res["rouge"], client_ids)
+        if rl is not None:
+            rouges[m] = rl
+        tr = res["trainable"]
+        tr_s = _fmt_int(_mean(tr)) + (f" ({_fmt_int(min(tr))}–{_fmt_int(max(tr))})" if min(tr) != max(tr) else "")
+        rouge_s = sum(v["seconds"] for v in res["rouge"]["clients"].values()) if rl is not None else None
+        lines.append(_method_row(m, res, mean, fedit_mean, rl, tr_s, budget, rouge_s))
+    lines += [
+        "",
+        "Trainable per client: elements of the exported client adapter (PerFIT: the kept elements of its mask; "
+        "FedAMoLE: shared expert, `P` and its assigned experts; mean and range over clients); the budget is the "
+        "rank-r LoRA's. Run wall: setup + rounds + export over all sessions of the (resumed) run, round 0 "
+        "including the base model's evaluation. MB: total over the run and all clients (float32 values, "
+        "`docs/federated.md`).",
+        "",
+    ]
+    lines += _per_client_tables(results, done, client_ids, base_ppl)
+    lines += [f"![mean personalized perplexity per round per method]({PLOT_NAME})", ""]
+    loads = []
+    for m in METHODS:
+        res = done.get(m)
+        if res and res["sessions"]:
+            starts = [x["load_start"] for x in res["sessions"]]
+            ends = [x["load_end"] for x in res["sessions"] if x.get("load_end") is not None]
+            threads = sorted({x["threads"] for x in res["sessions"] if "threads" in x})
+            loads.append(
+                f"{m} {len(res['sessions'])} session(s)"
+                + (f", load {max(starts + ends):.1f} max" if ends else "")
+                + (f", {'/'.join(map(str, threads))} thread(s)" if threads else "")
+            )
+    if loads:
+        lines += [
+            "Load average (1 min) seen by the runs (2 cores: above 2 the wall times are inflated): "
+            + "; ".join(loads)
+            + ".",
+            "",
+        ]
+    lines += _analysis(done, means, rouges, client_ids, base_mean)
+    return "\n".join(lines)
+
+
+def _method_row(m, res, mean, fedit_mean, rl, tr_s, budget, rouge_s) -> str:
+    bold = "**" if m == "perfit" else ""
+    cells = [
+        m,
+        f"{bold}{mean:.3f}{bold}",
+        f"{mean / fedit_mean:.3f}" if fedit_mean else "–",
+        f"{rl:.3f}" if rl is not None else "not run",
+        tr_s,
+        f"{_mean(res['trainable']) / budget:.3f}" if budget else "–",
+        f"{res['wall_s'] / 60:.1f}" if res["wall_s"] is not None else "–",
+        f"{rouge_s / 60:.1f}" if rouge_s is not None else "–",
+        _fmt_mb(res["bytes_up"]),
+        _fmt_mb(res["bytes_down"]),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _unique_best(values: dict[str, float], pick) -> str | None:
+    """The key of the best value (`pick` is `min` or `max`) when no other key ties with it at 3 decimals."""
+    if not values:
+        return None
+    best = pick(values, key=values.get)
+    ties = [k for k, v in values.items() if f"{v:.3f}" == f"{values[best]:.3f}"]
+    return best if len(ties) == 1 else None
+
+
+def _per_client_tables(results, done, client_ids, base_ppl) -> list[str]:
+    cats = {}
+    for res in [results.get("base"), *done.values()]:
+        if res and res.get("rouge"):
+            cats.update({c: v.get("category", "") for c, v in res["rouge"]["clients"].items()})
+    names = [m for m in METHODS if m in done]
+    label = {c: f"{c} ({cats[c]})" if cats.get(c) else c for c in client_ids}
+    lines = [
+        "Per-client personalized perplexity (final round; lowest method per client in bold):",
+        "",
+        "| client | base | " + " | ".join(names) + " |",
+        "|---|---:|" + "---:|" * len(names),
+    ]
+    for c in client_ids:
+        vals = {m: done[m]["final"][c] for m in names}
+        best = _unique_best(vals, min)
+        cells = [f"**{v:.3f}**" if m == best else f"{v:.3f}" for m, v in vals.items()]
+        lines.append(f"| {label[c]} | {base_ppl[c]:.3f} | " + " | ".join(cells) + " |")
+    rouge_rows = [
+        m for m in ["base", *names] if _rouge_mean((results.get(m) or {}).get("rouge"), client_ids) is not None
+    ]
+    if rouge_rows:
+        lines += [
+            "",
+            "Per-client ROUGE-L (highest method per client in bold):",
+            "",
+            "| client | " + " | ".join(rouge_rows) + " |",
+            "|---|" + "---:|" * len(rouge_rows),
+        ]
+        for c in client_ids:
+            vals = {m: results[m]["rouge"]["clients"][c]["rouge_l"] for m in rouge_rows}
+            best = _unique_best(vals, max)
+            cells = [f"**{v:.3f}**" if m == best else f"{v:.3f}" for m, v in vals.items()]
+            lines.append(f"| {label[c]} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _analysis(done, means, rouges, client_ids, base_mean) -> list[str]:
+    lines = ["### Analysis", "", "Computed by the script from the runs above:", ""]
+    if means:
+        lowest = min(means, key=means.get)
+        lines.append(
+            f"- Lowest mean personalized perplexity: {lowest} ({means[lowest]:.3f}; base model {base_mean:.3f}). "
+            "Order: " + " < ".join(f"{m} {means[m]:.3f}" for m in sorted(means, key=means.get)) + "."
+        )
+    if "perfit" in means and "fedit" in means:
+        ratio = means["perfit"] / means["fedit"]
+        lowest = min(means, key=means.get)
+        met = ratio <= GOAL_RATIO and lowest == "perfit"
+        why = []
+        if ratio > GOAL_RATIO:
+            why.append(f"ratio {ratio:.3f} > {GOAL_RATIO}")
+        if lowest != "perfit":
+            why.append(f"{lowest} is lower ({means[lowest]:.3f})")
+        lines.append(
+            f"- PerFIT / FedIT mean personalized perplexity: **{ratio:.3f}**; goal (≤ {GOAL_RATIO} and the lowest of "
+            f"all methods): **{'met' if met else 'missed'}**" + (f" ({'; '.join(why)})" if why else "") + "."
+        )
+        p, f = done["perfit"]["final"], done["fedit"]["final"]
+        wins = [c for c in client_ids if p[c] < f[c]]
+        best = [c for c in client_ids if all(p[c] <= done[m]["final"][c] for m in done)]
+        lines.append(
+            f"- PerFIT below FedIT on {len(wins)} of {len(client_ids)} clients"
+            + (f" ({', '.join(wins)})" if wins else "")
+            + f"; the lowest of all methods on {len(best)}"
+            + (f" ({', '.join(best)})" if best else "")
+            + "."
+        )
+    else:
+        lines.append("- PerFIT / FedIT: not measured yet (both runs must be finished).")
+    if rouges:
+        top = _unique_best(rouges, max) or "tie of " + ", ".join(
+            m for m in rouges if f"{rouges[m]:.3f}" == f"{max(rouges.values()):.3f}"
+        )
+        lines.append(
+            f"- Highest mean ROUGE-L: {top} ({max(rouges.values()):.3f})"
+            + (
+                f"; PerFIT {rouges['perfit']:.3f}, FedIT {rouges['fedit']:.3f}"
+                if {"perfit", "fedit"} <= set(rouges)
+                else ""
+            )
+            + "."
+        )
+    lines += [
+        "",
+        "_Prose analysis (where PerFIT wins, where it does not, and why): to be written after the full runs._",
+        "",
+    ]
+    return lines
+
+
+def _show_path(path: str) -> str:
+    """A data path as the docs show it: relative to the repository (`outputs/...`) or to its parent folder
+    (`../shared/data/flan8`) when under them."""
+    resolved = Path(path).resolve()
+    for anchor, prefix in ((REPO_ROOT, Path()), (REPO_ROOT.parent, Path(".."))):
+        if resolved.is_relative_to(anchor):
+            return str(prefix / resolved.relative_to(anchor))
+    return path
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def stored_settings(root: Path) -> Settings | None:
+    """The settings the cached runs were made with (`quality_settings.json` of FedIT's run, else the first row's
+    that has one), so that `--report-only` lists the commands that really built them."""
+    for row in ("fedit", *ROWS):
+        path = root / row / SETTINGS_FILE
+        if path.is_file():
+            known = {f.name for f in dataclasses.fields(Settings)}
+            return Settings(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
+    return None
+
+
+def commands_for(s: Settings, root: Path, default_root: Path) -> list[str]:
+    """The exact commands that build the table with these settings: one per row, then the report."""
+    defaults = Settings()
+    if s.tiny:
+        defaults = dataclasses.replace(defaults, **TINY_DEFAULTS, tiny=True)
+    flags: list[str] = ["--tiny"] if s.tiny else []
+    for name, flag in FLAGS.items():
+        value, default = getattr(s, name), getattr(defaults, name)
+        if name == "data" and Path(value).expanduser().resolve() == Path(default).resolve():
+            continue
+        if value != default:
+            flags += [flag, *(value if isinstance(value, list) else [str(value)])]
+    if root.resolve() != default_root.resolve():
+        flags += ["--output-root", _rel(root)]
+    base = ["python", "benchmarks/quality.py"]
+    return [shlex.join([*base, "--methods", m, *flags]) for m in ROWS] + [shlex.join([*base, "--report-only", *flags])]
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(ROWS),
+        choices=[*ROWS, "all"],
+        metavar="METHOD",
+        help=f"rows to run (default: all): {', '.join(ROWS)}",
+    )
+    p.add_argument("--output-root", type=Path, help="cached runs (default: outputs/quality, -tiny, -validation)")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild the table and plot from the cached runs (their own settings; setting flags are ignored)",
+    )
+    p.add_argument("--no-write", action="store_true", help="print the section; leave docs/ alone")
+    p.add_argument("--tiny", action="store_true", help="tiny random Llama + synthetic clients (never writes docs/)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--local-steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--lr", type=float, dest="learning_rate")
+    p.add_argument("--eval-examples", type=int, help="test examples per client for perplexity (every round)")
+    p.add_argument("--rouge-examples", type=int, help="test examples per client answered for ROUGE-L")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--lora-r", type=int)
+    p.add_argument("--lora-alpha", type=int)
+    p.add_argument("--targets", nargs="+")
+    p.add_argument("--expansion-factor", type=int, help="PerFIT's γ")
+    p.add_argument("--search-steps", type=int, help="PerFIT's search steps (default: all first-round local steps)")
+    p.add_argument("--prune-iterations", type=int)
+    p.add_argument("--importance", choices=["taylor1", "taylor2", "mixed"])
+    p.add_argument("--fedamole-rank", type=int, help="FedAMoLE expert rank (default: chosen for the budget)")
+    p.add_argument("--fedamole-experts", type=int, help="FedAMoLE experts per module (default: chosen)")
+    p.add_argument("--data", help=f"per-client folder (default: {_rel(FLAN8)}, i.e. ../shared/data/flan8)")
+    p.add_argument(
+        "--split",
+        choices=["test", "validation"],
+        help="test: the benchmark; validation: tune on held-out training examples (never the test split)",
+    )
+    p.add_argument(
+        "--validation-examples", type=int, help="held-out training examples per client (--split validation)"
+    )
+    args = p.parse_args(argv)
+    base = {**dataclasses.asdict(Settings()), **(TINY_DEFAULTS if args.tiny else {}), "tiny": args.tiny}
+    given = {k: v for k, v in vars(args).items() if k in base and v is not None}
+    settings = Settings(**{**base, **given})
+    if "all" in args.methods:
+        args.methods = list(ROWS)
+    return args, settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args, s = parse_args(argv)
+    warnings.filterwarnings("ignore")
+    import datasets
+    import torch
+
+    datasets.disable_progress_bars()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    suffix = "-tiny" if s.tiny else ""
+    suffix += "-validation" if s.split == "validation" else ""
+    default_root = REPO_ROOT / "outputs" / f"quality{suffix}"
+    root = (args.output_root or default_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    failures = []
+    if not args.report_only:
+        from hf_perfit.data import load_client_folder
+
+        data = data_folder(s, root)
+        clients = load_client_folder(data)
+        client_ids = [c.client_id for c in clients]
+        unavailable = available_methods()
+        base_cache: dict[str, Any] = {}
+        for row in [r for r in ROWS if r in args.methods]:
+            if row != "base" and unavailable[row]:
+                print(f"[{row}] not available: {unavailable[row]}")
+                continue
+            try:
+                if row != "base":
+                    run_method(row, s, root, data, client_ids)
+                rouge_for(row, s, root, clients, base_cache)
+            except SystemExit:
+                raise
+            except Exception:  # one broken method must not cost the others their runs
+                traceback.print_exc()
+                failures.append(row)
+                print(f"[{row}] FAILED (see above); continuing with the other methods")
+    results = {row: collect(root, row) for row in ROWS}
+    finished = {m: r for m, r in results.items() if m != "base" and r}
+    plots = [root / PLOT_NAME]
+    write = not args.no_write and not s.tiny and s.split == "test"  # docs/ hold the real benchmark only
+    if finished:
+        title = "mean personalized perplexity per round" + (
+            " (tiny smoke test)" if s.tiny else " on FLAN-8, SmolLM2-135M-Instruct"
+        )
+        plot_rounds(finished, plots + ([PLOT_PATH] if write else []), title)
+    shown = stored_settings(root) if args.report_only else None
+    section = render(results, shown or s, root, commands_for(shown or s, root, default_root))
+    print(section)
+    if write:
+        update_doc(DOC_PATH, SECTION, section)
+        print(f"wrote {DOC_PATH} and {PLOT_PATH}")
+    elif not args.no_write:
+        print(f"--tiny and --split validation never write docs/ (as --no-write); the plot is in {plots[0]}")
+    if failures:
+        print(f"failed: {', '.join(failures)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
