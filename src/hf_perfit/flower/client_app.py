@@ -1,0 +1,283 @@
+"""The Flower `ClientApp`: one data owner's side of a federated run.
+
+It runs exactly the client code of the in-process simulation: the runtime is built with
+[`hf_perfit.federated.runtime`] from the [`FederatedConfig`] the server sends, a round is
+[`hf_perfit.federated.client.client_update`], evaluation is [`evaluate_perplexity`]. Only tensors, counts and
+metrics leave the client (see [`hf_perfit.flower.records`]); its data, its tokenized text and its state stay on its
+disk.
+
+Messages it answers (the `ServerApp` in [`hf_perfit.flower.server_app`] sends them):
+
+- `query` (once, at the start): who am I (client id, sizes), a fingerprint of the initial adapter (every node must
+  build the same one), the base model's perplexity on my test split, and, when asked, the initial adapter itself;
+- `train`: one federated round, starting from the state of the last round the server accepted;
+- `evaluate`: the personalized perplexity of the adapter the server's strategy assigns to this client; in the last
+  round it also exports that adapter (plain PEFT format) to `<output_dir>/clients/<client_id>/adapter`.
+
+Node settings (`--node-config` of `flower-supernode`; the simulation runtime sets the first two itself):
+
+- `partition-id` (required): this client's index `k` in the federation (`client_k`: its data partition, seed and
+  budget multiplier);
+- `num-partitions`: checked against the config's `num_clients`;
+- `dataset-name`: this node's own data (a file or a per-client folder) instead of the config's;
+- `model-name-or-path`: where this node finds the base model (same weights as everyone else's);
+- `output-dir`: where this node keeps its state and exports its adapter (default: the config's `output_dir`);
+- `trust-remote-code`: `true` to allow a config with `trust_remote_code=True` on this node (refused otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..federated.client import LocalTrainingArgs, client_update, evaluate_perplexity
+from ..federated.config import FederatedConfig
+from ..federated.runtime import build_client_model, load_clients, load_model, local_training_args, tokenize_clients
+from ..model import PerFITModel
+from .records import META, METRICS, OWN, TENSORS, decode_instruction, decode_tensors, encode_update, tensor_digest
+from .records import tensors_to_arrays as _tensors_to_arrays
+from .state import ClientStateStore
+
+__all__ = ["NodeSettings", "app"]
+
+STATE_DIR = "flower_state"
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """This node's settings, from `context.node_config` (see the module docstring)."""
+
+    partition_id: int
+    num_partitions: int | None = None
+    dataset_name: str | None = None
+    model_name_or_path: str | None = None
+    output_dir: str | None = None
+    trust_remote_code: bool = False
+
+    @classmethod
+    def from_node_config(cls, node_config: dict[str, Any]) -> NodeSettings:
+        """Parse `context.node_config`; a missing `partition-id` is a clear error."""
+        if "partition-id" not in node_config:
+            raise ValueError(
+                "this SuperNode has no partition-id in its node config; start it with "
+                "--node-config 'partition-id=<k> num-partitions=<K>'."
+            )
+        trust = node_config.get("trust-remote-code", False)
+        return cls(
+            partition_id=int(node_config["partition-id"]),
+            num_partitions=int(node_config["num-partitions"]) if "num-partitions" in node_config else None,
+            dataset_name=str(node_config["dataset-name"]) if node_config.get("dataset-name") else None,
+            model_name_or_path=(
+                str(node_config["model-name-or-path"]) if node_config.get("model-name-or-path") else None
+            ),
+            output_dir=str(node_config["output-dir"]) if node_config.get("output-dir") else None,
+            trust_remote_code=trust is True or str(trust).lower() in ("true", "1", "yes"),
+        )
+
+
+@dataclass
+class _Runtime:
+    """What a client process builds once per config and reuses (the simulation runtime keeps its workers alive, so
+    one worker serving several clients swaps them in and out of one model, as the in-process simulation does)."""
+
+    config: FederatedConfig
+    model: PerFITModel
+    tokenizer: Any
+    init_tensors: dict
+    args: LocalTrainingArgs
+
+
+@dataclass
+class _ClientData:
+    client_id: str
+    train: datasets.Dataset
+    test: datasets.Dataset
+
+
+_RUNTIME: dict[str, _Runtime] = {}
+_DATA: dict[tuple, _ClientData] = {}
+
+
+def _node_config(config: FederatedConfig, node: NodeSettings) -> FederatedConfig:
+    """The server's config with this node's own paths; refuses remote code the node did not allow."""
+    if config.trust_remote_code and not node.trust_remote_code:
+        raise PermissionError(
+            "the server's config sets trust_remote_code=True, which runs code from the model repository on this "
+            "node; allow it with --node-config 'trust-remote-code=true' if you trust that model."
+        )
+    if node.num_partitions is not None and node.num_partitions != config.num_clients:
+        raise ValueError(
+            f"this node has num-partitions={node.num_partitions} but the server's config has "
+            f"num_clients={config.num_clients}."
+        )
+    if not 0 <= node.partition_id < config.num_clients:
+        raise ValueError(f"partition-id={node.partition_id} is not in [0, num_clients={config.num_clients}).")
+    changes: dict[str, Any] = {"push_to_hub": False, "resume": False, "overwrite": False}
+    if node.model_name_or_path:
+        changes["model_name_or_path"] = node.model_name_or_path
+    if node.output_dir:
+        changes["output_dir"] = node.output_dir
+    return dataclasses.replace(config, **changes)
+
+
+def _runtime(meta: ConfigRecord, context: Context) -> tuple[_Runtime, _ClientData, NodeSettings]:
+    """The (cached) model runtime and this node's tokenized data for the config carried by `meta`."""
+    node = NodeSettings.from_node_config(dict(context.node_config))
+    config_json = str(meta["federated-config"])
+    config = _node_config(FederatedConfig.from_dict(json.loads(config_json)), node)
+    key = json.dumps([config_json, node.model_name_or_path])
+    rt = _RUNTIME.get(key)
+    if rt is None:
+        _RUNTIME.clear()  # one model per process: a new config replaces the old one
+        _DATA.clear()
+        base, tokenizer = load_model(config)
+        model = build_client_model(base, config)
+        rt = _Runtime(config, model, tokenizer, model.get_adapter_state()[0], local_training_args(config))
+        _RUNTIME[key] = rt
+    data_key = (key, node.dataset_name, node.partition_id)
+    data = _DATA.get(data_key)
+    if data is None:
+        client = _load_own_client(config, node)
+        train_sets, test_sets = tokenize_clients([client], rt.tokenizer, config)
+        data = _ClientData(client.client_id, train_sets[client.client_id], test_sets[client.client_id])
+        _DATA[data_key] = data
+    rt.config = config
+    return rt, data, node
+
+
+def _load_own_client(config: FederatedConfig, node: NodeSettings):
+    """This node's `ClientData`: partition `partition-id` of the config's data, or the node's own `dataset-name`."""
+    from ..data import detect_client_folder, load_client_folder
+
+    if node.dataset_name is None:
+        return load_clients(config)[node.partition_id]
+    if detect_client_folder(node.dataset_name):
+        clients = load_client_folder(node.dataset_name)
+        client = clients[0] if len(clients) == 1 else clients[node.partition_id]
+    else:  # a single file: all of it is this client's, split into train/test with the config's test_fraction
+        own = dataclasses.replace(
+            config, dataset_name=node.dataset_name, num_clients=1, partition="iid", budget_multipliers=None
+        )
+        client = load_clients(own)[0]
+    return dataclasses.replace(client, client_id=f"client_{node.partition_id}")
+
+
+def _store(config: FederatedConfig, client_id: str) -> ClientStateStore:
+    return ClientStateStore(Path(config.output_dir) / STATE_DIR / client_id)
+
+
+def _reply(message: Message, content: RecordDict) -> Message:
+    return Message(content, reply_to=message)
+
+
+app = ClientApp()
+"""The `ClientApp` (`clientapp = "hf_perfit.flower.client_app:app"` in a Flower app's `pyproject.toml`)."""
+
+
+@app.query()
+def hello(message: Message, context: Context) -> Message:
+    """Start of a run: forget any earlier state, report identity and sizes, the initial adapter's fingerprint and
+    the base model's perplexity on this client's test split; send the initial adapter when asked."""
+    meta = message.content[META]
+    rt, data, node = _runtime(meta, context)
+    _store(rt.config, data.client_id).reset()
+    with rt.model.disable_adapter():
+        ev = evaluate_perplexity(rt.model, rt.tokenizer, data.test, rt.config.eval_batch_size)
+    content = RecordDict()
+    content[META] = ConfigRecord(
+        {
+            "client-id": data.client_id,
+            "adapter-digest": tensor_digest(rt.init_tensors),
+            "partition-id": node.partition_id,
+        }
+    )
+    content[METRICS] = MetricRecord(
+        {
+            "num-examples": len(data.train),
+            "num-test-examples": len(data.test),
+            "eval_loss": float(ev["eval_loss"]),
+            "perplexity": float(ev["perplexity"]),
+            "eval_tokens": int(ev["eval_tokens"]),
+        }
+    )
+    if bool(meta.get("send-initial-adapter", False)):
+        content[TENSORS] = _tensors_to_arrays(rt.init_tensors)
+    return _reply(message, content)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """One federated round: [`client_update`] from the last accepted state and the server's instruction."""
+    meta = message.content[META]
+    rt, data, _ = _runtime(meta, context)
+    store = _store(rt.config, data.client_id)
+    accepted = int(meta["state-round"])
+    state = store.load(accepted)
+    instruction = decode_instruction(message.content, state[1] if state is not None else None)
+    result = client_update(
+        rt.model,
+        rt.tokenizer,
+        data.train,
+        instruction,
+        state,
+        rt.args,
+        client_id=data.client_id,
+        initial_tensors=rt.init_tensors,
+        uses_masks=bool(meta["uses-masks"]),
+        budget_multiplier=float(meta["budget-multiplier"]),
+        seed=int(meta["seed"]),
+    )
+    store.save(int(meta["round"]), result.state, keep=accepted)
+    content = encode_update(
+        result.update,
+        {
+            "bytes-up": int(result.bytes_up),
+            "bytes-down": int(result.bytes_down),
+            "train-loss": float(result.train_loss),
+            "density": float(result.density),
+        },
+    )
+    return _reply(message, content)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Personalized perplexity of the adapter the server assigns to this client (its own tensors when the message
+    says `own`), with this client's own masks and search progress; exported in the last round."""
+    meta = message.content[META]
+    rt, data, _ = _runtime(meta, context)
+    state = _store(rt.config, data.client_id).load(int(meta["state-round"]))
+    own_tensors, masks, state_meta = state if state is not None else (None, None, {})
+    if meta.get("tensors-mode") == OWN:
+        if own_tensors is None:
+            raise ValueError("the server asked to evaluate this client's own adapter, but it has none yet.")
+        tensors = own_tensors
+    else:
+        tensors = decode_tensors(message.content, meta, masks, "the server's evaluation tensors")
+        if tensors is None:
+            raise ValueError("the server's evaluation message carries no adapter.")
+    if not bool(meta["uses-masks"]):
+        masks = None
+    rt.model.set_adapter_state(tensors, masks, state_meta)
+    ev = evaluate_perplexity(rt.model, rt.tokenizer, data.test, rt.config.eval_batch_size)
+    metrics: dict[str, float | int] = {
+        "eval_loss": float(ev["eval_loss"]),
+        "perplexity": float(ev["perplexity"]),
+        "eval_tokens": int(ev["eval_tokens"]),
+        "num-examples": len(data.train),
+    }
+    if bool(meta["uses-masks"]):
+        metrics["density"] = float(rt.model.density())
+    if bool(meta.get("final", False)):
+        rt.model.save_pretrained(Path(rt.config.output_dir) / "clients" / data.client_id / "adapter")
+    content = RecordDict()
+    content[META] = ConfigRecord({"client-id": data.client_id})
+    content[METRICS] = MetricRecord(metrics)
+    return _reply(message, content)

@@ -1,0 +1,333 @@
+"""hf_perfit on Flower: the wire format, failure handling, Flower's simulation runtime against the in-process
+simulation, and a real deployment on 127.0.0.1 (SuperLink + two SuperNodes, one of them killed mid-round)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network here; Flower would try to send usage events
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from peft import PeftModel  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from hf_perfit.federated.comm import downlink_bytes, uplink_bytes  # noqa: E402
+from hf_perfit.federated.config import FederatedConfig  # noqa: E402
+from hf_perfit.federated.messages import ClientInstruction, ClientUpdate  # noqa: E402
+from hf_perfit.federated.simulation import run_federated  # noqa: E402
+from hf_perfit.flower import FlowerCoordinator, FlowerRunOptions, run_flower_simulation  # noqa: E402
+from hf_perfit.flower.client_app import app as client_app  # noqa: E402
+from hf_perfit.flower.localhost import LocalFederation  # noqa: E402
+from hf_perfit.flower.records import (  # noqa: E402
+    decode_instruction,
+    decode_update,
+    encode_instruction,
+    encode_update,
+    payload_bytes,
+)
+
+from .conftest import build_tokenizer, tiny_llama  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+APP_DIR = REPO / "recipes" / "flower"
+CLIENTS = ("client_0", "client_1", "client_2")
+REPORT = "flower_run.json"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Like a 1-CPU Ray worker: on 2 shared cores a second torch thread only waits (the results do not change)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny Llama + tokenizer saved like a Hub checkpoint, and a 3-category instruction file."""
+    root = tmp_path_factory.mktemp("flower_assets")
+    tiny_llama().save_pretrained(root / "model")
+    build_tokenizer().save_pretrained(root / "model")
+    rows = [
+        {"instruction": f"Task {k}: echo {i}", "response": f"{k}{i}{k}", "category": f"c{k}"}
+        for k in range(3)
+        for i in range(12)
+    ]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _config(assets: Path, out: Path, **overrides) -> FederatedConfig:
+    values = {
+        "model_name_or_path": str(assets / "model"),
+        "dataset_name": str(assets / "data.jsonl"),
+        "strategy": "perfit",
+        "num_clients": 3,
+        "num_rounds": 2,
+        "local_steps": 4,
+        "search_steps": 4,
+        "prune_iterations": 2,
+        "learning_rate": 5e-3,
+        "per_device_train_batch_size": 2,
+        "max_length": 48,
+        "lora_r": 2,
+        "lora_alpha": 4,
+        "test_fraction": 0.25,
+        "output_dir": str(out),
+        **overrides,
+    }
+    return FederatedConfig.from_dict(values)
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+
+
+def _assert_same_run(reference: Path, flower: Path, clients) -> None:
+    """Same records (up to Flower's extra keys) and the same exported adapters."""
+    ref, got = _records(reference), _records(flower)
+    assert len(ref) == len(got)
+    for a, b in zip(ref, got, strict=True):
+        assert (a["round"], a.get("client"), a["strategy"]) == (b["round"], b.get("client"), b["strategy"])
+        assert b.get("failed_clients", {}) == {}
+        for key, value in a.items():
+            if isinstance(value, float):
+                assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (a["round"], a.get("client"), key)
+            else:
+                assert b[key] == value, (a["round"], a.get("client"), key)
+    for cid in clients:
+        x = load_file(str(reference / "clients" / cid / "adapter" / "adapter_model.safetensors"))
+        y = load_file(str(flower / "clients" / cid / "adapter" / "adapter_model.safetensors"))
+        assert x.keys() == y.keys()
+        for key in x:
+            torch.testing.assert_close(y[key], x[key], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- the wire format
+
+
+def test_records_round_trip_and_match_the_byte_accounting():
+    g = torch.Generator().manual_seed(0)
+    dense = {"a.lora_A.weight": torch.randn(4, 6, generator=g), "a.lora_B.weight": torch.randn(6, 4, generator=g)}
+    masks = {k: torch.rand(t.shape, generator=g) > 0.6 for k, t in dense.items()}
+    kept = {k: torch.where(masks[k], t, 0.0).to(torch.bfloat16) for k, t in dense.items()}  # a bf16 client
+    shapes = {k: tuple(t.shape) for k, t in dense.items()}
+
+    for changed in (True, False):
+        update = ClientUpdate("client_0", 7, kept, masks, mask_changed=changed, metrics={"train_loss": 1.5})
+        content = encode_update(update)
+        assert payload_bytes(content) == uplink_bytes(update)  # kept values (+ packed mask bits) only
+        back = decode_update(content, shapes, None if changed else masks)
+        assert back.num_examples == 7 and back.mask_changed is changed and back.metrics == {"train_loss": 1.5}
+        for k in dense:
+            assert back.tensors[k].dtype == torch.float32  # bf16 travels as float32, exactly
+            assert torch.equal(back.tensors[k], kept[k].float()) and torch.equal(back.masks[k], masks[k])
+
+    instruction = ClientInstruction({k: t.float() for k, t in kept.items()}, masks, {"proximal_mu": 0.1})
+    content = encode_instruction(instruction, {"round": 3})
+    assert payload_bytes(content) == downlink_bytes(instruction)
+    got = decode_instruction(content, masks)
+    assert got.config == {"proximal_mu": 0.1} and all(torch.equal(got.tensors[k], kept[k].float()) for k in kept)
+    with pytest.raises(ValueError, match="disagree on this client's PerFIT mask"):
+        decode_instruction(content, {k: ~m for k, m in masks.items()})
+    with pytest.raises(ValueError, match="do not fit the adapter"):
+        decode_update(encode_update(ClientUpdate("client_0", 7, {"x": torch.ones(2)})), shapes, None)
+
+
+def test_node_settings_own_data_and_refusals(tmp_path, assets):
+    from hf_perfit.flower.client_app import NodeSettings, _load_own_client, _node_config
+
+    cfg = _config(assets, tmp_path / "run", trust_remote_code=True)
+    with pytest.raises(ValueError, match="no partition-id"):
+        NodeSettings.from_node_config({})
+    node = NodeSettings.from_node_config({"partition-id": 2, "num-partitions": 3, "output-dir": str(tmp_path / "n")})
+    with pytest.raises(PermissionError, match="trust-remote-code=true"):
+        _node_config(cfg, node)
+    with pytest.raises(ValueError, match="num-partitions=2 but the server's config has num_clients=3"):
+        _node_config(_config(assets, tmp_path / "run"), NodeSettings(partition_id=0, num_partitions=2))
+    trusting = NodeSettings.from_node_config({"partition-id": 2, "trust-remote-code": "true"})
+    assert _node_config(cfg, trusting).trust_remote_code
+    own = tmp_path / "mine.jsonl"  # a data owner's own file: all of it is this client's
+    own.write_text("".join(json.dumps({"instruction": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(8)))
+    mine = NodeSettings.from_node_config({"partition-id": 2, "dataset-name": str(own)})
+    client = _load_own_client(_node_config(_config(assets, tmp_path / "run"), mine), mine)
+    assert client.client_id == "client_2" and len(client.train) + len(client.test) == 8 and len(client.test) >= 1
+
+
+# ---------------------------------------------------------------------- failures, with an in-process grid
+
+
+class _LocalGrid:
+    """A Flower `Grid` whose SuperNodes are the hf_perfit `ClientApp` called in this process. `errors` maps a
+    (message type, partition id) to an error reason that replaces the client's reply; the nodes of `leave_after_hello` (partition ids) disconnect
+    once they answered the first message."""
+
+    def __init__(self, num_nodes: int, errors=None, leave_after_hello=()):
+        self.nodes = {1000 + k: k for k in range(num_nodes)}
+        self.errors, self.leaving, self.offline = dict(errors or {}), set(leave_after_hello), set()
+        self.contexts = {
+            node: Context(
+                run_id=1,
+                node_id=node,
+                node_config={"partition-id": k, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for node, k in self.nodes.items()
+        }
+        self.replies: dict[str, Message] = {}
+        self.sent: list[Message] = []
+        self.answered: list[Message] = []
+
+    def get_node_ids(self):
+        return [n for n, k in self.nodes.items() if k not in self.offline]
+
+    def push_messages(self, messages):
+        ids = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.sent)}-{i}"
+            self.sent.append(msg)
+            ids.append(msg.metadata.message_id)
+            kind, pid = msg.metadata.message_type, self.nodes[msg.metadata.dst_node_id]
+            reply = client_app(msg, self.contexts[msg.metadata.dst_node_id])
+            self.answered.append(reply)
+            if (kind, pid) in self.errors:  # the client did the work, but its reply never arrives
+                reply = Message(Error(code=2, reason=self.errors[kind, pid]), reply_to=msg)
+            if kind == "query" and pid in self.leaving:
+                self.offline.add(pid)
+            self.replies[msg.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+@pytest.fixture
+def task_identity():
+    """Flower stamps messages with the running task's identity; outside a Flower runtime the test sets one."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
+
+
+def test_failed_client_is_left_out_and_reported(tmp_path, assets, task_identity):
+    grid = _LocalGrid(3, errors={("train", 1): "ValueError: disk full"})
+    cfg = _config(assets, tmp_path / "run", num_rounds=1)
+    summary = FlowerCoordinator(grid, cfg, FlowerRunOptions(poll_interval=0.0)).run()
+    records = _records(tmp_path / "run")
+    round0 = {r["client"]: r for r in records if r["round"] == 0 and "client" in r}
+    assert round0["client_1"]["trained"] is False and "disk full" in round0["client_1"]["failed"]
+    assert round0["client_0"]["trained"] and round0["client_2"]["trained"]
+    summary0 = next(r for r in records if r["round"] == 0 and r.get("summary"))
+    assert summary0["num_clients"] == 2.0 and "client_1" in summary0["failed_clients"]
+    assert summary["failed_clients"].keys() == {"client_1"}
+    report = json.loads((tmp_path / "run" / REPORT).read_text())
+    assert report["status"] == "completed_with_failures"
+    assert [(f["round"], f["client"], f["phase"]) for f in report["failures"]] == [(0, "client_1", "train")]
+    assert "## Failures" in (tmp_path / "run" / "results.md").read_text()
+    # client_1 trained and saved its round-0 state (mask searched), but the server never accepted it: the client is
+    # evaluated from its last accepted state (none: the initial adapter, unpruned), so the lost round left no trace
+    assert (tmp_path / "run" / "flower_state" / "client_1" / "round_0.safetensors").is_file()
+    assert round0["client_1"]["density"] == 1.0 and round0["client_0"]["density"] == pytest.approx(0.25)
+    # what left the clients: float32 values, packed mask bits, counts, metrics, ids and digests; no text
+    allowed = {"client-id", "adapter-digest", "partition-id", "mask-changed", "tensors-mode", "mask-digest"}
+    for reply in grid.answered:
+        for record in reply.content.config_records.values():
+            assert set(record) <= allowed
+            assert not any("echo" in str(v) or "Task" in str(v) for v in record.values())
+        for record in reply.content.array_records.values():
+            assert {a.dtype for a in record.values()} <= {"float32", "uint8"}
+        for record in reply.content.metric_records.values():
+            assert all(isinstance(v, int | float) for v in record.values())
+
+
+def test_zero_replies_stop_the_run_with_a_clear_error(tmp_path, assets, task_identity):
+    grid = _LocalGrid(2, errors={("train", 0): "boom"}, leave_after_hello=[1])  # one fails, the other is gone
+    cfg = _config(assets, tmp_path / "run", num_clients=2, num_rounds=1)
+    with pytest.raises(RuntimeError, match="round 0: none of the 2 sampled clients returned an update"):
+        FlowerCoordinator(grid, cfg, FlowerRunOptions(poll_interval=0.0)).run()
+    report = json.loads((tmp_path / "run" / REPORT).read_text())
+    assert report["status"] == "failed" and "none of the 2 sampled clients" in report["error"]
+    reasons = {f["client"]: f["reason"] for f in report["failures"]}
+    assert "boom" in reasons["client_0"] and "offline" in reasons["client_1"]
+
+
+# ---------------------------------------------------------------------- Flower's simulation runtime
+
+
+def test_flower_simulation_matches_the_in_process_simulation(tmp_path, assets):
+    """3 clients, 2 rounds of perfit: Ray workers run the same client code as the in-process loop, so the metrics and
+    the exported adapters agree (to float32 rounding; in practice bit for bit)."""
+    run_federated(_config(assets, tmp_path / "in_process"))
+    summary = run_flower_simulation(_config(assets, tmp_path / "flower"), num_cpus=2, client_num_cpus=1.0)
+    assert summary["round"] == 1 and summary["failed_clients"] == {}
+    _assert_same_run(tmp_path / "in_process", tmp_path / "flower", CLIENTS)
+    report = json.loads((tmp_path / "flower" / REPORT).read_text())
+    assert report["status"] == "completed" and report["failures"] == []
+    # after the search a PerFIT upload is its kept values only: the accounted bytes plus numpy headers and keys
+    for r in _records(tmp_path / "flower"):
+        if r.get("client") and r["round"] == 1:
+            assert r["bytes_up"] <= r["wire_bytes_up"] <= r["bytes_up"] + 8 * 256
+
+
+# ---------------------------------------------------------------------- a real deployment on 127.0.0.1
+
+
+def _received(log: Path, offset: int) -> int:
+    return log.read_bytes()[offset:].count(b"Received successfully") if log.is_file() else 0
+
+
+def test_deployment_on_localhost_then_a_supernode_killed_mid_round(tmp_path, assets):
+    fed = LocalFederation(tmp_path, num_nodes=2, threads_per_node=1)  # flower-superlink + 2 flower-supernodes
+    try:
+        fed.start()
+
+        # A complete run: each client exports its own adapter.
+        config = _config(assets, tmp_path / "deployed", num_clients=2, num_rounds=1)
+        run_id = fed.run(config, APP_DIR)  # flwr run recipes/flower localhost --run-config 'config="..."'
+        report = fed.wait(tmp_path / "deployed", run_id, alive=("superlink", "node0", "node1"))
+        assert report["status"] == "completed" and report["flwr_status"] == "finished:completed", report
+
+        # The same federation again; SuperNode 1 is SIGKILLed while it trains round 0.
+        config = _config(assets, tmp_path / "killed", num_clients=2, num_rounds=1)
+        offset = fed.log("node1").stat().st_size
+        run_id = fed.run(config, APP_DIR)
+        deadline = time.monotonic() + 300
+        while _received(fed.log("node1"), offset) < 2:  # the hello, then the round-0 training message
+            fed.check_alive()
+            assert time.monotonic() < deadline, "SuperNode 1 never received its round-0 training message"
+            time.sleep(0.2)
+        fed.kill("node1")
+
+        # While the SuperLink waits for the dead node's heartbeat: the first run's adapters are the in-process
+        # simulation's, and load with plain PEFT.
+        run_federated(_config(assets, tmp_path / "reference", num_clients=2, num_rounds=1))
+        _assert_same_run(tmp_path / "reference", tmp_path / "deployed", ("client_0", "client_1"))
+        for cid in ("client_0", "client_1"):
+            adapter = PeftModel.from_pretrained(tiny_llama(), tmp_path / "deployed" / "clients" / cid / "adapter")
+            assert adapter.peft_config["default"].r == 2 * 4  # PerFIT's expanded rank R = γ·r
+
+        report = fed.wait(tmp_path / "killed", run_id, alive=("superlink", "node0"))
+        assert report["status"] == "completed_with_failures" and report["flwr_status"] == "finished:completed"
+        failures = {(f["client"], f["phase"]): f["reason"] for f in report["failures"]}
+        assert set(failures) == {("client_1", "train"), ("client_1", "evaluate")}, failures
+        assert "unavailable" in failures["client_1", "train"], failures  # Flower's verdict: missed heartbeats
+        records = _records(tmp_path / "killed")
+        round0 = [r for r in records if r["round"] == 0]
+        assert [r["client"] for r in round0 if "client" in r] == ["client_0"]
+        summary = round0[-1]
+        assert summary["num_clients"] == 1.0 and set(summary["failed_clients"]) == {"client_1"}
+        assert (tmp_path / "killed" / "clients" / "client_0" / "adapter" / "adapter_model.safetensors").is_file()
+        assert not (tmp_path / "killed" / "clients" / "client_1").exists()
+        assert "## Failures" in (tmp_path / "killed" / "results.md").read_text()
+    finally:
+        fed.close()
