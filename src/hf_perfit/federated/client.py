@@ -297,8 +297,11 @@ def evaluate_perplexity(
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(test_ds), batch_size):
-        rows = test_ds[start : start + batch_size]
+    # Batches of similar length: every row is padded to its batch's longest and the forward's cost grows with the
+    # padded width (the demo's test splits, 16 rows per client in batches of 8: 11,143 padded tokens instead of 12,101).
+    order = sorted(range(len(test_ds)), key=lambda i: len(test_ds[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        rows = test_ds[order[start : start + batch_size]]
         width = max(len(x) for x in rows["input_ids"])
         ids = torch.full((len(rows["input_ids"]), width), pad, dtype=torch.long)
         labels = torch.full_like(ids, IGNORE_INDEX)
