@@ -311,8 +311,9 @@ def target_shapes(s: Settings) -> list[tuple[int, int]]:
 
         from hf_perfit.presets import resolve_model_path
 
+        config = AutoConfig.from_pretrained(resolve_model_path(PRESET))  # may convert the GGUF: not under meta
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(PRESET)))
+            model = AutoModelForCausalLM.from_config(config)
     return [
         (m.in_features, m.out_features)
         for name, m in model.named_modules()
@@ -782,8 +783,9 @@ def _fmt_int(n: float) -> str:
     return f"{n:,.0f}"
 
 
-def _settings_lines(ref: dict, results: dict[str, dict], rouge_settings: dict | None, tiny: bool) -> list[str]:
+def _settings_lines(ref: dict, results: dict[str, dict], rouge_settings: dict | None, s: Settings) -> list[str]:
     c = ref["config"]
+    tiny = s.tiny
     model = "tiny random Llama (hidden 16, 2 layers; smoke test)" if tiny else "SmolLM2-135M-Instruct (fp32)"
     n = len(ref["final"])
     lines = [
@@ -796,7 +798,7 @@ def _settings_lines(ref: dict, results: dict[str, dict], rouge_settings: dict | 
         f"- every method: {c['num_rounds']} rounds, all {n} clients every round, {c['local_steps']} local steps of "
         f"batch {c['per_device_train_batch_size']} (max_length {c['max_length']}), AdamW lr {c['learning_rate']:g} "
         f"constant, completion-only loss, seed {c['seed']}",
-        f"- budget: a rank-{c['lora_r']} LoRA (lora_alpha {c['lora_alpha']}) on "
+        f"- budget: a rank-{s.lora_r} LoRA (lora_alpha {s.lora_alpha}) on "
         f"{', '.join(c['lora_target_modules'])}; local, fedit, fedprox, fedmut, fedqp train exactly that",
     ]
     p = results.get("perfit")
@@ -853,7 +855,9 @@ def render(results: dict[str, dict | None], s: Settings, root: Path, commands: l
     """The markdown section (table, per-client tables, plot, computed facts)."""
     unavailable = available_methods()
     done = {m: r for m, r in results.items() if m != "base" and r and r["finished"]}
-    ref = done.get("fedit") or next(iter(done.values()), None)
+    # The settings shown come from a LoRA-budget run where one is finished: FedAMoLE's own lora_r is its expert rank.
+    lora_runs = [r for m, r in done.items() if m != "fedamole"]
+    ref = done.get("fedit") or next(iter(lora_runs), None) or next(iter(done.values()), None)
     lines = [
         SECTION,
         "",
@@ -862,7 +866,7 @@ def render(results: dict[str, dict | None], s: Settings, root: Path, commands: l
         "greedy answers, wall time and bytes sent. Goal: PerFIT at most "
         f"{GOAL_RATIO}× FedIT's mean personalized perplexity and the lowest of all methods.",
         "",
-        "Commands (one method per call, ~20 min each on 2 quiet cores; every run is cached in "
+        "Commands (one method per call, 12-18 min each on 2 quiet cores, see the table; every run is cached in "
         f"`{_rel(root)}/<method>` and resumes where it stopped; the last call rebuilds this section):",
         "",
         "```bash",
@@ -881,7 +885,7 @@ def render(results: dict[str, dict | None], s: Settings, root: Path, commands: l
     client_ids = _client_order(ref["final"])
     base_res = results.get("base")
     rouge_settings = next((r["rouge"]["settings"] for r in [base_res, *done.values()] if r and r.get("rouge")), None)
-    lines += ["Settings:", "", *_settings_lines(ref, done, rouge_settings, s.tiny), ""]
+    lines += ["Settings:", "", *_settings_lines(ref, done, rouge_settings, s), ""]
     fedit_mean = _mean(done["fedit"]["final"][c] for c in client_ids) if "fedit" in done else None
     budget = None
     for m in ("fedit", "local", "fedprox", "fedmut", "fedqp"):
