@@ -76,6 +76,9 @@ from _report import DOC_PATH, REPO_ROOT, command_line, machine_lines, update_doc
 SECTION = "## Personalized quality on FLAN-8 (benchmarks/quality.py)"
 PLOT_NAME = "quality_perplexity.png"
 PLOT_PATH = DOC_PATH.parent / PLOT_NAME
+# The human reading of the table (where PerFIT wins, where not, why): kept in its own file so that rebuilding the
+# generated section never loses it; included verbatim under "Analysis" for the real benchmark (not --tiny).
+ANALYSIS_PATH = DOC_PATH.parent / "quality_analysis.md"
 METHODS = ("local", "fedit", "fedprox", "perfit", "fedamole", "fedmut", "fedqp")
 ROWS = ("base", *METHODS)
 PRESET = "smollm2-135m-instruct"
@@ -866,7 +869,7 @@ def render(results: dict[str, dict | None], s: Settings, root: Path, commands: l
         "greedy answers, wall time and bytes sent. Goal: PerFIT at most "
         f"{GOAL_RATIO}× FedIT's mean personalized perplexity and the lowest of all methods.",
         "",
-        "Commands (one method per call, 12-18 min each on 2 quiet cores, see the table; every run is cached in "
+        "Commands (one method per call, 10-18 min each on 2 cores, see the table; every run is cached in "
         f"`{_rel(root)}/<method>` and resumes where it stopped; the last call rebuilds this section):",
         "",
         "```bash",
@@ -968,7 +971,11 @@ def render(results: dict[str, dict | None], s: Settings, root: Path, commands: l
             + ".",
             "",
         ]
-    lines += _analysis(done, means, rouges, client_ids, base_mean)
+    prose = None
+    if ANALYSIS_PATH.is_file() and not s.tiny and s.split == "test":
+        text = ANALYSIS_PATH.read_text().splitlines()
+        prose = "\n".join(x for x in text if not x.startswith("<!--")).strip()  # the file's own header comment
+    lines += _analysis(done, means, rouges, client_ids, base_mean, prose)
     return "\n".join(lines)
 
 
@@ -1035,7 +1042,7 @@ def _per_client_tables(results, done, client_ids, base_ppl) -> list[str]:
     return [*lines, ""]
 
 
-def _analysis(done, means, rouges, client_ids, base_mean) -> list[str]:
+def _analysis(done, means, rouges, client_ids, base_mean, prose: str | None = None) -> list[str]:
     lines = ["### Analysis", "", "Computed by the script from the runs above:", ""]
     if means:
         lowest = min(means, key=means.get)
@@ -1081,11 +1088,10 @@ def _analysis(done, means, rouges, client_ids, base_mean) -> list[str]:
             )
             + "."
         )
-    lines += [
-        "",
-        "_Prose analysis (where PerFIT wins, where it does not, and why): to be written after the full runs._",
-        "",
-    ]
+    placeholder = (
+        "_Prose analysis (where PerFIT wins, where it does not, and why): to be written after the full runs._"
+    )
+    lines += ["", prose or placeholder, ""]
     return lines
 
 
