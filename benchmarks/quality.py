@@ -789,6 +789,7 @@ def _fmt_int(n: float) -> str:
 def _settings_lines(ref: dict, results: dict[str, dict], rouge_settings: dict | None, s: Settings) -> list[str]:
     c = ref["config"]
     tiny = s.tiny
+    r = s.lora_r  # the budget's rank from the settings, not `ref`: a FedAMoLE run's own lora_r is its expert rank
     model = "tiny random Llama (hidden 16, 2 layers; smoke test)" if tiny else "SmolLM2-135M-Instruct (fp32)"
     n = len(ref["final"])
     lines = [
@@ -801,7 +802,7 @@ def _settings_lines(ref: dict, results: dict[str, dict], rouge_settings: dict | 
         f"- every method: {c['num_rounds']} rounds, all {n} clients every round, {c['local_steps']} local steps of "
         f"batch {c['per_device_train_batch_size']} (max_length {c['max_length']}), AdamW lr {c['learning_rate']:g} "
         f"constant, completion-only loss, seed {c['seed']}",
-        f"- budget: a rank-{s.lora_r} LoRA (lora_alpha {s.lora_alpha}) on "
+        f"- budget: a rank-{r} LoRA (lora_alpha {s.lora_alpha}) on "
         f"{', '.join(c['lora_target_modules'])}; local, fedit, fedprox, fedmut, fedqp train exactly that",
     ]
     p = results.get("perfit")
@@ -817,7 +818,7 @@ def _settings_lines(ref: dict, results: dict[str, dict], rouge_settings: dict | 
         fc, b = fa["config"], fa.get("budget") or {}
         extra = (
             f"; expected {b['params_mean']:,.0f} trainable per client on average = {b['ratio']:.3f}× the budget "
-            f"(the recipe's rank-{c['lora_r']} experts with E=30 would be {b['recipe_ratio']:.2f}×)"
+            f"(the recipe's rank-{r} experts with E=30 would be {b['recipe_ratio']:.2f}×)"
             if b
             else ""
         )
@@ -858,9 +859,7 @@ def render(results: dict[str, dict | None], s: Settings, root: Path, commands: l
     """The markdown section (table, per-client tables, plot, computed facts)."""
     unavailable = available_methods()
     done = {m: r for m, r in results.items() if m != "base" and r and r["finished"]}
-    # The settings shown come from a LoRA-budget run where one is finished: FedAMoLE's own lora_r is its expert rank.
-    lora_runs = [r for m, r in done.items() if m != "fedamole"]
-    ref = done.get("fedit") or next(iter(lora_runs), None) or next(iter(done.values()), None)
+    ref = done.get("fedit") or next(iter(done.values()), None)
     lines = [
         SECTION,
         "",
