@@ -118,7 +118,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path, assets):
+def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path, assets, capsys):
     reference = tmp_path / "reference"
     assert main(["federate", "--config", str(_config(assets, reference))]) == 0
     assert {"perplexity.png", "density.png", "results.md"} <= {p.name for p in reference.iterdir()}
@@ -150,7 +150,9 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path, assets):
     assert checkpoint["completed_rounds"] == 2
     assert not (killed / "clients").exists()  # no export from a killed run
 
+    capsys.readouterr()
     assert main(["federate", "--config", str(config)]) == 2  # another run's state: refused without --resume
+    assert "holds another run's state; pass --resume to continue it or --overwrite" in capsys.readouterr().err
     assert main(["federate", "--config", str(config), "--resume"]) == 0
     for cid in ("client_0", "client_1", "client_2"):
         a = load_file(str(reference / "clients" / cid / "adapter" / "adapter_model.safetensors"))
