@@ -8,7 +8,7 @@ Implemented (model repos only, the shapes `huggingface_hub` 2.x parses):
 | `POST /api/repos/create` | `create_repo` (409 with the repo url when it exists) |
 | `GET /api/whoami-v2` | `whoami` |
 | `POST /api/validate-yaml` | `create_commit` when it commits a `README.md` |
-| `GET /api/models/{ns}/{name}[/revision/{rev}]` | `repo_info` / `model_info`, `snapshot_download` |
+| `GET /api/models/{ns}/{name}[/revision/{rev}][?blobs=1]` | `repo_info` / `model_info` (with `blobs`: each sibling's `blobId`, `size`, `lfs`), `snapshot_download` |
 | `GET /api/models/{ns}/{name}/tree/{rev}[/{path}]` | `list_repo_tree`, `list_repo_files`, `snapshot_download` |
 | `POST /api/models/{ns}/{name}/preupload/{rev}` | `create_commit`: every file is `"regular"` (no LFS/Xet), with the git oid of the file already at that path so unchanged files are skipped |
 | `POST /api/models/{ns}/{name}/commit/{rev}` | `create_commit` (ndjson: header, file, deletedFile, deletedFolder) |
@@ -355,7 +355,9 @@ class _Handler(BaseHTTPRequestHandler):
                     "tags": [],
                     "downloads": 0,
                     "likes": 0,
-                    "siblings": [{"rfilename": p} for p in sorted(commit.files)],
+                    "siblings": [
+                        _sibling(p, commit.files[p], "blobs" in query, hub.lfs_suffixes) for p in sorted(commit.files)
+                    ],
                 }
             )
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.+))?", path)
@@ -495,3 +497,15 @@ def _tree(files: dict[str, bytes], prefix: str, recursive: bool, lfs_suffixes: t
         for f in sorted(folders)
     ]
     return folder_entries + entries
+
+
+def _sibling(path: str, data: bytes, blobs: bool, lfs_suffixes: tuple[str, ...]) -> dict:
+    """A `siblings` entry of a repo's info; with `blobs` (`files_metadata=True`) its blob id, size and LFS info, as
+    the tree listing reports them."""
+    if not blobs:
+        return {"rfilename": path}
+    (entry,) = _tree({path: data}, "", True, lfs_suffixes)
+    out = {"rfilename": path, "blobId": entry["oid"], "size": entry["size"]}
+    if "lfs" in entry:
+        out["lfs"] = {"sha256": entry["lfs"]["oid"], "size": entry["size"], "pointerSize": entry["lfs"]["pointerSize"]}
+    return out

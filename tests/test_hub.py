@@ -16,6 +16,7 @@ import pytest
 import torch
 from datasets import Dataset
 from huggingface_hub import ModelCard, constants
+from huggingface_hub.utils import _http as hf_http
 from huggingface_hub.utils import set_client_factory
 from huggingface_hub.utils._http import default_client_factory
 from peft import PeftModel
@@ -114,8 +115,11 @@ def run_dir(hub, tmp_path_factory):
 
 
 @pytest.fixture
-def sleeps():
-    return []
+def sleeps(monkeypatch):
+    """The waits of huggingface_hub's retry backoff, recorded instead of slept."""
+    waits = []
+    monkeypatch.setattr(hf_http.time, "sleep", waits.append)
+    return waits
 
 
 def _no_secrets_on_hub(hub: LocalHub) -> None:
@@ -224,10 +228,11 @@ def test_repush_unchanged_makes_no_commit(run_dir, hub, caplog):
     assert [r.status for r in report.results] == ["unchanged"] * 4
     assert report.num_commits == 0
     assert {repo: hub.repos[repo].head.oid for repo in heads} == heads
-    assert not [r for r in new if "/commit/" in r.path or "/preupload/" in r.path or r.method == "POST"]
-    assert [(r.method, r.path.split("/tree/")[0]) for r in new] == [
-        ("GET", f"/api/models/alice/fed-{n}") for n in (*CLIENTS, "federation")
-    ]
+    # huggingface_hub compares each file's oid with the remote one (pre-upload) and makes no empty commit
+    assert not [r for r in new if "/commit/" in r.path or r.path == "/api/repos/create"]
+    assert {r.path.split("/")[4] for r in new if r.path.startswith("/api/models/")} == {
+        f"fed-{n}" for n in (*CLIENTS, "federation")
+    }
     assert TOKEN not in caplog.text
 
     # the real Hub lists weights as LFS files (the oid is the pointer's): compared by sha256, still unchanged
@@ -278,37 +283,46 @@ def test_changed_card_commits_only_what_changed(run_dir, hub, tmp_path):
 
 
 def test_transient_failures_are_retried_with_backoff(run_dir, hub, sleeps, caplog):
-    hub.fail(r"^/api/repos/create$", status=429, headers={"Retry-After": "7"})
+    # huggingface_hub retries the pre-upload and the commit (HTTP 408/429/5xx, network errors) with its own backoff
+    hub.fail(r"^/api/models/alice/flaky-client_0/preupload/", status=429, headers={"Retry-After": "7"})
     hub.fail(r"^/api/models/alice/flaky-client_0/commit/", status=503)
     hub.fail(r"^/api/models/alice/flaky-client_0/commit/", status=None)  # connection reset
     with caplog.at_level(logging.DEBUG):
-        report = push_run(run_dir, "alice/flaky", clients=["client_0"], federation_repo=False, sleep=sleeps.append)
+        report = push_run(run_dir, "alice/flaky", clients=["client_0"], federation_repo=False)
     assert report.results[0].status == "created"
-    assert sleeps == [7.0, 2.0, 4.0]  # Retry-After honoured, then exponential backoff
-    assert hub.count("POST", r"^/api/repos/create$") >= 2
+    assert len(sleeps) == 3 and sleeps[0] >= 7  # Retry-After honoured, then backoff
+    assert hub.count("POST", r"^/api/models/alice/flaky-client_0/commit/") == 3
     assert len(hub.repos["alice/flaky-client_0"].commits) == 2  # initial + exactly one upload
-    assert "retry 1 of 3" in caplog.text and TOKEN not in caplog.text
+    assert TOKEN not in caplog.text
 
-    # the commit happens but its answer is lost: the retry finds the files there and commits nothing twice
+    # the commit happens but its answer is lost: the re-sent commit names its parent and is refused (412), the
+    # repo is compared again with its new head, and nothing is committed twice
     hub.fail(r"^/api/models/alice/lost-client_0/commit/", status=500, after=True)
-    report = push_run(run_dir, "alice/lost", clients=["client_0"], federation_repo=False, sleep=sleeps.append)
-    assert report.results[0].status == "created"
+    report = push_run(run_dir, "alice/lost", clients=["client_0"], federation_repo=False)
+    assert report.results[0].status == "created" and "adapter_model.safetensors" in report.results[0].files_changed
     assert len(hub.repos["alice/lost-client_0"].commits) == 2
 
     # a failure that outlives the retries stops with the repo named
     hub.fail(r"^/api/models/alice/down-client_0/commit/", status=502, times=10)
     sleeps.clear()
-    with pytest.raises(HubPushError, match=r"alice/down-client_0 failed: HTTP 502 after 3 tries") as info:
-        push_run(run_dir, "alice/down", max_tries=3, sleep=sleeps.append)
+    with pytest.raises(HubPushError, match=r"alice/down-client_0 failed: HTTP 502.*try again later") as info:
+        push_run(run_dir, "alice/down")
     hub.clear_faults()
-    assert sleeps == [2.0, 4.0]
+    assert len(sleeps) >= 3
     assert info.value.pushed == [] and info.value.client_id == "client_0"
+
+    # huggingface_hub does not retry `create_repo`: a 429 there stops the push, and pushing again completes it
+    hub.fail(r"^/api/repos/create$", status=429, headers={"Retry-After": "7"})
+    with pytest.raises(HubPushError, match=r"alice/rate-client_0 failed: HTTP 429.*try again later"):
+        push_run(run_dir, "alice/rate", clients=["client_0"], federation_repo=False)
+    report = push_run(run_dir, "alice/rate", clients=["client_0"], federation_repo=False)
+    assert report.results[0].status == "created"
 
 
 def test_permanent_failures_stop_with_clear_message(run_dir, hub, sleeps):
     # a namespace owned by someone else: 403 on the first repo, nothing pushed, no retry
     with pytest.raises(HubPushError) as info:
-        push_run(run_dir, "bob/theirs", sleep=sleeps.append)
+        push_run(run_dir, "bob/theirs")
     err = info.value
     assert err.status_code == 403 and err.client_id == "client_0" and err.pushed == []
     assert "pushing client 'client_0' to bob/theirs-client_0 failed: HTTP 403" in str(err)
@@ -319,13 +333,13 @@ def test_permanent_failures_stop_with_clear_message(run_dir, hub, sleeps):
     hub._new_commit(theirs, "initial commit", {".gitattributes": b"*.bin filter=lfs\n"})
     hub.repos[theirs.repo_id] = theirs
     with pytest.raises(HubPushError, match=r"bob/public-client_0 failed: HTTP 403.*belongs to someone else"):
-        push_run(run_dir, "bob/public", sleep=sleeps.append)
+        push_run(run_dir, "bob/public")
     assert len(theirs.commits) == 1
 
     # a 403 in the middle: the message says which repos were pushed and which were not
     hub.fail(r"^/api/models/alice/part-client_1/(preupload|commit)/", status=403, times=5)
     with pytest.raises(HubPushError) as info:
-        push_run(run_dir, "alice/part", sleep=sleeps.append)
+        push_run(run_dir, "alice/part")
     hub.clear_faults()
     err = info.value
     assert err.client_id == "client_1" and err.pushed == ["alice/part-client_0"]
@@ -335,7 +349,7 @@ def test_permanent_failures_stop_with_clear_message(run_dir, hub, sleeps):
 
     # no token at all: 401, with how to log in
     with pytest.raises(HubPushError, match=r"HTTP 401: no valid token.*hf auth login"):
-        push_run(run_dir, "alice/anon", token=False, sleep=sleeps.append)
+        push_run(run_dir, "alice/anon", token=False)
     for e in (err, info.value):
         assert TOKEN not in str(e)
     _no_secrets_on_hub(hub)
@@ -373,6 +387,24 @@ def test_inputs_are_validated_before_any_request(run_dir, hub, tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE"):
         push_run(run_dir, "alice/x")
     assert len(hub.requests) == before
+
+
+def test_client_ids_read_from_the_run_are_checked_before_they_become_paths(run_dir, hub, tmp_path, capsys):
+    # a hand-edited metrics.jsonl naming "../../outside": clients/../../outside/adapter is a folder outside the run
+    tampered = tmp_path / "runs" / "tampered"
+    shutil.copytree(run_dir, tampered, ignore=shutil.ignore_patterns("state"))
+    shutil.copytree(run_dir / "clients" / "client_0" / "adapter", tmp_path / "runs" / "outside" / "adapter")
+    assert (tampered / "clients" / "../../outside" / "adapter" / "adapter_model.safetensors").is_file()
+    text = (tampered / "metrics.jsonl").read_text().replace('"client_0"', '"../../outside"')
+    (tampered / "metrics.jsonl").write_text(text)
+    before = len(hub.requests)
+    with pytest.raises(ValueError, match=r"names the client '\.\./\.\./outside', which is not a valid client id"):
+        push_run(tampered, "alice/tampered")
+    with pytest.raises(ValueError, match="not a valid client id"):
+        push_run(tampered, "alice/tampered", preview_dir=tmp_path / "preview")
+    assert not (tmp_path / "preview").exists() and len(hub.requests) == before
+    assert push_main(PushConfig(run=str(tampered), repo_prefix="alice/tampered")) == 2
+    assert "not a valid client id" in capsys.readouterr().err
 
 
 def test_preview_renders_the_same_bytes_twice(run_dir, tmp_path):

@@ -69,15 +69,22 @@ def _save(fig, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        # no "Software" metadata: the same numbers give the same bytes under any matplotlib version (a Hub re-push
+        # of an unchanged run then commits nothing)
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def plot_perplexity(records: list[dict], path: str | os.PathLike) -> Path:
-    """Personalized perplexity per round, one line per client plus the mean (log scale)."""
+def plot_perplexity(
+    records: list[dict], path: str | os.PathLike, compare: Mapping[str, list[dict]] | None = None
+) -> Path:
+    """Personalized perplexity per round, one line per client plus the mean (log scale).
+
+    `compare`: `{label: records}` of other runs on the same clients (e.g. FedIT), whose means are drawn dashed.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,6 +103,10 @@ def plot_perplexity(records: list[dict], path: str | os.PathLike) -> Path:
     if means:
         rounds = sorted(means)
         ax.plot(rounds, [means[x] for x in rounds], color="black", lw=2.5, label="mean")
+    for label, other in (compare or {}).items():
+        other_means = {int(r["round"]): float(r["mean_perplexity"]) for r in other if r.get("summary")}
+        rounds = sorted(other_means)
+        ax.plot(rounds, [other_means[x] for x in rounds], ls="--", lw=2, label=f"{label} (mean)")
     ax.set_yscale("log")
     ax.set_xlabel("round (-1 = base model)")
     ax.set_ylabel("personalized perplexity")
