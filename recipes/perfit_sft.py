@@ -1,24 +1,21 @@
-"""Federated instruction tuning with hf_perfit: a YAML config plus command-line overrides, one federated run.
+"""Federated instruction tuning with hf_perfit: `perfit federate` as an `accelerate launch` script.
 
     accelerate launch recipes/perfit_sft.py --config recipes/smollm2-135m/perfit/config_demo.yaml
     accelerate launch --cpu --num_processes 2 recipes/perfit_sft.py --config ... --output_dir outputs/dp2
     python recipes/perfit_sft.py --config ... --num_rounds 5 --strategy fedit
 
-Every key of `hf_perfit.federated.FederatedConfig` works in the YAML and as a `--key value` flag (flags win). Under
-`accelerate launch --num_processes N` each client's local training is data-parallel across the N processes (each
-batch split N ways), the coordinator runs in lockstep in every process, and only the main process writes files.
+Every key of `hf_perfit.federated.FederatedConfig` works in the YAML and as a `--key value` flag (flags win), exactly
+as for `perfit federate`. Under `accelerate launch --num_processes N` each client's local training is data-parallel
+across the N processes (each batch split N ways), the coordinator runs in lockstep in every process, and only the
+main process writes files. To train one PerFIT adapter without a federation, see recipes/perfit_single.py.
 """
 
-import sys
-
-from hf_perfit.cli import parse_federate_args
+from hf_perfit.cli import federate_parser
 from hf_perfit.distributed import process_state, relaunch_cpu_data_parallel
-from hf_perfit.federated import run_federated
+from hf_perfit.federated import FederatedConfig, run_federated
 
 
-def main(argv: list[str] | None = None) -> None:
-    relaunch_cpu_data_parallel(argv)  # `accelerate launch --cpu --num_processes N` without MPI: start the N processes
-    config = parse_federate_args(sys.argv[1:] if argv is None else argv)
+def main(config: FederatedConfig) -> None:
     summary = run_federated(config)
     if process_state().is_main_process:
         print(
@@ -27,5 +24,11 @@ def main(argv: list[str] | None = None) -> None:
         )
 
 
+def make_parser():
+    return federate_parser(prog="perfit_sft.py")
+
+
 if __name__ == "__main__":
-    main()
+    relaunch_cpu_data_parallel()  # `accelerate launch --cpu --num_processes N` without MPI: start the N processes
+    (config,) = make_parser().parse_args_and_config()
+    main(config)

@@ -57,11 +57,16 @@ def _parser(dataclass_type: type, prog: str):
     return parser
 
 
-def parse_federate_args(argv: Sequence[str]):
-    """Parse `perfit federate` arguments into a `FederatedConfig` (YAML from `--config`, then flags)."""
+def federate_parser(prog: str = "perfit federate"):
+    """The `trl.TrlParser` of `perfit federate` (and of `recipes/perfit_sft.py`): `FederatedConfig`'s fields."""
     from .federated.simulation import FederatedConfig
 
-    (config,) = _parser(FederatedConfig, "perfit federate").parse_args_and_config(list(argv))
+    return _parser(FederatedConfig, prog)
+
+
+def parse_federate_args(argv: Sequence[str]):
+    """Parse `perfit federate` arguments into a `FederatedConfig` (YAML from `--config`, then flags)."""
+    (config,) = federate_parser().parse_args_and_config(list(argv))
     return config
 
 

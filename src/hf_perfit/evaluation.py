@@ -1,8 +1,10 @@
 """Generation-based evaluation: greedy answers of a (personalized) model and their ROUGE-L against the references.
 
 Perplexity (`hf_perfit.federated.evaluate_perplexity`) scores the reference answer token by token; this module scores
-what the model actually says. Both are our own code: `evaluate.load("rouge")` would fetch its metric script from the
-Hub, which this project never does at run time.
+what the model actually says. ROUGE-L comes from Google's `rouge-score` package (`rouge_score.rouge_scorer`, offline),
+with the Unicode-aware tokenizer below instead of its ASCII-only default (which splits `"Köln"` into `k`, `ln`).
+`evaluate.load("rouge")` is not used: it fetches its metric script from the Hub, which this project never does at run
+time.
 
 ```python
 from hf_perfit.evaluation import generate_answers, rouge_l
@@ -14,8 +16,9 @@ score = sum(rouge_l(a, r) for a, r in zip(answers, client.test["response"][:50])
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -39,32 +42,33 @@ def rouge_tokens(text: str) -> list[str]:
     return _NOT_WORD.sub(" ", text.lower()).split()
 
 
-def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence of `a` and `b` (dynamic programming, two rows)."""
-    if len(a) < len(b):
-        a, b = b, a
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
+class _Tokenizer:
+    """[`rouge_tokens`] in the interface `rouge_score.rouge_scorer.RougeScorer(tokenizer=...)` takes."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return rouge_tokens(text)
+
+
+@functools.cache
+def _scorer() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Tokenizer())
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure (Lin, 2004) of one prediction against one reference.
+    """ROUGE-L F-measure (Lin, 2004) of one prediction against one reference, by `rouge-score`.
 
     With `L` the length of the longest common subsequence of the two token lists (see [`rouge_tokens`]),
-    precision `P = L / len(prediction)`, recall `R = L / len(reference)` and `F = 2PR / (P + R)` (β = 1, as the
-    `rouge-score` package's `fmeasure`).
+    precision `P = L / len(prediction)`, recall `R = L / len(reference)` and `F = 2PR / (P + R)` (β = 1,
+    `rouge_score`'s `fmeasure`).
 
     Args:
         prediction (`str`): the model's answer.
         reference (`str`): the reference answer.
 
     Returns:
-        `float` in [0, 1]; `0.0` when either side has no tokens (as `rouge-score`), or nothing in common.
+        `float` in [0, 1]; `0.0` when either side has no tokens, or nothing in common.
 
     Example:
         ```python
@@ -72,14 +76,7 @@ def rouge_l(prediction: str, reference: str) -> float:
         0.8333333333333334
         ```
     """
-    pred, ref = rouge_tokens(prediction), rouge_tokens(reference)
-    if not pred or not ref:
-        return 0.0
-    lcs = _lcs_length(pred, ref)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    return _scorer().score(reference, prediction)["rougeL"].fmeasure
 
 
 def _prompt_ids(example: Mapping[str, Any], tokenizer: Any, system_prompt: str | None) -> list[int]:

@@ -1,6 +1,4 @@
-"""Publishing a finished federated run on the Hugging Face Hub (`perfit push`): `run` reads the run back, `cards`
-renders the model cards from `model_cards/*.md`, `push` renders each repo into a folder and uploads it with
-`huggingface_hub`. See docs/hub.md."""
+"""`perfit push`: `cards` renders the model cards, `push` each repo's folder and uploads it (docs/hub.md)."""
 
 from .cards import STRATEGY_DESCRIPTIONS, STRATEGY_NAMES
 from .push import (
