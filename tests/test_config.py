@@ -1,5 +1,6 @@
 """PerFITLoraConfig: every bad value is a ValueError naming the field and what is allowed."""
 
+import peft
 import pytest
 from peft import LoraConfig
 
@@ -63,3 +64,20 @@ def test_dict_round_trip_keeps_every_field():
     assert again.perfit_dict() == cfg.perfit_dict()
     with pytest.raises(ValueError, match="unknown fields.*bogus"):
         PerFITLoraConfig.from_perfit_dict({**cfg.perfit_dict(), "bogus": 1})
+
+
+@pytest.mark.parametrize("init", ["symmetric", True])
+@pytest.mark.parametrize("entry", ["get_peft_model", "PeftModel", "inject_adapter_in_model"])
+def test_peft_constructors_refuse_a_perfit_config_and_name_get_perfit_model(llama, entry, init):
+    # "symmetric" would fail inside PEFT ("Unknown initialization"); True would silently build an unexpanded LoRA
+    config = PerFITLoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    build = {
+        "get_peft_model": lambda: peft.get_peft_model(llama, config),
+        "PeftModel": lambda: peft.PeftModel(llama, config),
+        "inject_adapter_in_model": lambda: peft.inject_adapter_in_model(config, llama),
+    }[entry]
+    with pytest.raises(ValueError, match=r"hf_perfit\.get_perfit_model\(base_model, config\)"):
+        build()
+    assert not any("lora" in name for name, _ in llama.named_modules())  # the base model is left as it was
+    model = get_perfit_model(llama, config)  # the way that works, with the same config
+    assert model.expanded_size() == 4 * model.trainable_budget()

@@ -130,6 +130,22 @@ class PerFITLoraConfig(LoraConfig):
             raise ValueError("target_parameters is not supported by PerFIT; use target_modules.")
 
     @property
+    def is_prompt_learning(self) -> bool:
+        """Refuses a hand-over to PEFT's own constructors, which read this first.
+
+        `peft.get_peft_model`, `peft.PeftModel(...)`, `peft.inject_adapter_in_model` and `trl.SFTTrainer(peft_config=)`
+        would build a plain LoRA from this config: with `init_lora_weights="symmetric"` PEFT fails with "Unknown
+        initialization", otherwise it silently builds an unexpanded rank-`r` LoRA with no search. `PerFITModel`
+        gives PEFT `to_lora_config()` instead, so only such a direct hand-over reaches this property.
+        """
+        raise ValueError(
+            "A PerFITLoraConfig cannot be passed to peft.get_peft_model / peft.PeftModel / trl.SFTTrainer(peft_config="
+            "...): PEFT would build a plain LoRA without PerFIT's expansion, symmetric init and search. Build the "
+            "model with `hf_perfit.get_perfit_model(base_model, config)` (a PerFITModel, itself a peft.PeftModel) and "
+            "pass that model to the trainer with callbacks=[hf_perfit.PerFITPruningCallback()]."
+        )
+
+    @property
     def expanded_rank(self) -> int:
         """`R = expansion_factor · r`, the rank the adapter is built with."""
         return int(self.r) * int(self.expansion_factor)
