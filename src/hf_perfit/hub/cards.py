@@ -151,7 +151,7 @@ class CardWriter:
         rows = [("base model (no adapter)", run.ppl[cid].get(-1)), (this, run.final_ppl(cid))] + [
             (compare_label(other, compare), other.final_ppl(cid)) for other in compare
         ]
-        targets = adapter_cfg.get("target_modules") or []
+        targets, alpha = adapter_cfg.get("target_modules") or [], adapter_cfg.get("lora_alpha")
         targets = [targets] if isinstance(targets, str) else sorted(targets)  # a set's order follows the hash seed
         ctx = self._context(self.links[cid], [p.name for p in folder.iterdir()], mole is not None) | {
             "client_id": cid,
@@ -160,7 +160,7 @@ class CardWriter:
             "perplexity_rows": rows,
             "per_round": [(r, v) for r, v in sorted(run.ppl[cid].items()) if 0 <= r < run.num_rounds],
             "lora_rank": adapter_cfg.get("r"),
-            "lora_alpha": adapter_cfg.get("lora_alpha"),
+            "lora_alpha": f"{alpha:g}" if isinstance(alpha, float) else alpha,  # 16.0 -> 16
             "target_modules": ", ".join(f"`{m}`" for m in targets),
             "has_perfit_files": perfit_path.is_file(),
             "mole": mole,
