@@ -1,4 +1,5 @@
-"""Taylor importance scores, their EMA, the pruning schedule and the global top-k mask (DESIGN.md §2).
+"""Taylor importance scores, their EMA, the pruning schedule and the global top-k mask (docs/perfit.md § Importance
+and the schedule).
 
 Everything here works on plain `{name: tensor}` dicts, so it is reusable outside PEFT and easy to test.
 """

@@ -1,4 +1,4 @@
-"""MoLE: a mixture of LoRA experts as a PEFT method, the adapter of FedAMoLE (DESIGN.md §3, docs/fedamole.md).
+"""MoLE: a mixture of LoRA experts as a PEFT method, the adapter of FedAMoLE (docs/fedamole.md).
 
 Importing this package registers the `"MOLE"` PEFT type, so `peft.PeftModel.from_pretrained(base, folder)` loads a
 saved MoLE adapter.

@@ -1,4 +1,5 @@
-"""Reverse selection-based expert assignment (RSEA, DESIGN.md §3): experts choose clients.
+"""Reverse selection-based expert assignment (RSEA, docs/fedamole.md § Server: RSEA, per module): experts choose
+clients.
 
 For one MoLE module with `E` domain experts and `C` participating clients:
 

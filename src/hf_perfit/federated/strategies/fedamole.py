@@ -1,5 +1,5 @@
 """`fedamole`: FedAMoLE (arXiv 2411.19128) — per-expert aggregation and reverse selection-based expert assignment
-(DESIGN.md §3, docs/fedamole.md)."""
+(docs/fedamole.md § Server: aggregation, § Server: RSEA, per module)."""
 
 from __future__ import annotations
 

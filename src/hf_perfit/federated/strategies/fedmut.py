@@ -1,5 +1,5 @@
 """`fedmut`: FedAvg, then every sampled client starts its round from its own mutated copy of the global adapter
-(FedMut, AAAI 2024; DESIGN.md §4, docs/fedmut.md)."""
+(FedMut, AAAI 2024; docs/fedmut.md § FedMut)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`fedqp`: FedMut whose mutations are projected so that they never point against the last global update
-(FedQP, SEKE 2024; DESIGN.md §4, docs/fedmut.md)."""
+(FedQP, SEKE 2024; docs/fedmut.md § FedQP)."""
 
 from __future__ import annotations
 

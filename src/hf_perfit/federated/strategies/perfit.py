@@ -1,4 +1,4 @@
-"""`perfit`: personalized parameter-wise aggregation over the clients' element masks (DESIGN.md §2)."""
+"""`perfit`: personalized parameter-wise aggregation over the clients' element masks (docs/perfit.md)."""
 
 from __future__ import annotations
 
