@@ -2,8 +2,8 @@
 
 PerFIT (docs/perfit.md, § A PerFIT adapter is a plain rank-R LoRA plus masks) gives every client a LoRA of rank
 `R = expansion_factor * r`, initialises it symmetrically so that Taylor importance is measurable, then prunes it back
-to the trainable budget of a rank-`r` LoRA. At run time the adapter *is* a plain PEFT LoRA of rank `R` whose scale stays
-`lora_alpha / r`; [`PerFITLoraConfig.to_lora_config`] gives that plain config (`r = R`,
+to the trainable budget of a rank-`r` LoRA. At run time the adapter *is* a plain PEFT LoRA of rank `R` whose scale
+stays `lora_alpha / r`; [`PerFITLoraConfig.to_lora_config`] gives that plain config (`r = R`,
 `lora_alpha = lora_alpha * expansion_factor`), which is also what an exported adapter records, so plain
 `peft.PeftModel.from_pretrained` reproduces the same scale.
 """

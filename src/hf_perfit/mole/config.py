@@ -1,9 +1,9 @@
 """`MoLEConfig`: the PEFT configuration of a mixture of LoRA experts (MoLE) adapter, as used by FedAMoLE.
 
 Per target module (docs/fedamole.md § The MoLE adapter is a PEFT method): one shared expert `(A₀, B₀)` that is
-always on, a pool of `num_experts` domain experts `(A_j, B_j)` of rank `r`, and a token projection `P ∈ R^{r×d_in}`. The router scores the experts an adapter
-*holds* (a client's assigned experts) with `z_j(x) = (A_j x)ᵀ(P x)/√r`, keeps the `top_k` and renormalizes their
-softmax weights:
+always on, a pool of `num_experts` domain experts `(A_j, B_j)` of rank `r`, and a token projection `P ∈ R^{r×d_in}`.
+The router scores the experts an adapter *holds* (a client's assigned experts) with `z_j(x) = (A_j x)ᵀ(P x)/√r`, keeps
+the `top_k` and renormalizes their softmax weights:
 
     h = W₀x + s·B₀A₀x + Σ_{j ∈ top-k} p̃_j(x) · s·B_jA_jx,        s = lora_alpha / r
 
