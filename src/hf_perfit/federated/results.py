@@ -76,7 +76,7 @@ def comparison_table(run_dirs: list[str | os.PathLike]) -> str:
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 """The files plain PEFT needs; pushed exactly as the run wrote them."""
 PERFIT_FILES = ("perfit_config.json", "perfit_masks.safetensors")
-"""PerFIT's extras (ignored by PEFT), pushed for `perfit` runs so `PerFITModel.from_pretrained` can continue training."""
+"""PerFIT's extras (ignored by PEFT): `perfit push` publishes them so `PerFITModel.from_pretrained` can continue."""
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """What `perfit federate` writes (`client_0`, category names slugged): one path component, usable in a repo name."""
 COMPARABLE_KEYS = tuple(
