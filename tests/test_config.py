@@ -2,6 +2,8 @@
 
 import peft
 import pytest
+import trl
+from datasets import Dataset
 from peft import LoraConfig
 
 from hf_perfit import PerFITLoraConfig, get_perfit_model
@@ -67,14 +69,21 @@ def test_dict_round_trip_keeps_every_field():
 
 
 @pytest.mark.parametrize("init", ["symmetric", True])
-@pytest.mark.parametrize("entry", ["get_peft_model", "PeftModel", "inject_adapter_in_model"])
-def test_peft_constructors_refuse_a_perfit_config_and_name_get_perfit_model(llama, entry, init):
+@pytest.mark.parametrize("entry", ["get_peft_model", "PeftModel", "inject_adapter_in_model", "SFTTrainer"])
+def test_peft_constructors_refuse_a_perfit_config_and_name_get_perfit_model(llama, tokenizer, tmp_path, entry, init):
     # "symmetric" would fail inside PEFT ("Unknown initialization"); True would silently build an unexpanded LoRA
     config = PerFITLoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
     build = {
         "get_peft_model": lambda: peft.get_peft_model(llama, config),
         "PeftModel": lambda: peft.PeftModel(llama, config),
         "inject_adapter_in_model": lambda: peft.inject_adapter_in_model(config, llama),
+        "SFTTrainer": lambda: trl.SFTTrainer(
+            model=llama,
+            args=trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, use_cpu=True, bf16=False, report_to="none"),
+            train_dataset=Dataset.from_list([{"prompt": "a", "completion": "b"}] * 2),
+            processing_class=tokenizer,
+            peft_config=config,
+        ),
     }[entry]
     with pytest.raises(ValueError, match=r"hf_perfit\.get_perfit_model\(base_model, config\)"):
         build()
