@@ -52,7 +52,7 @@ def _dataset(rows_per_category: int):
     return Dataset.from_list(rows)
 
 
-def child(clients: int, fraction: float) -> None:
+def child(clients: int, fraction: float, device: str) -> None:
     """One configuration in this process: a warm-up, a 1-round and a 4-round run; prints JSON."""
     warnings.filterwarnings("ignore")
     os.environ["TQDM_DISABLE"] = "1"
@@ -63,7 +63,8 @@ def child(clients: int, fraction: float) -> None:
     from hf_perfit.federated import FederatedConfig, FederatedSimulation
     from tests.conftest import build_tokenizer, tiny_llama
 
-    torch.set_num_threads(2)
+    if device == "cpu":
+        torch.set_num_threads(2)
     ds = _dataset(rows_per_category=max(40, 3 * clients))
     parts = partition_dataset(ds, clients, method="dirichlet", alpha=0.5, seed=0, test_fraction=0.2)
     tok = build_tokenizer()
@@ -86,7 +87,7 @@ def child(clients: int, fraction: float) -> None:
                 output_dir=f"{tmp}/run",
             )
             t0 = time.perf_counter()
-            FederatedSimulation(cfg, model=tiny_llama(), tokenizer=tok, clients=cl).run()
+            FederatedSimulation(cfg, model=tiny_llama().to(device), tokenizer=tok, clients=cl).run()
             return time.perf_counter() - t0
 
     run(1, parts[:1], 1.0)  # imports, first trainer, allocator warm-up
@@ -98,6 +99,7 @@ def child(clients: int, fraction: float) -> None:
             {
                 "clients": clients,
                 "fraction": fraction,
+                "device": device,
                 "sampled": sampled,
                 "wall_1": one,
                 "wall_4": four,
@@ -108,10 +110,14 @@ def child(clients: int, fraction: float) -> None:
     )
 
 
-def measure(src: Path, clients: int, fraction: float) -> dict:
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": f"{src}:{REPO_ROOT}"}
+def measure(src: Path, clients: int, fraction: float, device: str) -> dict:
+    env = {
+        **os.environ,
+        "TQDM_DISABLE": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(src), str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", str(clients), str(fraction)],
+        [sys.executable, __file__, "--child", str(clients), str(fraction), device],
         capture_output=True,
         text=True,
         env=env,
@@ -122,12 +128,13 @@ def measure(src: Path, clients: int, fraction: float) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def render(rows: list[tuple[str, dict]]) -> str:
+def render(rows: list[tuple[str, dict]], device: str) -> str:
+    where = "fp32 on 2 CPU threads" if device == "cpu" else f"the model on {device} (`bf16: auto`)"
     lines = [SECTION, "", "Command:", "", "```bash", command_line(), "```", "", "Machine:", "", machine_lines()]
     lines += [
         f"Tiny random Llama (2 layers, hidden 16), synthetic rows in {CATEGORIES} categories split with "
         f"`partition=dirichlet` (alpha 0.5), FedIT, {LOCAL_STEPS} local steps of batch 2, max_length 64, "
-        f"{EVAL_EXAMPLES} test examples per client, fp32 on 2 CPU threads. Marginal = (wall of a 4-round run - wall "
+        f"{EVAL_EXAMPLES} test examples per client, {where}. Marginal = (wall of a 4-round run - wall "
         "of a 1-round run) / 3 rounds, all included (training, evaluation, state, checkpoint, metrics).",
         "",
         "| code | clients | sampled per round | 1-round run (s) | 4-round run (s) | marginal round (s) "
@@ -152,10 +159,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline-label", default="main")
     p.add_argument("--skip-sampling", action="store_true", help="only the 16-client run")
     p.add_argument("--no-write", action="store_true")
-    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu", help="where the tiny model runs (cpu: 2 threads; cuda: bf16 auto)")
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        child(int(args.child[0]), float(args.child[1]))
+        child(int(args.child[0]), float(args.child[1]), args.child[2])
         return
     configs = [(16, 1.0)] + ([] if args.skip_sampling else [(64, 0.1)])
     sources = [(args.baseline_label, args.baseline_src)] if args.baseline_src else []
@@ -163,10 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for label, src in sources:
         for clients, fraction in configs:
-            m = measure(src, clients, fraction)
+            m = measure(src, clients, fraction, args.device)
             print(label, json.dumps(m), flush=True)
             rows.append((label, m))
-    section = render(rows)
+    section = render(rows, args.device)
     print(section)
     if not args.no_write:
         update_doc(DOC_PATH, SECTION, section)

@@ -23,6 +23,12 @@ from .conftest import build_tokenizer, tiny_llama
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _pythonpath() -> str:
+    """The repo's src/ first, then whatever PYTHONPATH the tests run with (packages come through it on some
+    machines, so replacing it would lose them)."""
+    return os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny Llama + tokenizer saved like a Hub checkpoint, and a 3-category instruction file."""
@@ -127,7 +133,7 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path, assets, ca
     killed = tmp_path / "killed"
     config = _config(assets, killed)
     ready = tmp_path / "ready"
-    env = {**os.environ, "HANG_AFTER_CALL": "8", "READY_FILE": str(ready), "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "HANG_AFTER_CALL": "8", "READY_FILE": str(ready), "PYTHONPATH": _pythonpath()}
     proc = subprocess.Popen(
         [sys.executable, "-c", _HANG_SCRIPT, "federate", "--config", str(config)],
         env=env,

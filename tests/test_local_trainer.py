@@ -27,6 +27,8 @@ from hf_perfit.model import PerFITModel
 from .conftest import build_tokenizer, tiny_llama
 
 STRATEGIES = ["local", "fedit", "fedprox", "perfit", "fedmut", "fedqp", "fedamole"]
+# the model's device: the CPU everywhere, and CUDA too where a GPU is visible (fp32 there as well, bf16="false")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def fresh_trainer_train_client(model, tokenizer, train_ds, args, proximal_mu=0.0, seed=None):
@@ -95,7 +97,7 @@ def _clients(n=3):
     return out
 
 
-def _cfg(tmp_path, strategy, name):
+def _cfg(tmp_path, strategy, name, **kw):
     extra = {}
     if strategy == "fedamole":
         extra = dict(num_experts=4, clients_per_expert=2, experts_per_client_min=1, experts_per_client_max=4)
@@ -116,36 +118,38 @@ def _cfg(tmp_path, strategy, name):
         output_dir=str(tmp_path / name),
         seed=0,
         **extra,
+        **kw,
     )
 
 
-def _recorded_run(tmp_path, strategy, name, train_fn, monkeypatch):
+def _recorded_run(tmp_path, strategy, name, train_fn, monkeypatch, device="cpu"):
     """Run the simulation with `train_fn` as the local trainer; every client round's metrics and trained adapter."""
     rounds = []
 
     def recording(model, tokenizer, train_ds, args, proximal_mu=0.0, seed=None):
         metrics = train_fn(model, tokenizer, train_ds, args, proximal_mu, seed)
         tensors = {k: v.detach().clone() for k, v in model.get_adapter_state()[0].items()}
-        rounds.append((metrics, tensors, proximal_mu, seed))
+        rounds.append((metrics, tensors, proximal_mu, seed, {p.device.type for p in model.parameters()}))
         return metrics
 
     monkeypatch.setattr(client_mod, "train_client", recording)
-    sim = FederatedSimulation(
-        _cfg(tmp_path, strategy, name), model=tiny_llama(), tokenizer=build_tokenizer(), clients=_clients()
-    )
+    cfg = _cfg(tmp_path, strategy, name, device=device, bf16="false")
+    sim = FederatedSimulation(cfg, model=tiny_llama().to(device), tokenizer=build_tokenizer(), clients=_clients())
     sim.run()
     return rounds
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_reused_trainer_equals_fresh_trainer_every_round(tmp_path, monkeypatch, strategy):
-    fresh = _recorded_run(tmp_path, strategy, "fresh", fresh_trainer_train_client, monkeypatch)
-    reused = _recorded_run(tmp_path, strategy, "reused", train_client, monkeypatch)
+def test_reused_trainer_equals_fresh_trainer_every_round(tmp_path, monkeypatch, strategy, device):
+    fresh = _recorded_run(tmp_path, strategy, "fresh", fresh_trainer_train_client, monkeypatch, device)
+    reused = _recorded_run(tmp_path, strategy, "reused", train_client, monkeypatch, device)
     assert len(fresh) == len(reused) == 6  # 3 clients x 2 rounds
-    assert len({seed for *_, seed in reused}) == 6  # every client round has its own seed
+    assert len({r[3] for r in reused}) == 6  # every client round has its own seed
     if strategy == "fedprox":
-        assert all(mu > 0 for *_, mu, _ in reused)
-    for (m_ref, t_ref, _, _), (m_new, t_new, _, _) in zip(fresh, reused, strict=True):
+        assert all(r[2] > 0 for r in reused)
+    assert all(r[4] == {device} for r in reused)  # trained where the model is, never moved
+    for (m_ref, t_ref, *_), (m_new, t_new, *_) in zip(fresh, reused, strict=True):
         assert m_new["train_loss"] == pytest.approx(m_ref["train_loss"], abs=1e-6)
         assert m_new["steps"] == m_ref["steps"]
         assert t_new.keys() == t_ref.keys()
@@ -199,3 +203,27 @@ def test_raw_or_long_rows_are_prepared_as_trl_would(tokenizer):
     assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-6)
     a, b = ours.get_adapter_state()[0], ref.get_adapter_state()[0]
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_base_trains_and_evaluates_on_its_device(tokenizer, device):
+    """What `load_model` gives with bf16: frozen bf16 weights on the device; training (bf16 autocast where `auto`
+    turns it on, i.e. CUDA with bf16) leaves the adapter fp32, the base bf16, everything where it was, and the plain
+    forward (no autocast wrapper) in place."""
+    from hf_perfit import PerFITLoraConfig, get_perfit_model
+    from hf_perfit.federated.client import evaluate_perplexity, tokenize_for_completion_loss
+
+    rows = [{"prompt": f"Q{i}: say {i}", "completion": f" {i}{i}"} for i in range(8)]
+    ds = tokenize_for_completion_loss(Dataset.from_list(rows), tokenizer, 32)
+    base = tiny_llama().to(device=device, dtype=torch.bfloat16)
+    model = get_perfit_model(base, PerFITLoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], expansion_factor=1))
+    args = LocalTrainingArgs(local_steps=2, per_device_train_batch_size=2, learning_rate=1e-2, bf16=None)
+    before = evaluate_perplexity(model, tokenizer, ds)
+    out = train_client(model, tokenizer, ds, args, seed=0)
+    after = evaluate_perplexity(model, tokenizer, ds)
+    assert torch.isfinite(torch.tensor([out["train_loss"], before["eval_loss"], after["eval_loss"]])).all()
+    assert after["eval_loss"] != before["eval_loss"]  # the adapter trained
+    assert {p.device.type for p in model.parameters()} == {device}
+    assert {p.dtype for p in model.lora_parameters().values()} == {torch.float32}
+    assert base.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+    assert not hasattr(model.forward, "__wrapped__")
