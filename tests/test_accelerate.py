@@ -37,7 +37,10 @@ def _records(run: Path) -> list[dict]:
 def test_two_cpu_processes_match_one(tmp_path, assets):  # noqa: F811
     recipe = str(REPO / "recipes" / "perfit_sft.py")
     one, two = tmp_path / "one", tmp_path / "two"
-    single = _run([sys.executable, recipe, "--config", str(_config(assets, one, num_rounds=2))], tmp_path)
+    # both on the CPU (the launched processes use gloo), so the one-process run must not take a visible GPU
+    single = _run(
+        [sys.executable, recipe, "--config", str(_config(assets, one, num_rounds=2, device="cpu"))], tmp_path
+    )
     launched = _run(
         [
             str(ACCELERATE),
@@ -53,7 +56,7 @@ def test_two_cpu_processes_match_one(tmp_path, assets):  # noqa: F811
             "no",
             recipe,
             "--config",
-            str(_config(assets, two, num_rounds=2)),
+            str(_config(assets, two, num_rounds=2, device="cpu")),
         ],
         tmp_path,
     )

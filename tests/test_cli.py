@@ -125,13 +125,15 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path, assets, capsys):
+    # CPU only: bitwise-equal adapters need deterministic kernels, and CUDA's attention backward accumulates with
+    # atomics (two identical CUDA runs differ in the last bits); the resume logic is the same on every device.
     reference = tmp_path / "reference"
-    assert main(["federate", "--config", str(_config(assets, reference))]) == 0
+    assert main(["federate", "--config", str(_config(assets, reference, device="cpu"))]) == 0
     assert {"perplexity.png", "density.png", "results.md"} <= {p.name for p in reference.iterdir()}
     assert "![perplexity](perplexity.png)" in (reference / "results.md").read_text()
 
     killed = tmp_path / "killed"
-    config = _config(assets, killed)
+    config = _config(assets, killed, device="cpu")
     ready = tmp_path / "ready"
     env = {**os.environ, "HANG_AFTER_CALL": "8", "READY_FILE": str(ready), "PYTHONPATH": _pythonpath()}
     proc = subprocess.Popen(

@@ -83,8 +83,9 @@ def resolve_device(config: FederatedConfig) -> torch.device:
         return torch.device("cpu")
     from ..distributed import process_state
 
-    device = process_state().device
-    return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    device = process_state().device  # cuda:<local rank> under accelerate launch
+    index = device.index if device.type == "cuda" and device.index is not None else torch.cuda.current_device()
+    return torch.device("cuda", index)
 
 
 def resolve_bf16(config: FederatedConfig, device: torch.device) -> bool:
