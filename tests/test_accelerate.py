@@ -26,7 +26,9 @@ def _run(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
         "MASTER_PORT": str(29500 + os.getpid() % 1000),
     }
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the launcher's own traceback ends stderr; a failed worker's comes first, and it names the cause
+    first = proc.stderr.find("Traceback")
+    assert proc.returncode == 0, proc.stderr[max(first, 0) :][:3000] + "\n...\n" + proc.stderr[-1500:]
     return proc
 
 
