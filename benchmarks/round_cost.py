@@ -12,7 +12,9 @@ evaluation set-up.
    should follow the sampled clients, not all 64 (that depends on the coordinator's evaluation policy too).
 
 Each configuration runs in a fresh subprocess (1-round run, then 4-round run, after a 1-client warm-up) with
-`PYTHONPATH` pointing at the sources measured, so the same command times another checkout (`--baseline-src`).
+`PYTHONPATH` pointing at the sources measured, so the same command times another checkout (`--baseline-src`). On the
+CPU torch uses 1 intra-op thread (`--threads`): a hidden-16 model gains nothing from more, and on a loaded 2-core
+machine a second spinning thread made every tiny matmul tens of milliseconds slower, which would hide what is measured.
 
     python benchmarks/round_cost.py --baseline-src /work/main/src     # before/after; writes docs/benchmarks.md
     python benchmarks/round_cost.py --no-write
@@ -52,7 +54,7 @@ def _dataset(rows_per_category: int):
     return Dataset.from_list(rows)
 
 
-def child(clients: int, fraction: float, device: str) -> None:
+def child(clients: int, fraction: float, device: str, threads: int) -> None:
     """One configuration in this process: a warm-up, a 1-round and a 4-round run; prints JSON."""
     warnings.filterwarnings("ignore")
     os.environ["TQDM_DISABLE"] = "1"
@@ -64,7 +66,7 @@ def child(clients: int, fraction: float, device: str) -> None:
     from tests.conftest import build_tokenizer, tiny_llama
 
     if device == "cpu":
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
     ds = _dataset(rows_per_category=max(40, 3 * clients))
     parts = partition_dataset(ds, clients, method="dirichlet", alpha=0.5, seed=0, test_fraction=0.2)
     tok = build_tokenizer()
@@ -100,6 +102,7 @@ def child(clients: int, fraction: float, device: str) -> None:
                 "clients": clients,
                 "fraction": fraction,
                 "device": device,
+                "threads": threads,
                 "sampled": sampled,
                 "wall_1": one,
                 "wall_4": four,
@@ -110,14 +113,14 @@ def child(clients: int, fraction: float, device: str) -> None:
     )
 
 
-def measure(src: Path, clients: int, fraction: float, device: str) -> dict:
+def measure(src: Path, clients: int, fraction: float, device: str, threads: int) -> dict:
     env = {
         **os.environ,
         "TQDM_DISABLE": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(src), str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
     }
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", str(clients), str(fraction), device],
+        [sys.executable, __file__, "--child", str(clients), str(fraction), device, str(threads)],
         capture_output=True,
         text=True,
         env=env,
@@ -128,8 +131,10 @@ def measure(src: Path, clients: int, fraction: float, device: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def render(rows: list[tuple[str, dict]], device: str) -> str:
-    where = "fp32 on 2 CPU threads" if device == "cpu" else f"the model on {device} (`bf16: auto`)"
+def render(rows: list[tuple[str, dict]], device: str, threads: int) -> str:
+    where = (
+        f"fp32 on the CPU, {threads} torch thread(s)" if device == "cpu" else f"the model on {device} (`bf16: auto`)"
+    )
     lines = [SECTION, "", "Command:", "", "```bash", command_line(), "```", "", "Machine:", "", machine_lines()]
     lines += [
         f"Tiny random Llama (2 layers, hidden 16), synthetic rows in {CATEGORIES} categories split with "
@@ -168,10 +173,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline-skip-sampling", action="store_true", help="only the 16-client run of the baseline")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--device", default="cpu", help="where the tiny model runs (cpu: 2 threads; cuda: bf16 auto)")
-    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads on CPU (1: a hidden-16 model gains nothing from more, and on a shared 2-core "
+        "machine a second spinning thread costs more than it gives)",
+    )
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        child(int(args.child[0]), float(args.child[1]), args.child[2])
+        child(int(args.child[0]), float(args.child[1]), args.child[2], int(args.child[3]))
         return
     configs = [(16, 1.0)] + ([] if args.skip_sampling else [(64, 0.1)])
     sources = [(args.baseline_label, args.baseline_src)] if args.baseline_src else []
@@ -179,10 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for label, src in sources:
         for clients, fraction in configs[:1] if src == args.baseline_src and args.baseline_skip_sampling else configs:
-            m = measure(src, clients, fraction, args.device)
+            m = measure(src, clients, fraction, args.device, args.threads)
             print(label, json.dumps(m), flush=True)
             rows.append((label, m))
-    section = render(rows, args.device)
+    section = render(rows, args.device, args.threads)
     print(section)
     if not args.no_write:
         update_doc(DOC_PATH, SECTION, section)
