@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from .test_cli import _config, assets  # noqa: F401  (the module-scoped fixture with a saved tiny model and data)
+from .test_cli import _config, _pythonpath, assets  # noqa: F401  (the module-scoped fixture with a saved tiny model and data)
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -22,11 +22,13 @@ def _run(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "TQDM_DISABLE": "1",
-        "PYTHONPATH": str(REPO / "src"),
+        "PYTHONPATH": _pythonpath(),
         "MASTER_PORT": str(29500 + os.getpid() % 1000),
     }
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the launcher's own traceback ends stderr; a failed worker's comes first, and it names the cause
+    first = proc.stderr.find("Traceback")
+    assert proc.returncode == 0, proc.stderr[max(first, 0) :][:3000] + "\n...\n" + proc.stderr[-1500:]
     return proc
 
 
@@ -37,7 +39,10 @@ def _records(run: Path) -> list[dict]:
 def test_two_cpu_processes_match_one(tmp_path, assets):  # noqa: F811
     recipe = str(REPO / "recipes" / "perfit_sft.py")
     one, two = tmp_path / "one", tmp_path / "two"
-    single = _run([sys.executable, recipe, "--config", str(_config(assets, one, num_rounds=2))], tmp_path)
+    # both on the CPU (the launched processes use gloo), so the one-process run must not take a visible GPU
+    single = _run(
+        [sys.executable, recipe, "--config", str(_config(assets, one, num_rounds=2, device="cpu"))], tmp_path
+    )
     launched = _run(
         [
             str(ACCELERATE),
@@ -53,7 +58,7 @@ def test_two_cpu_processes_match_one(tmp_path, assets):  # noqa: F811
             "no",
             recipe,
             "--config",
-            str(_config(assets, two, num_rounds=2)),
+            str(_config(assets, two, num_rounds=2, device="cpu")),
         ],
         tmp_path,
     )

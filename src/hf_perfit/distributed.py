@@ -23,10 +23,14 @@ logger = logging.getLogger(__name__)
 
 
 def process_state():
-    """accelerate's `PartialState`, on CPU when no CUDA device exists (so several processes use gloo)."""
+    """accelerate's `PartialState`, on CPU when no CUDA device exists or `accelerate launch --cpu` asked for it (so
+    several processes use gloo)."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    # `accelerate launch --cpu` (ACCELERATE_USE_CPU) on a machine with a GPU: N processes on one GPU would all ask
+    # for cuda:<rank> under NCCL; they must use gloo on the CPU as asked
+    return PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def _launcher_num_processes(pid: int) -> int | None:

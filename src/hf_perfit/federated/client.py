@@ -8,8 +8,11 @@ pruned, so the mask code is skipped).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
+import weakref
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +43,9 @@ class LocalTrainingArgs:
     eval_batch_size: int = 8
     seed: int = 0
     gradient_checkpointing: bool = False
+    bf16: bool | None = False
+    """bf16 autocast (mixed precision; the adapter stays fp32) in training; `None`: on when the model is on a CUDA
+    device that supports bf16 (`bf16: auto`). fp32 is the reference."""
 
 
 def tokenize_for_completion_loss(ds: datasets.Dataset, tokenizer: Any, max_length: int) -> datasets.Dataset:
@@ -74,9 +80,13 @@ class _ProximalSFTTrainer(SFTTrainer):
 
     def __init__(self, *args: Any, model: PerFITModel, proximal_mu: float, **kwargs: Any) -> None:
         super().__init__(*args, model=model, **kwargs)
+        self.set_anchor(proximal_mu)
+
+    def set_anchor(self, proximal_mu: float) -> None:
+        """Take the adapter the model holds now as θ_global (what the server sent) and set `mu`; called at the
+        start of every client round."""
         self.proximal_mu = proximal_mu
-        self._params = model.lora_parameters()
-        # θ_global: the adapter the client starts the round from (what the server sent)
+        self._params = self.model.lora_parameters()
         self._anchor = {k: p.detach().clone() for k, p in self._params.items()}
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
@@ -107,6 +117,177 @@ class _AuxLossSFTTrainer(SFTTrainer):
         return out + aux / steps
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: a CUDA device of compute capability 8.0+ (Ampere and newer)."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def _sft_config(
+    args: LocalTrainingArgs, output_dir: str, seed: int, processes: int, device: torch.device
+) -> SFTConfig:
+    """The `SFTConfig` of one client round on `device` (the same for every round of a run except `seed`/`data_seed`)."""
+    return SFTConfig(
+        output_dir=output_dir,
+        max_steps=args.local_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        max_length=args.max_length,
+        # fp32 is the reference (TRL defaults to bf16); `bf16=True` is autocast mixed precision (the adapter stays
+        # fp32), turned on by `bf16: auto` on GPUs that support it.
+        bf16=bf16_supported(device) if args.bf16 is None else args.bf16,
+        # TRL defaults to activation checkpointing: a second forward per step (~30% more compute) to save
+        # activation memory that a 135M model on 2 cores does not need. Opt in for big models.
+        gradient_checkpointing=args.gradient_checkpointing,
+        # train where the model is: `load_model` places it (`device: auto|cpu|cuda`), the Trainer never moves it
+        use_cpu=device.type == "cpu",
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        # The client data is tokenized and truncated once per run (`tokenize_for_completion_loss`): TRL's own
+        # preparation (a truncation map and an empty-label filter, ~0.1 s per client round) would change nothing.
+        dataset_kwargs={"skip_prepare_dataset": True},
+        # With N processes each batch is split N ways (data-parallel), so the optimizer sees the same examples
+        # per step as a one-process run and the results agree within floating-point tolerance.
+        accelerator_config={"split_batches": processes > 1},
+    )
+
+
+def _is_prepared(ds: datasets.Dataset, max_length: int) -> bool:
+    """Whether `ds` is what TRL's dataset preparation would leave unchanged: `input_ids` and `labels`, no row longer
+    than `max_length`, no row without a completion token."""
+    if not {"input_ids", "labels"} <= set(ds.column_names):
+        return False
+    labels = ds["labels"]
+    return all(len(x) <= max_length for x in ds["input_ids"]) and all(
+        any(t != IGNORE_INDEX for t in y) for y in labels
+    )
+
+
+class _LocalTrainer:
+    """One TRL `SFTTrainer` reused for every client round of a run on one model.
+
+    Building an `SFTTrainer` (its `SFTConfig`, accelerator, fused LM head, callbacks) cost ~1 s per client round on 2
+    CPU cores, far more than the few local steps it then runs. Every round here only swaps what a freshly built trainer
+    would see differently: the training set, `seed`/`data_seed` (global RNGs seeded by `set_seed` exactly as the
+    Trainer's constructor does, the data order from the accelerator's seedable sampler), and a new optimizer,
+    scheduler, `TrainerState` and control. `tests/test_local_trainer.py` checks that losses and adapters equal those
+    of a fresh `SFTTrainer` per round for every strategy.
+    """
+
+    def __init__(self, model: PerFITModel, tokenizer: Any, args: LocalTrainingArgs, kind: str, processes: int):
+        self._tmp = tempfile.TemporaryDirectory(prefix="hf_perfit_trainer_")  # nothing is written (save: no)
+        self.processes = processes
+        self.args = args
+        self._prepared: dict[str, datasets.Dataset | None] = {}  # by fingerprint; None: used as is
+        sft_args = _sft_config(args, self._tmp.name, args.seed, processes, _model_device(model))
+        # the constructor needs a training set; a one-row placeholder is swapped for the client's set every round
+        placeholder = datasets.Dataset.from_dict({"input_ids": [[0]], "labels": [[0]]})
+        common = dict(
+            model=model,
+            args=sft_args,
+            train_dataset=placeholder,
+            processing_class=tokenizer,
+            callbacks=[PerFITPruningCallback()] if isinstance(model, PerFITModel) else [],
+        )
+        if kind == "proximal":
+            self.trainer: SFTTrainer = _ProximalSFTTrainer(**common, proximal_mu=0.0)
+        elif kind == "aux":
+            self.trainer = _AuxLossSFTTrainer(**common)
+        else:
+            self.trainer = SFTTrainer(**common)
+        # The coordinator shows one progress bar over rounds and clients; the Trainer's per-step log lines would
+        # drown it (the losses still reach `log_history`).
+        self.trainer.remove_callback(PrinterCallback)
+        self.trainer.remove_callback(ProgressCallback)
+        _keep_device_cache(self.trainer.accelerator)
+
+    def _dataset(self, ds: datasets.Dataset) -> datasets.Dataset:
+        """`ds` as TRL would prepare it: itself when already tokenized and truncated (checked once per dataset), else
+        through TRL's own preparation (raw prompt/completion rows, rows longer than `max_length`)."""
+        key = ds._fingerprint
+        if key not in self._prepared:
+            if _is_prepared(ds, self.args.max_length):
+                self._prepared[key] = None
+            else:
+                t = self.trainer
+                t.completion_only_loss = {"prompt", "completion"} <= set(ds.column_names)  # as TRL decides it
+                self._prepared[key] = t._prepare_dataset(ds, t.processing_class, t.args, False, None, "train")
+        prepared = self._prepared[key]
+        return ds if prepared is None else prepared
+
+    def train(self, train_ds: datasets.Dataset, seed: int, proximal_mu: float) -> list[float]:
+        """One client round from the adapter the model holds: `args.local_steps` optimizer steps; returns the
+        logged per-step losses."""
+        from transformers import TrainerControl
+        from transformers.trainer_utils import set_seed
+
+        t = self.trainer
+        t.train_dataset = self._dataset(train_ds)
+        t.args.seed = t.args.data_seed = seed
+        t.accelerator.dataloader_config.data_seed = seed  # the seedable sampler's seed, read when preparing
+        t.optimizer, t.lr_scheduler = None, None  # a fresh AdamW (empty moments) and scheduler every round
+        t.control = TrainerControl()
+        t._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        t._total_train_tokens = 0
+        if isinstance(t, _ProximalSFTTrainer):
+            t.set_anchor(proximal_mu)
+        set_seed(seed)  # what `SFTTrainer.__init__` and `Trainer.__init__` do before anything random
+        result = t.train()
+        losses = [h["loss"] for h in t.state.log_history if "loss" in h]
+        return losses or [float(result.training_loss)]
+
+
+def _keep_device_cache(accelerator: Any) -> None:
+    """Make `accelerator.free_memory()`, which `Trainer.train` calls at its start, drop the previous round's
+    references only. accelerate's version also runs `gc.collect()` (0.1-1.7 s per call in a process that holds torch,
+    transformers and TRL, the larger figure on a loaded 2-core machine) and `torch.cuda.empty_cache()` (the next
+    round then allocates its memory from CUDA again); neither changes a number, both are a fixed cost per round."""
+    if getattr(accelerator, "deepspeed_engine_wrapped", None) is not None:
+        return  # DeepSpeed's engine needs accelerate's own teardown
+
+    def free_memory(*objects: Any) -> list[None]:
+        for name in ("_schedulers", "_optimizers", "_models", "_dataloaders"):
+            setattr(accelerator, name, [])
+        accelerator.step = 0
+        return [None] * len(objects)
+
+    accelerator.free_memory = free_memory
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+_TRAINERS_ATTR = "_hf_perfit_local_trainers"
+
+
+def _local_trainer(model: PerFITModel, tokenizer: Any, args: LocalTrainingArgs, kind: str, processes: int):
+    """The model's cached [`_LocalTrainer`] for these settings (built on first use). The cache lives on the model, so
+    it goes away with it; every setting but the seed is part of the key."""
+    cache = model.__dict__.setdefault(_TRAINERS_ATTR, {})
+    settings = {k: v for k, v in dataclasses.asdict(args).items() if k != "seed"}
+    key = (kind, id(tokenizer), processes, str(_model_device(model)), tuple(sorted(settings.items())))
+    if key not in cache:
+        bars_were_on = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+        try:
+            cache[key] = _LocalTrainer(model, tokenizer, args, kind, processes)
+        finally:
+            if bars_were_on:
+                datasets.enable_progress_bars()
+    return cache[key]
+
+
 def train_client(
     model: PerFITModel,
     tokenizer: Any,
@@ -118,6 +299,10 @@ def train_client(
     """Run `args.local_steps` optimizer steps of completion-only SFT on a tokenized dataset, from whatever adapter
     state `model` holds. PerFIT's search runs inside through [`PerFITPruningCallback`]. FedProx's proximal term pulls
     toward the adapter the client started from (the global model it received).
+
+    One TRL `SFTTrainer` per model and settings is built on the first call and reused by the later ones (a new
+    optimizer, scheduler, seed and training set each call): the results equal those of a fresh trainer per call.
+    Training runs on the model's device; `args.bf16` turns on bf16 autocast.
 
     Returns:
         `dict` with `train_loss` (mean over the round's logged steps) and `steps`.
@@ -133,66 +318,19 @@ def train_client(
             f"{processes} processes: under accelerate each client batch is split across the processes; choose a "
             "multiple of the process count."
         )
+    if proximal_mu > 0:
+        kind = "proximal"
+    elif hasattr(model, "auxiliary_loss"):  # FedAMoLE's MoLEModel: its balance loss
+        kind = "aux"
+    else:
+        kind = "plain"
+    local = _local_trainer(model, tokenizer, args, kind, processes)
     model.train()
-    with tempfile.TemporaryDirectory() as tmp:
-        sft_args = SFTConfig(
-            output_dir=tmp,
-            max_steps=args.local_steps,
-            per_device_train_batch_size=args.per_device_train_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            learning_rate=args.learning_rate,
-            weight_decay=args.weight_decay,
-            max_grad_norm=args.max_grad_norm,
-            lr_scheduler_type="constant",
-            optim="adamw_torch",
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            max_length=args.max_length,
-            bf16=False,  # fp32 reference; TRL defaults to bf16
-            # TRL defaults to activation checkpointing: a second forward per step (~30% more compute) to save
-            # activation memory that a 135M model on 2 cores does not need. Opt in for big models.
-            gradient_checkpointing=args.gradient_checkpointing,
-            use_cpu=not torch.cuda.is_available(),
-            seed=args.seed if seed is None else seed,
-            data_seed=args.seed if seed is None else seed,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-            remove_unused_columns=False,
-            # With N processes each batch is split N ways (data-parallel), so the optimizer sees the same examples
-            # per step as a one-process run and the results agree within floating-point tolerance.
-            accelerator_config={"split_batches": processes > 1},
-        )
-        common = dict(
-            model=model,
-            args=sft_args,
-            train_dataset=train_ds,
-            processing_class=tokenizer,
-            callbacks=[PerFITPruningCallback()] if isinstance(model, PerFITModel) else [],
-        )
-        bars_were_on = datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()  # TRL's per-round truncation/filter bars; the coordinator has its own bar
-        try:
-            if proximal_mu > 0:
-                trainer = _ProximalSFTTrainer(**common, proximal_mu=proximal_mu)
-            elif hasattr(model, "auxiliary_loss"):  # FedAMoLE's MoLEModel: its balance loss
-                trainer = _AuxLossSFTTrainer(**common)
-            else:
-                trainer = SFTTrainer(**common)
-        finally:
-            if bars_were_on:
-                datasets.enable_progress_bars()
-        # The coordinator shows one progress bar over rounds and clients; the Trainer's per-step log lines would
-        # drown it (the losses still reach `log_history`).
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
-        result = trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    model.eval()
-    return {
-        "train_loss": float(sum(losses) / len(losses)) if losses else float(result.training_loss),
-        "steps": args.local_steps,
-    }
+    try:
+        losses = local.train(train_ds, args.seed if seed is None else seed, proximal_mu)
+    finally:
+        model.eval()
+    return {"train_loss": float(sum(losses) / len(losses)), "steps": args.local_steps}
 
 
 AdapterState = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]
@@ -280,12 +418,48 @@ def client_update(
     )
 
 
+_EVAL_BATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Padded evaluation batches per test set (freed with the dataset), keyed further by batch size, pad id, device."""
+
+
+def _eval_batches(
+    test_ds: datasets.Dataset, batch_size: int, pad: int, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """`(input_ids, attention_mask, shifted labels, scored tokens)` of every batch of `test_ds`, built once and kept
+    on `device`.
+
+    Batches of similar length: every row is padded to its batch's longest and the forward's cost grows with the padded
+    width (the demo's test splits, 16 rows per client in batches of 8: 11,143 padded tokens instead of 12,101)."""
+    per_ds = _EVAL_BATCHES.setdefault(test_ds, {})
+    key = (batch_size, pad, str(device))
+    if key not in per_ds:
+        columns = test_ds.select_columns(["input_ids", "labels"])[:]  # one columnar read instead of one per row
+        all_ids, all_labels = columns["input_ids"], columns["labels"]
+        order = sorted(range(len(all_ids)), key=lambda i: len(all_ids[i]))
+        batches = []
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            width = max(len(all_ids[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            labels = torch.full_like(ids, IGNORE_INDEX)
+            attn = torch.zeros_like(ids)
+            for j, i in enumerate(rows):
+                x, y = all_ids[i], all_labels[i]
+                ids[j, : len(x)], labels[j, : len(y)], attn[j, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+            shifted = labels[:, 1:].contiguous()
+            scored = int((shifted != IGNORE_INDEX).sum())
+            batches.append((ids.to(device), attn.to(device), shifted.to(device), scored))
+        per_ds[key] = batches
+    return per_ds[key]
+
+
 @torch.no_grad()
 def evaluate_perplexity(
     model: torch.nn.Module, tokenizer: Any, test_ds: datasets.Dataset, batch_size: int = 8
 ) -> dict:
     """Personalized perplexity: `exp` of the mean response-token loss (token-weighted over the whole split; prompt
-    tokens excluded) on a tokenized test split.
+    tokens excluded) on a tokenized test split. Runs on the model's device; the padded batches of a test set are
+    built on the first call and reused by later ones (every round evaluates the same split).
 
     Returns:
         `dict` with `eval_loss`, `perplexity` and `eval_tokens`.
@@ -296,29 +470,20 @@ def evaluate_perplexity(
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total_nll, total_tokens = 0.0, 0
-    # Batches of similar length: every row is padded to its batch's longest and the forward's cost grows with the
-    # padded width (the demo's test splits, 16 rows per client in batches of 8: 11,143 padded tokens instead of 12,101).
-    order = sorted(range(len(test_ds)), key=lambda i: len(test_ds[i]["input_ids"]))
-    for start in range(0, len(order), batch_size):
-        rows = test_ds[order[start : start + batch_size]]
-        width = max(len(x) for x in rows["input_ids"])
-        ids = torch.full((len(rows["input_ids"]), width), pad, dtype=torch.long)
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        attn = torch.zeros_like(ids)
-        for i, (x, y) in enumerate(zip(rows["input_ids"], rows["labels"], strict=True)):
-            ids[i, : len(x)], labels[i, : len(y)], attn[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
+    total_nll = torch.zeros((), dtype=torch.float64, device=device)
+    total_tokens = 0
+    for ids, attn, shift_labels, scored in _eval_batches(test_ds, batch_size, pad, device):
+        logits = model(input_ids=ids, attention_mask=attn).logits.float()
+        shift_logits = logits[:, :-1]
         nll = torch.nn.functional.cross_entropy(
             shift_logits.reshape(-1, shift_logits.shape[-1]),
             shift_labels.reshape(-1),
             ignore_index=IGNORE_INDEX,
             reduction="sum",
         )
-        total_nll += float(nll)
-        total_tokens += int((shift_labels != IGNORE_INDEX).sum())
+        total_nll += nll.double()  # summed on the device: one host sync per evaluation, not per batch
+        total_tokens += scored
     if was_training:
         model.train()
-    loss = total_nll / max(total_tokens, 1)
+    loss = float(total_nll) / max(total_tokens, 1)
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": total_tokens}

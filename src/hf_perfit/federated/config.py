@@ -29,6 +29,8 @@ class FederatedConfig:
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False  # trade compute for activation memory (large models)
+    device: str = "auto"  # where the base model lives for the whole run: auto (CUDA when visible), cpu, cuda
+    bf16: str = "auto"  # bf16 base weights + autocast: auto (on for CUDA with bf16 support), true, false
     max_length: int = 512
     output_dir: str = "outputs/federated"
     seed: int = 0
@@ -69,6 +71,7 @@ class FederatedConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1.")
+        self._check_device()
         if not 0.0 < self.fraction_clients <= 1.0:
             raise ValueError(f"fraction_clients={self.fraction_clients} must be in (0, 1].")
         if self.partition not in ("category", "dirichlet", "iid"):
@@ -104,6 +107,15 @@ class FederatedConfig:
                     "push_to_hub=True but HF_HUB_OFFLINE is set: the push at the end would fail. Unset HF_HUB_OFFLINE, "
                     "or drop push_to_hub and push later with `perfit push --run <output_dir> --repo_prefix ...`."
                 )
+
+    def _check_device(self) -> None:
+        """`device` and `bf16` (YAML may give `bf16: true` as a boolean): normalized to lower-case strings."""
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r} is unknown; allowed values: auto, cpu, cuda.")
+        bf16 = str(self.bf16).strip().lower()
+        if bf16 not in ("auto", "true", "false"):
+            raise ValueError(f"bf16={self.bf16!r} is unknown; allowed values: auto, true, false.")
+        self.bf16 = bf16
 
     def _check_fedamole(self) -> None:
         """FedAMoLE's fields: ranges always, and for `strategy=fedamole` that every round's expert assignment exists."""
