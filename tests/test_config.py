@@ -90,3 +90,53 @@ def test_peft_constructors_refuse_a_perfit_config_and_name_get_perfit_model(llam
     assert not any("lora" in name for name, _ in llama.named_modules())  # the base model is left as it was
     model = get_perfit_model(llama, config)  # the way that works, with the same config
     assert model.expanded_size() == 4 * model.trainable_budget()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"eval_batch_size": 0}, "eval_batch_size=0 is not allowed; it must be an integer >= 1."),
+        ({"local_steps": 0}, "local_steps=0 is not allowed; it must be an integer >= 1."),
+        ({"gradient_accumulation_steps": -1}, "gradient_accumulation_steps=-1 is not allowed; it must be an integer"),
+        ({"seed": -1}, "seed=-1 is not allowed; it must be an integer >= 0."),
+        ({"learning_rate": -2e-4}, "learning_rate=-0.0002 is not allowed; it must be a number in (0, inf)."),
+        ({"learning_rate": 0.0}, "learning_rate=0.0 is not allowed; it must be a number in (0, inf)."),
+        ({"learning_rate": float("nan")}, "learning_rate=nan is not allowed"),
+        ({"fraction_clients": 0.0}, "fraction_clients=0.0 is not allowed; it must be a number in (0, 1]."),
+        ({"fraction_clients": 1.5}, "fraction_clients=1.5 is not allowed; it must be a number in (0, 1]."),
+        ({"lora_alpha": 0}, "lora_alpha=0 is not allowed; it must be a number in (0, inf)."),
+        ({"proximal_mu": -0.1}, "proximal_mu=-0.1 is not allowed; it must be a number in [0, inf)."),
+        ({"test_fraction": 1.0}, "test_fraction=1.0 is not allowed; it must be a number in [0, 1)."),
+        ({"max_eval_examples": 0}, "max_eval_examples=0 is not allowed; it must be an integer >= 1 or null"),
+        ({"research_every": -1}, "research_every=-1 is not allowed; it must be an integer >= 0."),
+        ({"num_clients": 2, "budget_multipliers": [1.0, -0.5]}, "budget_multipliers[1]=-0.5 is not allowed"),
+        ({"num_clients": 2, "budget_multipliers": [0, 1]}, "budget_multipliers[0]=0 is not allowed"),
+        ({"lora_target_modules": []}, "lora_target_modules=[] must be a non-empty list of module names"),
+        ({"resume": "yes"}, "resume='yes' must be true or false."),
+        ({"importance": "magnitude"}, "importance='magnitude' is not supported"),
+        (
+            {"strategy": "fedamole", "mole_top_k": 9},
+            "mole_top_k=9 but a client holds at most 8 experts (experts_per_client_max=8, num_experts=30), so no "
+            "router could mix 9; set mole_top_k <= 8 or raise experts_per_client_max.",
+        ),
+        (
+            {"strategy": "fedamole", "mole_top_k": 5, "strategy_options": {"experts_per_client_max": 4}},
+            "mole_top_k=5 but a client holds at most 4 experts",
+        ),
+    ],
+)
+def test_federated_config_refuses_out_of_range_values(kwargs, message):
+    """Every numeric field is range-checked when the config is built, i.e. before any model, data or file is touched
+    (an `eval_batch_size` of 0 used to fail only after set-up, with "range() arg 3 must not be zero")."""
+    from hf_perfit.federated.config import FederatedConfig
+
+    with pytest.raises(ValueError) as err:
+        FederatedConfig(**kwargs)
+    assert message in str(err.value)
+
+
+def test_federated_config_accepts_boundaries():
+    from hf_perfit.federated.config import FederatedConfig
+
+    FederatedConfig(fraction_clients=1.0, proximal_mu=0.0, test_fraction=0.0, seed=0, research_every=0)
+    FederatedConfig(strategy="fedamole", mole_top_k=8)  # a client may hold 8 experts: top-8 routing is honoured

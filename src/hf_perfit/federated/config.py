@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,22 +66,45 @@ class FederatedConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field's type and range, and the combinations the run needs, before anything is loaded,
+        trained or written; the first problem found is a `ValueError` naming the field and what to set instead.
+
+        Called by `__post_init__`; call it again after changing fields of an existing config."""
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r} is unknown; allowed values: {sorted(STRATEGIES)}.")
-        for name in ("num_clients", "num_rounds", "local_steps", "max_length", "per_device_train_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1.")
+        for name, minimum in _INT_FIELDS.items():
+            _check_int(name, getattr(self, name), minimum)
         self._check_device()
-        if not 0.0 < self.fraction_clients <= 1.0:
-            raise ValueError(f"fraction_clients={self.fraction_clients} must be in (0, 1].")
+        if self.max_eval_examples is not None:
+            _check_int("max_eval_examples", self.max_eval_examples, 1, "or null for all of them")
+        for name, (low, high, low_open, high_open) in _FLOAT_FIELDS.items():
+            _check_range(name, getattr(self, name), low, high, low_open, high_open)
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false.")
+        targets = self.lora_target_modules
+        if isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(
+                f"lora_target_modules={targets!r} must be a non-empty list of module names, e.g. [q_proj, v_proj]."
+            )
         if self.partition not in ("category", "dirichlet", "iid"):
             raise ValueError(f"partition={self.partition!r} is unknown; allowed values: category, dirichlet, iid.")
-        if self.budget_multipliers is not None and len(self.budget_multipliers) != self.num_clients:
-            raise ValueError(
-                f"budget_multipliers has {len(self.budget_multipliers)} entries for num_clients={self.num_clients}; "
-                "give one per client."
-            )
+        if self.budget_multipliers is not None:
+            if isinstance(self.budget_multipliers, str | bytes) or not hasattr(self.budget_multipliers, "__len__"):
+                raise ValueError(
+                    f"budget_multipliers={self.budget_multipliers!r} must be a list of numbers, one per client."
+                )
+            if len(self.budget_multipliers) != self.num_clients:
+                raise ValueError(
+                    f"budget_multipliers has {len(self.budget_multipliers)} entries for num_clients={self.num_clients}; "
+                    "give one per client."
+                )
+            for index, value in enumerate(self.budget_multipliers):
+                # b_k scales client k's budget r·(d_in + d_out): 0 or less keeps nothing to train (docs/perfit.md)
+                _check_range(f"budget_multipliers[{index}]", value, 0.0, math.inf, True, True)
         if STRATEGIES[self.strategy].uses_masks and self.search_steps > self.local_steps:
             raise ValueError(
                 f"search_steps={self.search_steps} > local_steps={self.local_steps}: PerFIT's search must finish "
@@ -96,6 +120,8 @@ class FederatedConfig:
                 raise ValueError(f"strategy_options={self.strategy_options!r} is not valid JSON: {err}.") from None
         if not isinstance(self.strategy_options, dict):
             raise ValueError(f"strategy_options must be a mapping of option -> value, got {self.strategy_options!r}.")
+        if self.strategy == "fedamole":
+            self._check_mole_top_k()
         if self.push_to_hub:  # checked now, not after hours of training
             if not self.hub_repo_prefix:
                 raise ValueError("push_to_hub=True needs hub_repo_prefix (e.g. 'my-org/perfit-flan8').")
@@ -107,6 +133,7 @@ class FederatedConfig:
                     "push_to_hub=True but HF_HUB_OFFLINE is set: the push at the end would fail. Unset HF_HUB_OFFLINE, "
                     "or drop push_to_hub and push later with `perfit push --run <output_dir> --repo_prefix ...`."
                 )
+        self.adapter_config()  # the adapter's own checks (importance kind, ...) now, not after the data is loaded
 
     def _check_device(self) -> None:
         """`device` and `bf16` (YAML may give `bf16: true` as a boolean): normalized to lower-case strings."""
@@ -140,6 +167,21 @@ class FederatedConfig:
             )
             if error is not None:
                 raise ValueError(f"strategy=fedamole with {sampled} clients per round: {error}")
+
+    def _check_mole_top_k(self) -> None:
+        """The router mixes `mole_top_k` of the experts a client holds, and a client holds at most
+        `experts_per_client_max` (and at most `num_experts`) of them: a larger `mole_top_k` is never honoured for any
+        client. Between `experts_per_client_min` and the max it is, for the clients holding that many (a client holding
+        fewer mixes all of its experts, docs/fedamole.md)."""
+        options = self.resolved_strategy_options()
+        most = min(int(options.get("experts_per_client_max", self.experts_per_client_max)), self.num_experts)
+        if self.mole_top_k > most:
+            raise ValueError(
+                f"mole_top_k={self.mole_top_k} but a client holds at most {most} experts (experts_per_client_max="
+                f"{options.get('experts_per_client_max', self.experts_per_client_max)}, num_experts={self.num_experts})"
+                f", so no router could mix {self.mole_top_k}; set mole_top_k <= {most} or raise "
+                "experts_per_client_max."
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FederatedConfig:
@@ -192,6 +234,59 @@ class FederatedConfig:
             },
         }
         return {**named.get(self.strategy, {}), **self.strategy_options}
+
+
+# Integer fields and their least allowed value: counts and sizes are >= 1 (a 0 batch size or step count only fails
+# deep inside training), `seed` and `research_every` (0 = never search again) are >= 0.
+_INT_FIELDS: dict[str, int] = {
+    "num_clients": 1,
+    "num_rounds": 1,
+    "local_steps": 1,
+    "per_device_train_batch_size": 1,
+    "gradient_accumulation_steps": 1,
+    "max_length": 1,
+    "eval_batch_size": 1,
+    "seed": 0,
+    "lora_r": 1,
+    "expansion_factor": 1,
+    "search_steps": 1,
+    "prune_iterations": 1,
+    "research_every": 0,
+}
+
+# Number fields: (low, high, low excluded, high excluded).
+_FLOAT_FIELDS: dict[str, tuple[float, float, bool, bool]] = {
+    "learning_rate": (0.0, math.inf, True, True),  # 0 trains nothing, < 0 climbs the loss
+    "fraction_clients": (0.0, 1.0, True, False),
+    "lora_alpha": (0.0, math.inf, True, True),  # the LoRA scale alpha / r; 0 switches the adapter off
+    "proximal_mu": (0.0, math.inf, False, True),
+    "dirichlet_alpha": (0.0, math.inf, True, True),
+    "test_fraction": (0.0, 1.0, False, True),  # 0 still holds out one row per client for the personalized test
+}
+
+_BOOL_FIELDS = (
+    "gradient_checkpointing",
+    "trust_remote_code",
+    "push_to_hub",
+    "hub_private",
+    "resume",
+    "overwrite",
+)
+
+
+def _check_int(name: str, value: Any, minimum: int, extra: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        hint = f" {extra}" if extra else ""
+        raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= {minimum}{hint}.")
+
+
+def _check_range(name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name}={value!r} is not allowed; it must be a number in {interval}.")
 
 
 __all__ = ["FederatedConfig"]

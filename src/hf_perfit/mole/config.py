@@ -91,6 +91,8 @@ class MoLEConfig(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1.")
+        if self.top_k > self.num_experts:  # no module can hold more than the pool: top_k would never be honoured
+            raise ValueError(f"top_k={self.top_k} > num_experts={self.num_experts}; set top_k <= num_experts.")
         for name in ("lora_alpha", "balance_loss_coef"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
