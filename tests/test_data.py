@@ -238,6 +238,37 @@ def test_client_folder_empty_client(tmp_path):
         load_client_folder(folder)
 
 
+def test_records_without_output_are_dropped_with_a_counted_warning(tmp_path, caplog):
+    rows = make_rows({"a": 4})
+    del rows[1]["output"]  # the key is absent from this JSON line only
+    rows[3]["output"] = "   "  # blank: nothing to learn either
+    rows[2]["instruction"] = ""  # no prompt at all
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
+    with caplog.at_level("WARNING", logger="hf_perfit.data"):
+        ds = load_instruction_dataset(path)
+    assert ds["instruction"] == ["q0"]
+    assert caplog.messages == [
+        f"{path}: dropped 3 of 4 records: 2 without a response (column 'output' missing, null or empty; first: "
+        "record 1); 1 without an instruction or context (column 'instruction' missing, null or empty; first: "
+        "record 2). They have nothing to train on or score; fill them in or remove them."
+    ]
+
+
+def test_a_file_of_records_without_output_is_refused(tmp_path):
+    rows = [{"instruction": "q", "output": None}, {"instruction": "r", "output": ""}]
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
+    with pytest.raises(ValueError, match=r"none of its 2 records can be used: 2 without a response"):
+        load_instruction_dataset(path)
+
+
+def test_client_left_without_rows_after_the_drop_is_refused(tmp_path):
+    folder = make_client_folder(tmp_path / "fl")
+    rows = json.loads((folder / "local_training_2.json").read_text())
+    (folder / "local_training_2.json").write_text(json.dumps([{**r, "output": None} for r in rows]))
+    with pytest.raises(ValueError, match="local_training_2.json: none of its .* records can be used"):
+        load_client_folder(folder)
+
+
 # ---------------------------------------------------------------------------------------------- partitions
 
 

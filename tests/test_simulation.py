@@ -138,11 +138,15 @@ def test_uploads_carry_only_tensors_counts_and_metrics(tmp_path, monkeypatch):
     assert suffixes <= {".safetensors", ".json", ".jsonl", ".md", ".png"}, suffixes
 
 
-def test_trust_remote_code_stays_off_unless_asked(monkeypatch):
+def test_trust_remote_code_stays_off_unless_asked(monkeypatch, tmp_path):
     import transformers
 
     from hf_perfit.federated.runtime import load_model
 
+    folder = tmp_path / "model"  # passes check_model_path; the loaders below are fakes
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
     seen = []
 
     def fake(path, **kwargs):
@@ -151,8 +155,8 @@ def test_trust_remote_code_stays_off_unless_asked(monkeypatch):
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
-    load_model(FederatedConfig(model_name_or_path="some/model"))
+    load_model(FederatedConfig(model_name_or_path=str(folder)))
     assert [k["trust_remote_code"] for k in seen] == [False, False]
     assert seen[1]["use_safetensors"] is True  # weights from safetensors only, never a pickle checkpoint
-    load_model(FederatedConfig(model_name_or_path="some/model", trust_remote_code=True))
+    load_model(FederatedConfig(model_name_or_path=str(folder), trust_remote_code=True))
     assert [k["trust_remote_code"] for k in seen[2:]] == [True, True]

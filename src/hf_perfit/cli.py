@@ -64,8 +64,46 @@ def federate_parser(prog: str = "perfit federate"):
     return _parser(FederatedConfig, prog)
 
 
+def check_yaml_config(argv: Sequence[str]) -> None:
+    """Read the `--config` file of `argv` (if any) as TrlParser will, and turn a YAML syntax error into a
+    `ValueError` that names the file, line and column and says what is wrong (PyYAML's own exception is a
+    multi-line traceback)."""
+    import yaml
+
+    argv = list(argv)
+    path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+    if path is None:
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            yaml.safe_load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} does not exist; pass --config with the path of a YAML file.")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text ({err}); save it as UTF-8 YAML.") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        context = getattr(err, "context", None)
+        if context:
+            context_mark = getattr(err, "context_mark", None)
+            at = f" (line {context_mark.line + 1}, column {context_mark.column + 1})" if context_mark else ""
+            problem = f"{problem}, {context}{at}"
+        raise ValueError(
+            f"config file {path}{where}: not valid YAML: {problem}. Each line is `key: value`; quote values that "
+            "hold ':' or '#', close every [ ] and { }, and indent nested values consistently with spaces."
+        ) from None
+
+
 def parse_federate_args(argv: Sequence[str]):
     """Parse `perfit federate` arguments into a `FederatedConfig` (YAML from `--config`, then flags)."""
+    check_yaml_config(argv)
     (config,) = federate_parser().parse_args_and_config(list(argv))
     return config
 
@@ -85,6 +123,7 @@ def federate(argv: Sequence[str]) -> int:
 def push(argv: Sequence[str]) -> int:
     from .hub import PushConfig, push_main
 
+    check_yaml_config(argv)
     (config,) = _parser(PushConfig, "perfit push").parse_args_and_config(list(argv))
     return int(push_main(config) or 0)
 

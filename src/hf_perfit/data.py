@@ -32,6 +32,7 @@ shuffled even split) and are deterministic for a seed. Revisit once a `flwr-data
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -41,6 +42,8 @@ from typing import Any
 
 import datasets
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CANONICAL_COLUMNS",
@@ -194,7 +197,51 @@ def normalize_columns(
             out[canonical] = ["" if v is None else str(v) for v in values]
         return out
 
-    return ds.map(_normalize, batched=True, remove_columns=ds.column_names, features=features, desc="Normalizing")
+    out = ds.map(_normalize, batched=True, remove_columns=ds.column_names, features=features, desc="Normalizing")
+    return _drop_incomplete_records(out, mapping, source)
+
+
+def _drop_incomplete_records(ds: datasets.Dataset, mapping: Mapping[str, str], source: str) -> datasets.Dataset:
+    """Drop the records that cannot be trained on or scored, with a warning that counts them.
+
+    A record without a response (the mapped column missing, null or blank) has no completion tokens to learn or to
+    score; one without an instruction and without a context has no prompt. Both are dropped, and the warning names
+    the source, the counts, the reason and the first offending record (0-based, in file order), so a damaged row
+    is never trained on silently. A source with no record left is a `ValueError`.
+    """
+    no_response, no_prompt = [], []
+    for i, (instruction, context, response) in enumerate(zip(ds["instruction"], ds["context"], ds["response"])):
+        if not response.strip():
+            no_response.append(i)
+        elif not instruction.strip() and not context.strip():
+            no_prompt.append(i)
+    if not no_response and not no_prompt:
+        return ds
+    reasons = []
+    if no_response:
+        reasons.append(
+            f"{len(no_response)} without a response (column {mapping['response']!r} missing, null or empty; first: "
+            f"record {no_response[0]})"
+        )
+    if no_prompt:
+        reasons.append(
+            f"{len(no_prompt)} without an instruction or context (column {mapping['instruction']!r} missing, null "
+            f"or empty; first: record {no_prompt[0]})"
+        )
+    dropped = set(no_response) | set(no_prompt)
+    if len(dropped) == len(ds):
+        raise ValueError(
+            f"{source}: none of its {len(ds)} records can be used: {'; '.join(reasons)}. Fill these fields in, or map "
+            "the right columns with column_map={'response': '<column>', 'instruction': '<column>'}."
+        )
+    logger.warning(
+        "%s: dropped %d of %d records: %s. They have nothing to train on or score; fill them in or remove them.",
+        source,
+        len(dropped),
+        len(ds),
+        "; ".join(reasons),
+    )
+    return ds.select([i for i in range(len(ds)) if i not in dropped])
 
 
 # --------------------------------------------------------------------------------------------------------

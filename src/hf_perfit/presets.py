@@ -203,6 +203,87 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(target)
 
 
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_model_path(name_or_path: str) -> None:
+    """Refuse a `model_name_or_path` that cannot be loaded, with what to pass instead, before anything is loaded,
+    trained or written.
+
+    - A preset name passes (`resolve_model_path` gives its own error when its package is missing).
+    - A local folder must hold `config.json` and safetensors weights. A folder with only pickle weights
+      (`pytorch_model.bin`, `*.pt`, `*.pth`, `*.ckpt`) is refused: unpickling runs arbitrary code from the file,
+      which is why this package loads `use_safetensors=True` only.
+    - Anything else must be a Hub model id (`org/name`). A path-like string that names no folder is "no such
+      folder", not a Hub lookup. With `HF_HUB_OFFLINE` set nothing is downloaded, so the id must already be in the
+      local Hub cache.
+
+    Raises:
+        `FileNotFoundError`: no such folder, or a Hub id that is not cached while `HF_HUB_OFFLINE` is set.
+        `ValueError`: a folder without `config.json` or without safetensors weights.
+    """
+    if name_or_path in PRESETS:
+        return
+    name = str(name_or_path)
+    presets = ", ".join(sorted(PRESETS))
+    how = (
+        f"pass a local model folder (config.json + *.safetensors), a preset name ({presets}) or a Hub model id "
+        "such as 'HuggingFaceTB/SmolLM2-135M-Instruct'"
+    )
+    path = Path(name).expanduser()
+    if path.is_dir():
+        _check_model_folder(path)
+        return
+    if path.exists():
+        raise ValueError(f"model_name_or_path={name!r} is a file, not a model folder; {how}.")
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+        is_repo_id = not name.startswith((".", "~")) and "\\" not in name
+    except HFValidationError:
+        is_repo_id = False
+    if not is_repo_id:
+        raise FileNotFoundError(f"model_name_or_path={name!r}: no such folder; {how}.")
+    if _hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+        if not isinstance(cached, str):
+            raise FileNotFoundError(
+                f"model_name_or_path={name!r} is no local folder and no preset, and HF_HUB_OFFLINE is set, so it is "
+                f"not downloaded from the Hub (and is not in the local Hub cache); {how}, or unset HF_HUB_OFFLINE."
+            )
+
+
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_model_folder(path: Path) -> None:
+    files = [p.name for p in path.iterdir() if p.is_file()]
+    if "config.json" not in files:
+        raise ValueError(
+            f"model folder {path} has no config.json, so it is not a transformers checkpoint; pass the folder "
+            "that `save_pretrained` wrote (config.json + *.safetensors)."
+        )
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = sorted(f for f in files if f.endswith(PICKLE_WEIGHT_SUFFIXES))
+    if pickles:
+        raise ValueError(
+            f"model folder {path} holds only pickle weights ({', '.join(pickles[:3])}); hf_perfit loads safetensors "
+            "only, because loading a pickle file runs whatever code it contains. If you trust the file, convert it "
+            "once: `AutoModelForCausalLM.from_pretrained(folder, use_safetensors=False).save_pretrained(folder)` "
+            "writes model.safetensors next to it."
+        )
+    raise ValueError(
+        f"model folder {path} has config.json but no *.safetensors weights; pass the folder that `save_pretrained` "
+        "wrote."
+    )
+
+
 def _strip_quantization(model) -> None:
     """Remove every trace of the GGUF quantizer from a dequantized model, so it saves and trains as a plain one."""
     quantizer = getattr(model, "hf_quantizer", None)

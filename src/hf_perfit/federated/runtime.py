@@ -131,8 +131,9 @@ def load_model(config: FederatedConfig):
     units); the adapters stay fp32 and training runs under bf16 autocast."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..presets import resolve_model_path
+    from ..presets import check_model_path, resolve_model_path
 
+    check_model_path(config.model_name_or_path)  # "no such folder" / pickle-only / offline, before any loading
     path = resolve_model_path(config.model_name_or_path)
     device = resolve_device(config)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
