@@ -107,6 +107,65 @@ def test_user_errors_exit_2_with_one_line(tmp_path, assets, capsys):
     assert not (tmp_path / "c" / "metrics.jsonl").exists()  # refused before any training
 
 
+def _refused(capsys, config: Path, *flags: str) -> str:
+    """Run `perfit federate`, expect the one-line refusal (exit 2) and return what the user sees on stderr."""
+    capsys.readouterr()
+    assert main(["federate", "--config", str(config), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("perfit federate: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_bad_inputs_refused_before_anything_is_written(tmp_path, assets, capsys):
+    out = tmp_path / "run"
+
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("strategy: perfit\nnum_clients: [3\nlearning_rate: 0.1\n")
+    err = _refused(capsys, bad_yaml)
+    assert f"config file {bad_yaml}, line 3, column 14: not valid YAML: expected ',' or ']', but got ':'" in err
+    assert "close every [ ] and { }" in err
+
+    err = _refused(capsys, _config(assets, out, model_name_or_path=str(tmp_path / "no_model")))
+    assert f"model_name_or_path='{tmp_path / 'no_model'}': no such folder; pass a local model folder" in err
+    assert "a preset name (smollm2-135m-instruct) or a Hub model id" in err
+
+    # conftest sets HF_HUB_OFFLINE=1: an uncached Hub id is refused, nothing is downloaded
+    err = _refused(capsys, _config(assets, out, model_name_or_path="no-org/no-model"))
+    assert "HF_HUB_OFFLINE is set, so it is not downloaded from the Hub" in err
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((assets / "model" / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    err = _refused(capsys, _config(assets, out, model_name_or_path=str(pickled)))
+    assert f"model folder {pickled} holds only pickle weights (pytorch_model.bin); hf_perfit loads safetensors" in err
+    assert "loading a pickle file runs whatever code it contains" in err and "save_pretrained(folder)" in err
+
+    err = _refused(capsys, _config(assets, out, eval_batch_size=0))
+    assert "eval_batch_size=0 is not allowed; it must be an integer >= 1." in err
+    err = _refused(capsys, _config(assets, out), "--learning_rate", "-0.001")
+    assert "learning_rate=-0.001 is not allowed; it must be a number in (0, inf)." in err
+    err = _refused(capsys, _config(assets, out, budget_multipliers=[1.0, -2.0, 1.0]))
+    assert "budget_multipliers[1]=-2.0 is not allowed; it must be a number in (0, inf)." in err
+    err = _refused(capsys, _config(assets, out, strategy="fedamole", mole_top_k=9, num_experts=6))
+    assert "mole_top_k=9 but a client holds at most 6 experts" in err
+    assert not out.exists()  # nothing written for any of them
+
+
+def test_record_without_output_is_dropped_with_a_warning(tmp_path, assets, caplog):
+    rows = [json.loads(x) for x in (assets / "data.jsonl").read_text().splitlines()]
+    del rows[5]["response"]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = _config(assets, tmp_path / "run", dataset_name=str(data), num_rounds=1, local_steps=2, search_steps=2)
+    with caplog.at_level("WARNING", logger="hf_perfit.data"):
+        assert main(["federate", "--config", str(config)]) == 0
+    assert (
+        f"{data}: dropped 1 of 36 records: 1 without a response (column 'response' missing, null or empty; first: "
+        "record 5)" in caplog.text
+    )
+
+
 _HANG_SCRIPT = """
 import os, sys, time
 import hf_perfit.federated.client as client_mod
