@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 
 from hf_perfit import PerFITLoraConfig, PerFITModel, get_perfit_model
 
@@ -58,6 +59,7 @@ def test_plain_peft_in_a_process_without_hf_perfit(trained, batch, tmp_path):
 import sys, torch
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
+from safetensors.torch import load_file
 m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(base_dir)!r}), {str(out)!r}).eval()
 with torch.no_grad():
     torch.save(m(torch.load({str(tmp_path / "batch.pt")!r})).logits, {str(tmp_path / "logits.pt")!r})
@@ -116,6 +118,79 @@ def test_bad_adapters_give_clear_errors(trained, tmp_path):
         PerFITModel.from_pretrained(make(), out)
     (out / "perfit_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
+        PerFITModel.from_pretrained(make(), out)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{garbage", r"adapter_config.json is not valid JSON"),
+        ("[1, 2]", r"adapter_config.json holds a list, not a PEFT config object"),
+        ('{"peft_type": "LORA"}', r"adapter_config.json disagrees with perfit_config.json: r=None \(expected 16 = "),
+        (None, r"adapter_config.json is missing; the adapter folder is incomplete"),
+    ],
+)
+def test_garbage_adapter_config_is_refused(trained, content, message):
+    """adapter_config.json is what plain PEFT reads: PerFIT's loader refuses one that disagrees with its own files."""
+    make, _, _, out = trained
+    if content is None:
+        (out / "adapter_config.json").unlink()
+    else:
+        (out / "adapter_config.json").write_text(content)
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as err:
+        PerFITModel.from_pretrained(make(), out)
+    assert str(out / "adapter_config.json") in str(err.value)
+
+
+def test_edited_adapter_config_names_the_disagreeing_keys(trained):
+    make, _, _, out = trained
+    config = json.loads((out / "adapter_config.json").read_text())
+    config.update(lora_alpha=1.0, peft_type="IA3")
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as err:
+        PerFITModel.from_pretrained(make(), out)
+    assert "peft_type='IA3' (expected 'LORA')" in str(err.value) and "lora_alpha=1.0 (expected 32.0)" in str(err.value)
+
+
+def _rewrite_masks(out, saved, change):
+    """Replace the masks file by `change` applied to the masks `save_pretrained` wrote (`saved`)."""
+    from safetensors.torch import save_file
+
+    save_file(change(dict(saved)), str(out / "perfit_masks.safetensors"), metadata={"format": "pt"})
+
+
+def test_tampered_masks_are_refused(trained):
+    """The issue's case: every value 7 used to load as all-kept (3,584 elements against a budget of 896)."""
+    make, model, _, out = trained
+    budget, expanded = model.trainable_budget(), model.expanded_size()
+    assert model.num_kept() == budget < expanded
+    first = next(iter(model.masks()))
+    saved = load_file(str(out / "perfit_masks.safetensors"))
+
+    _rewrite_masks(out, saved, lambda m: {k: torch.full_like(v, 7) for k, v in m.items()})
+    with pytest.raises(
+        ValueError, match=r"perfit_masks.safetensors: mask .* holds values other than 0 and 1 \(e.g. 7\)"
+    ):
+        PerFITModel.from_pretrained(make(), out)
+
+    _rewrite_masks(out, saved, lambda m: {k: v.float() for k, v in m.items()})
+    with pytest.raises(ValueError, match=r"has dtype torch.float32; masks are uint8 or bool 0/1 values"):
+        PerFITModel.from_pretrained(make(), out)
+
+    _rewrite_masks(out, saved, lambda m: {**m, first: m[first][:1]})
+    with pytest.raises(ValueError, match=rf"mask {first} has shape \(1, "):
+        PerFITModel.from_pretrained(make(), out)
+
+    _rewrite_masks(out, saved, lambda m: {**m, first: torch.ones_like(m[first])})
+    with pytest.raises(ValueError, match=rf"keeps \d+ elements but perfit_config.json records num_kept={budget}"):
+        PerFITModel.from_pretrained(make(), out)
+
+    _rewrite_masks(out, saved, lambda m: {k: torch.ones_like(v) for k, v in m.items()})
+    meta = json.loads((out / "perfit_config.json").read_text())
+    (out / "perfit_config.json").write_text(json.dumps({**meta, "num_kept": expanded}))
+    with pytest.raises(
+        ValueError, match=rf"keeps {expanded} elements but the finished search keeps exactly the budget of {budget}"
+    ):
         PerFITModel.from_pretrained(make(), out)
 
 

@@ -83,7 +83,9 @@ def check_yaml_config(argv: Sequence[str]) -> None:
         with open(path, encoding="utf-8") as f:
             yaml.safe_load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"config file {path} does not exist; pass --config with the path of a YAML file.")
+        raise FileNotFoundError(
+            f"config file {path} does not exist; pass --config with the path of a YAML file."
+        ) from None
     except UnicodeDecodeError as err:
         raise ValueError(f"config file {path} is not UTF-8 text ({err}); save it as UTF-8 YAML.") from None
     except yaml.YAMLError as err:

@@ -210,7 +210,9 @@ def _drop_incomplete_records(ds: datasets.Dataset, mapping: Mapping[str, str], s
     is never trained on silently. A source with no record left is a `ValueError`.
     """
     no_response, no_prompt = [], []
-    for i, (instruction, context, response) in enumerate(zip(ds["instruction"], ds["context"], ds["response"])):
+    for i, (instruction, context, response) in enumerate(
+        zip(ds["instruction"], ds["context"], ds["response"], strict=True)
+    ):
         if not response.strip():
             no_response.append(i)
         elif not instruction.strip() and not context.strip():

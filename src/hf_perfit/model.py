@@ -38,6 +38,7 @@ from .importance import ImportanceTracker, global_topk_masks, keep_schedule, pru
 PERFIT_CONFIG_NAME = "perfit_config.json"
 PERFIT_MASKS_NAME = "perfit_masks.safetensors"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
 FORMAT_VERSION = 1
 
 
@@ -368,10 +369,13 @@ class PerFITModel(PeftModel):
         with atomic_directory(save_directory) as tmp:
             super().save_pretrained(str(tmp), selected_adapters=[self._adapter], **kwargs)
             out = tmp if self._adapter == "default" else tmp / self._adapter
+            _sort_adapter_config(out / ADAPTER_CONFIG_NAME)
+            # One metadata entry only: safetensors writes the metadata map in Rust hash order, which changes from
+            # process to process once it holds two keys; the format version lives in perfit_config.json.
             save_file(
                 {k: m.to(torch.uint8).contiguous().cpu() for k, m in self._masks.items()},
                 str(out / PERFIT_MASKS_NAME),
-                metadata={"format": "pt", "perfit_format_version": str(FORMAT_VERSION)},
+                metadata={"format": "pt"},
             )
             atomic_write_json(
                 out / PERFIT_CONFIG_NAME,
@@ -410,6 +414,7 @@ class PerFITModel(PeftModel):
         folder = _resolve_adapter_folder(model_id, **kwargs)
         meta = _read_perfit_meta(folder)
         cfg = PerFITLoraConfig.from_perfit_dict(meta["config"])
+        _check_adapter_config(folder / ADAPTER_CONFIG_NAME, cfg)
         cfg.inference_mode = not is_trainable
         cfg.init_lora_weights = True  # weights come from the file; skip the random symmetric init
         peft_model = cls(model, cfg, adapter_name)
@@ -427,13 +432,52 @@ class PerFITModel(PeftModel):
         except RuntimeError as err:
             raise ValueError(f"adapter at {folder} does not fit this base model: {err}") from err
         masks = _load_safetensors(folder / PERFIT_MASKS_NAME, "PerFIT masks")
-        peft_model.set_masks({k: v.bool() for k, v in masks.items()})
         state = meta.get("state", {})
+        peft_model._check_loaded_masks(folder / PERFIT_MASKS_NAME, masks, meta)
+        peft_model.set_masks({k: v.bool() for k, v in masks.items()})
         peft_model._search_step = int(state.get("search_step", 0))
         peft_model._iterations_done = int(state.get("prune_iterations_done", 0))
         if not is_trainable:
             peft_model.eval()
         return peft_model
+
+    def _check_loaded_masks(self, path: Path, masks: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Refuse a masks file that is not exactly what [`save_pretrained`] writes for this adapter: a 0/1 (uint8 or
+        bool) tensor per LoRA matrix with its shape, keeping the count `perfit_config.json` records and, once the
+        search is over, exactly the budget. A tampered file (say, every value 7) would otherwise read as all-kept and
+        train `expansion_factor` times the budget."""
+        missing, extra = sorted(set(self._masks) - set(masks)), sorted(set(masks) - set(self._masks))
+        if missing or extra:
+            raise ValueError(
+                f"{path} does not fit this adapter: missing masks {missing[:3]}, unexpected {extra[:3]}; the file "
+                "was saved for another model or target_modules, or is damaged: save the adapter again."
+            )
+        for key, mask in masks.items():
+            if mask.dtype not in (torch.uint8, torch.bool):
+                raise ValueError(f"{path}: mask {key} has dtype {mask.dtype}; masks are uint8 or bool 0/1 values.")
+            if tuple(mask.shape) != tuple(self._masks[key].shape):
+                raise ValueError(
+                    f"{path}: mask {key} has shape {tuple(mask.shape)}, expected {tuple(self._masks[key].shape)}."
+                )
+            if mask.dtype == torch.uint8 and bool((mask > 1).any()):
+                raise ValueError(
+                    f"{path}: mask {key} holds values other than 0 and 1 (e.g. {int(mask.max())}); a mask is boolean. "
+                    "The file is damaged or was edited: save the adapter again."
+                )
+        kept = sum(int(m.bool().sum()) for m in masks.values())
+        recorded = meta.get("num_kept")
+        if recorded is not None and kept != recorded:
+            raise ValueError(
+                f"{path} keeps {kept} elements but {PERFIT_CONFIG_NAME} records num_kept={recorded}; the files do not "
+                "belong together: save the adapter again."
+            )
+        done = int(meta.get("state", {}).get("prune_iterations_done", 0))
+        if done >= len(self._schedule_steps) and self._budget < self.expanded_size() and kept != self._budget:
+            raise ValueError(
+                f"{path} keeps {kept} elements but the finished search keeps exactly the budget of {self._budget} "
+                f"(budget_multiplier={self.perfit_config.budget_multiplier}); the file is damaged or was edited: "
+                "save the adapter again."
+            )
 
 
 def get_perfit_model(model: nn.Module, config: PerFITLoraConfig, adapter_name: str = "default") -> PerFITModel:
@@ -507,6 +551,53 @@ def _resolve_adapter_folder(model_id: str | os.PathLike, **kwargs: Any) -> Path:
             "your token and network, or pass a local folder."
         ) from err
     return Path(local)
+
+
+def _sort_adapter_config(path: Path) -> None:
+    """Rewrite PEFT's `adapter_config.json` with its set-valued entries (`target_modules`, ...) sorted: PEFT writes
+    `list(set)`, whose order follows the process's hash seed, so two identical runs would differ in bytes."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key, value in config.items():
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            if key in ("target_modules", "exclude_modules", "modules_to_save", "trainable_token_indices"):
+                config[key] = sorted(value)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")  # PEFT's own layout
+
+
+def _check_adapter_config(path: Path, cfg: PerFITLoraConfig) -> None:
+    """`adapter_config.json` is what plain PEFT loads the exported adapter from; it must agree with
+    `perfit_config.json` (a LoRA of rank `R = γ·r`, `lora_alpha = (lora_alpha / r)·R`, the same targets), or the two
+    loaders would build different adapters from one folder."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing; the adapter folder is incomplete (plain PEFT cannot load it): save it again."
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the adapter is damaged: save it again.") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a {type(config).__name__}, not a PEFT config object; save the adapter again.")
+    expected = cfg.to_lora_config()
+    targets = expected.target_modules
+    found_targets = config.get("target_modules")
+    if isinstance(found_targets, list):
+        found_targets = set(found_targets)
+    problems = []
+    if str(config.get("peft_type")) != "LORA":
+        problems.append(f"peft_type={config.get('peft_type')!r} (expected 'LORA')")
+    if config.get("r") != expected.r:
+        problems.append(f"r={config.get('r')!r} (expected {expected.r} = expansion_factor · r)")
+    alpha = config.get("lora_alpha")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isclose(alpha, expected.lora_alpha):
+        problems.append(f"lora_alpha={alpha!r} (expected {expected.lora_alpha})")
+    if found_targets != targets:
+        problems.append(f"target_modules={config.get('target_modules')!r} (expected {_show_targets(targets)})")
+    if problems:
+        raise ValueError(
+            f"{path} disagrees with {PERFIT_CONFIG_NAME}: {', '.join(problems)}; plain PEFT would build another "
+            "adapter from this folder. The file is damaged or was edited: save the adapter again."
+        )
 
 
 def _read_perfit_meta(folder: Path) -> dict[str, Any]:
