@@ -230,3 +230,55 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path, assets, ca
     ref = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
     res = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert ref == res  # the same records, each round once
+
+
+def test_identical_runs_write_identical_bytes_under_different_hash_seeds(tmp_path, assets):
+    """Two runs of one config in two processes whose PYTHONHASHSEED differ (so `set` iteration order differs, as
+    the first assertion shows) write byte-identical adapters, masks, configs and metrics: `cmp` can compare runs."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    seeds = ("1", "2")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    orders = [
+        subprocess.run(
+            [sys.executable, "-c", f"print(list(set({targets!r})))"],
+            env={**env, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in seeds
+    ]
+    assert orders[0] != orders[1]  # the seeds do reorder sets: the runs below would differ if a set leaked out
+    config = _config(
+        assets, tmp_path / "run", lora_target_modules=targets, num_rounds=1, local_steps=2, search_steps=2
+    )
+    runs = [tmp_path / f"run_{seed}" for seed in seeds]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "hf_perfit.cli", "federate", "--config", str(config), "--output_dir", str(out)],
+            env={**env, "PYTHONHASHSEED": seed},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for seed, out in zip(seeds, runs, strict=True)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    files = sorted(p.relative_to(runs[0]) for p in runs[0].rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(runs[1]) for p in runs[1].rglob("*") if p.is_file())
+    adapter_files = {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "perfit_masks.safetensors",
+        "perfit_config.json",
+    }
+    assert adapter_files <= {f.name for f in files if "clients" in f.parts}
+    for name in files:
+        first, second = (runs[0] / name).read_bytes(), (runs[1] / name).read_bytes()
+        if name.name in ("config.json", "checkpoint.json"):  # they record output_dir, the one key that differs
+            first = first.replace(str(runs[0]).encode(), b"OUT")
+            second = second.replace(str(runs[1]).encode(), b"OUT")
+        assert first == second, name
+    adapter_config = json.loads((runs[0] / "clients" / "client_0" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["target_modules"] == sorted(targets)
