@@ -140,3 +140,11 @@ def test_federated_config_accepts_boundaries():
 
     FederatedConfig(fraction_clients=1.0, proximal_mu=0.0, test_fraction=0.0, seed=0, research_every=0)
     FederatedConfig(strategy="fedamole", mole_top_k=8)  # a client may hold 8 experts: top-8 routing is honoured
+
+
+def test_mole_config_refuses_top_k_above_the_pool():
+    from hf_perfit.mole import MoLEConfig
+
+    with pytest.raises(ValueError, match=r"top_k=5 > num_experts=3; set top_k <= num_experts."):
+        MoLEConfig(target_modules=["q_proj"], num_experts=3, top_k=5)
+    assert MoLEConfig(target_modules=["q_proj"], num_experts=3, top_k=3).top_k == 3
