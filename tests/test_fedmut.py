@@ -149,6 +149,26 @@ def test_beta_schedule():
     assert FedMutStrategy(mutation_beta_rounds=0).beta(0) == 0.0
 
 
+@pytest.mark.parametrize("name", ["fedmut", "fedqp"])
+def test_beta_is_that_of_the_round_that_produced_the_update(name):
+    """The official FedMut (Training_FedMut.py) aggregates round `iter`, then mutates the next round's starts with
+    `ctrl_rate = 0.3 * (1 - min(iter / 50, 1))`: round t uses β of round t - 1, so round 1 uses β₀ = 0.3 exactly."""
+    s = get_strategy(name, mutation_alpha=1.0)  # official defaults β₀ = 0.3, T_b = 50
+    s.initialize(dyadic_state(0))
+    official = [0.3 * (1.0 - min(it / 50, 1.0)) for it in range(53)]
+    used = []
+    for t in range(53):
+        s.configure_round(t, IDS[:2])
+        plan = s.mutation_plan
+        if t > 0:
+            used.append(plan.beta)
+            coeffs = {plan.coefficients[c][next(iter(SHAPES))] for c in IDS[:2]}
+            assert coeffs == {1.0, -1.0 + official[t - 1]}
+        s.aggregate(t, [ClientUpdate(c, 1, dyadic_state(t + 1)) for c in IDS[:2]])
+    assert used[:3] == [0.3, official[1], official[2]] and used[0] == 0.3
+    assert used == official[:52] and used[49] > 0.0 and used[50] == 0.0  # round 51 is the first with β = 0
+
+
 def test_module_grouping():
     key = P.format(3, "q", "B")
     assert lora_module_name(key) == "base_model.model.model.layers.3.self_attn.q_proj"
@@ -185,11 +205,12 @@ def test_pair_means_are_alpha_beta_delta_half_then_zero(num_clients):
     alpha = 2.0
     s = strategy_after_one_round(mutation_alpha=alpha, mutation_beta0=0.5, mutation_beta_rounds=2)
     ids = IDS[:num_clients]
-    for t, new_global, beta in [(1, dyadic_state(2), 0.25), (2, dyadic_state(3), 0.0), (3, None, 0.0)]:
+    # β of the round that produced Δ: round t mutates with β_{t-1} (0.5, 0.25, then 0 from round T_b + 1 = 3)
+    for t, new_global, beta in [(1, dyadic_state(2), 0.5), (2, dyadic_state(3), 0.25), (3, None, 0.0)]:
         w, delta = s.global_tensors, s.last_update
         s.configure_round(t, ids)
         plan = s.mutation_plan
-        assert plan.active and plan.beta == beta == s.beta(t)
+        assert plan.active and plan.beta == beta == s.beta(t - 1)
         assert len(plan.pairs) == num_clients // 2
         paired = [c for pair in plan.pairs for c in pair]
         assert sorted(paired + ([plan.unmutated] if plan.unmutated else [])) == sorted(ids)
@@ -321,7 +342,7 @@ def test_round_metrics():
     s.configure_round(1, IDS[:5])
     norms = [float(flat(s.client_mutation(c)).norm()) for c in IDS[:5]]
     metrics = s.aggregate(1, [ClientUpdate(c, 3, random_state(i)) for i, c in enumerate(IDS[:5])])
-    assert metrics["beta"] == 0.375 and metrics["mutation_alpha"] == 1.5
+    assert metrics["beta"] == 0.5 and metrics["mutation_alpha"] == 1.5  # round 1 mutates with β_0 = β₀
     assert metrics["num_mutated"] == 4.0 and metrics["num_clients"] == 5.0
     assert metrics["mutation_norm"] == pytest.approx(sum(norms) / 5, rel=1e-12)
     assert {"num_examples", "update_norm"} <= set(metrics)
@@ -655,7 +676,7 @@ def _run_and_check(tmp_path, strategy, options):
     norms = plans[1].mutation_norms
     assert summaries[1]["mutation_norm"] == pytest.approx(sum(norms.values()) / 3, rel=1e-9)
     assert summaries[1]["mutation_norm"] > 0.0 and summaries[1]["num_mutated"] == sum(n > 0 for n in norms.values())
-    assert summary["beta"] == sim.strategy.beta(1) and summary["mutation_alpha"] == options["mutation_alpha"]
+    assert summary["beta"] == sim.strategy.beta(0) and summary["mutation_alpha"] == options["mutation_alpha"]
     # every client trained from exactly the instruction it was sent (mutated copies in round 1)
     assert len(sent) == 6 and all(any(inst.tensors is t for t in loaded) for inst in sent)
     meta = json.loads((out / "state" / "checkpoint.json").read_text())["strategy_meta"]

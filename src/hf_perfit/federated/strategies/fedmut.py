@@ -109,11 +109,13 @@ class FedMutStrategy(FedITStrategy):
     round `t` ([`configure_round`]) the `m` sampled clients (sorted by id) are shuffled into `⌊m/2⌋` pairs (odd `m`:
     one client, drawn at random, stays unmutated with `v = 0`). For every mutation unit (one adapter tensor, or one
     LoRA module, see `mutation_unit`) and every pair, a fair coin decides which member gets `v = +1` and which
-    `v = −1 + β_t`, with `β_t = β₀·(1 − min(t / T_b, 1))`. Client `i` starts from
+    `v = −1 + β`, with `β = β_{t−1}` of the round that *produced* `Δ` (the official code's order: its round `t − 1`
+    aggregates, then mutates with `β_{t−1}`, so round 1 uses `β₀`) and `β_s = β₀·(1 − min(s / T_b, 1))`. Client `i`
+    starts from
 
         w_i[k] = w_t[k] + α · v_i[k] · Δ[k]            (computed in float64, stored as float32)
 
-    so each pair's mean start is `w_t + α·β_t·Δ/2` (exactly `w_t` from round `T_b` on). Round 0 has no `Δ`: every
+    so each pair's mean start is `w_t + α·β·Δ/2` (exactly `w_t` from round `T_b + 1` on). Round 0 has no `Δ`: every
     client gets `θ_g`. The draws come from a `torch.Generator` seeded from (`mutation_seed`, `t`) and depend on nothing
     else but the sampled ids, so a resumed run reproduces them exactly. The global adapter itself is never mutated:
     evaluation and export use `θ_g` (as FedIT).
@@ -122,7 +124,8 @@ class FedMutStrategy(FedITStrategy):
     `mutation_unit="module"` gives the A and B of a module the same coefficient, which makes the mutation of the
     product `BA` follow `±α·Δ(BA)` to first order. See docs/fedmut.md for why the product itself is not mutated.
 
-    Round metrics: FedIT's (`num_clients`, `num_examples`, `update_norm`) plus `beta` (`β_t`), `mutation_alpha`,
+    Round metrics: FedIT's (`num_clients`, `num_examples`, `update_norm`) plus `beta` (the `β` this round's mutations
+    used; round 0, which mutates nothing, reports `β₀`), `mutation_alpha`,
     `mutation_norm` (mean of `‖w_i − w_t‖₂` over the round's clients, unmutated ones included) and `num_mutated`.
 
     Args:
@@ -130,8 +133,8 @@ class FedMutStrategy(FedITStrategy):
             DESIGN's 4 is for full models; for LoRA, 1.0 is the largest `α` for which no mutated `B` of round 1 flips
             the sign of the global `B` (docs/fedmut.md).
         mutation_beta0 (`float`, *optional*, defaults to 0.3): `β₀`, in [0, 1].
-        mutation_beta_rounds (`int`, *optional*, defaults to 50): `T_b` (>= 0); from round `T_b` on `β_t = 0`
-            (0: `β_t = 0` in every round).
+        mutation_beta_rounds (`int`, *optional*, defaults to 50): `T_b` (>= 0); updates produced from round `T_b` on
+            are mutated with `β = 0`, i.e. from round `T_b + 1` on (0: `β = 0` in every round).
         mutation_seed (`int`, *optional*, defaults to 0): seeds the draws (with the round index).
         mutation_unit (`str`, *optional*, defaults to `"tensor"`): what one coefficient covers: `"tensor"` (every
             adapter tensor draws its own, as FedMut does per layer) or `"module"` (A and B of one LoRA module share
@@ -170,7 +173,8 @@ class FedMutStrategy(FedITStrategy):
         return self._options["mutation_alpha"]
 
     def beta(self, round_idx: int) -> float:
-        """`β_t = β₀·(1 − min(t / T_b, 1))` (0 for every round when `T_b = 0`)."""
+        """`β_t = β₀·(1 − min(t / T_b, 1))` (0 for every round when `T_b = 0`): the coefficient for the global update
+        *produced* by round `t`, i.e. the one the mutations of round `t + 1` use (docs/fedmut.md)."""
         t_b = self._options["mutation_beta_rounds"]
         if t_b == 0:
             return 0.0
@@ -210,7 +214,9 @@ class FedMutStrategy(FedITStrategy):
         if len(set(ids)) != len(ids):
             raise ValueError(f"configure_round({round_idx}) got a client id more than once: {client_ids}.")
         keys = list(glob)
-        beta = self.beta(round_idx)
+        active = self._delta is not None
+        # β of the round that produced Δ (the last aggregated one), as the official code: round 1 uses β₀.
+        beta = self.beta(self.last_round if active and self.last_round is not None else 0)
         gen = torch.Generator().manual_seed(_round_seed(self._options["mutation_seed"], round_idx))
 
         order = [ids[i] for i in torch.randperm(len(ids), generator=gen).tolist()]
@@ -220,7 +226,6 @@ class FedMutStrategy(FedITStrategy):
         # flips[p, u] = 1: the first member of pair p gets -1 + β on unit u, the second +1 (0: the other way round).
         flips = torch.randint(0, 2, (len(pairs), len(units)), generator=gen).tolist()
 
-        active = self._delta is not None
         up, down = 1.0, -1.0 + beta
         coefficients = {cid: dict.fromkeys(keys, 0.0) for cid in ids}
         if active:
@@ -315,7 +320,7 @@ class FedMutStrategy(FedITStrategy):
         plan = self._plan if self._plan is not None and self._plan.round_idx == round_idx else None
         norms = [plan.mutation_norms.get(u.client_id, 0.0) if plan else 0.0 for u in updates]
         return {
-            "beta": self.beta(round_idx),
+            "beta": plan.beta if plan else self.beta(0),
             "mutation_alpha": self.mutation_alpha,
             "mutation_norm": sum(norms) / len(norms),
             "num_mutated": float(sum(n > 0.0 for n in norms)),
