@@ -132,6 +132,7 @@ def test_balance_loss_on_a_hand_computed_example():
 def test_layer_output_is_shared_plus_top2_mixture_of_assigned_experts():
     model = _mole(init_weights=False)
     model.set_active_experts([1, 3])
+    model.eval()  # no expert-input dropout (test_expert_input_dropout_as_the_authors covers training mode)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     x = torch.randn(2, 5, 16)
     a = "default"
@@ -193,7 +194,7 @@ def test_adapter_state_is_checked():
 
 
 def test_balance_loss_and_statistics_of_a_training_forward():
-    model = _mole(init_weights=False, balance_loss_coef=0.5)
+    model = _mole(init_weights=False, balance_loss_coef=0.5, lora_dropout=0.0)  # dropout off: exact LM loss below
     model.set_active_experts([0, 1, 3])
     x = torch.randint(3, 100, (2, 6))
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
@@ -202,7 +203,7 @@ def test_balance_loss_and_statistics_of_a_training_forward():
     aux = model.auxiliary_loss()
     assert plain.loss is None and aux is not None and aux.requires_grad
     assert model.auxiliary_loss() is None  # handed out once
-    inputs = {}  # the same forward by hand: mean over layers of the masked balance loss
+    inputs = {}  # the same forward by hand: sum over layers of the masked balance loss
 
     def keep_input(name):
         def hook(module, args, output):
@@ -223,8 +224,10 @@ def test_balance_loss_and_statistics_of_a_training_forward():
         t = xin @ layer.mole_P["default"].T
         z, _ = route(h, t, 2)
         records.append((balance_loss(z, 2, mask.float()), t, h))
-    expected = 0.5 * torch.stack([r[0] for r in records]).mean()
+    expected = 0.5 * torch.stack([r[0] for r in records]).sum()
     assert aux.item() == pytest.approx(expected.item(), rel=1e-5)
+    # summed over the MoLE layers, as the authors' code accumulates it: not the mean (len(records)x smaller)
+    assert len(records) == 4 and aux.item() > 0.5 * 3.5 * float(min(r[0] for r in records))
     extras = model.client_extras()
     assert extras[NUM_TOKENS_KEY].item() == 10  # the two padding tokens do not count
     w = mask.float()[..., None]
@@ -241,6 +244,40 @@ def test_balance_loss_and_statistics_of_a_training_forward():
     assert out.loss.item() == pytest.approx(lm.item() + aux.item(), rel=1e-5)
     model.set_adapter_state(model.get_adapter_state()[0])
     assert model.client_extras() == {}  # a new client round starts fresh statistics
+
+
+def test_expert_input_dropout_as_the_authors():
+    """lora_dropout (default 0.05, the authors' value) acts on the experts' input during training only; the router
+    scores the undropped input. A deterministic stand-in for the dropout (x -> 2x) makes both exact."""
+    assert MoLEConfig().lora_dropout == 0.05
+    with pytest.raises(ValueError, match="lora_dropout"):
+        MoLEConfig(lora_dropout=1.0)
+    model = _mole(init_weights=False)
+    model.set_active_experts([0, 1, 3])
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.mole_dropout["default"], torch.nn.Dropout) and layer.mole_dropout["default"].p == 0.05
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        model.eval()
+        base = layer.base_layer(x)
+        eval_out = layer(x)
+        model.train()
+        torch.manual_seed(0)
+        assert not torch.allclose(layer(x), eval_out)  # training: the experts see a dropped input
+
+        class Double(torch.nn.Module):
+            def forward(self, x):
+                return 2 * x
+
+        layer.mole_dropout["default"] = Double()
+        # experts on 2x, gates from x: exactly twice the adapter's eval output (gates from 2x would differ)
+        assert torch.allclose(layer(x) - base, 2 * (eval_out - base), atol=1e-6)
+
+
+def test_fedamole_evaluates_the_locally_trained_model_as_the_authors():
+    from hf_perfit.federated.strategies.fedamole import FedAMoLEStrategy
+
+    assert FedAMoLEStrategy.evaluate_local_model is True
 
 
 def test_save_and_load_give_identical_logits(tmp_path):
@@ -457,7 +494,7 @@ def test_tiny_federated_run_exports_reloadable_client_adapters(tmp_path):
         assert cfg["held_experts"] == sim.model.active_experts()
         assert all(1 <= len(ids) <= 4 for ids in cfg["held_experts"].values())
         with torch.no_grad():
-            ours = sim.model(batch).logits
+            ours = sim.model.eval()(batch).logits  # eval: no expert-input dropout
             plain = PeftModel.from_pretrained(tiny_llama(), folder).eval()(batch).logits
         assert (ours - plain).abs().max().item() <= 1e-5
     # uplink = the trained tensors plus the RSEA statistics
@@ -473,3 +510,46 @@ def test_fedamole_recipe_parses():
     assert cfg.strategy == "fedamole" and cfg.num_experts == 30
     assert isinstance(cfg.adapter_config(), MoLEConfig)
     assert cfg.resolved_strategy_options()["clients_per_expert"] == cfg.clients_per_expert
+
+
+def test_recipe_uses_the_authors_defaults():
+    import yaml
+
+    from hf_perfit.federated.config import FederatedConfig as Config
+
+    recipe = yaml.safe_load(open("recipes/smollm2-135m/fedamole/config_flan8.yaml", encoding="utf-8"))
+    cfg = Config.from_dict(recipe)
+    official = {
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "num_experts": 30,
+        "clients_per_expert": 2,
+        "experts_per_client_min": 2,
+        "experts_per_client_max": 8,
+        "mole_top_k": 2,
+        "balance_loss_coef": 0.001,
+        "learning_rate": 5e-5,
+        "lr_decay_per_round": 0.99,
+    }
+    assert {k: getattr(cfg, k) for k in official} == official
+    adapter = cfg.adapter_config()
+    assert adapter.lora_dropout == 0.05 and adapter.r == 8 and adapter.num_experts == 30
+
+
+def test_learning_rate_decays_per_round(tmp_path, monkeypatch):
+    """lr_decay_per_round: round t trains with learning_rate · decay^t (the authors' 5e-5 · 0.99^t)."""
+    import hf_perfit.federated.client as client_mod
+
+    with pytest.raises(ValueError, match="lr_decay_per_round"):
+        _cfg(tmp_path, "fedit", lr_decay_per_round=0.0)
+    seen = []
+    real = client_mod.train_client
+
+    def spy(model, tokenizer, train_ds, args, *a, **kw):
+        seen.append(args.learning_rate)
+        return real(model, tokenizer, train_ds, args, *a, **kw)
+
+    monkeypatch.setattr(client_mod, "train_client", spy)
+    cfg = _cfg(tmp_path, "fedit", num_rounds=3, lr_decay_per_round=0.5, fraction_clients=1 / 3)
+    FederatedSimulation(cfg, model=tiny_llama(), tokenizer=build_tokenizer(), clients=_clients()).run()
+    assert seen == [5e-3, 5e-3 * 0.5, 5e-3 * 0.25]

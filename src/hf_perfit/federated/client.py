@@ -46,6 +46,13 @@ class LocalTrainingArgs:
     bf16: bool | None = False
     """bf16 autocast (mixed precision; the adapter stays fp32) in training; `None`: on when the model is on a CUDA
     device that supports bf16 (`bf16: auto`). fp32 is the reference."""
+    lr_decay_per_round: float = 1.0  # round t trains with learning_rate * lr_decay_per_round ** t
+
+
+def round_learning_rate(args: LocalTrainingArgs, round_idx: int) -> float:
+    """The learning rate of federated round `round_idx` (0-based): `learning_rate · lr_decay_per_round ** round_idx`
+    (FedAMoLE's authors: 5e-5 · 0.99^t; docs/federated.md)."""
+    return args.learning_rate * args.lr_decay_per_round ** max(int(round_idx), 0)
 
 
 def tokenize_for_completion_loss(ds: datasets.Dataset, tokenizer: Any, max_length: int) -> datasets.Dataset:
@@ -362,6 +369,7 @@ def client_update(
     uses_masks: bool,
     budget_multiplier: float = 1.0,
     seed: int | None = None,
+    round_idx: int = 0,
 ) -> ClientRoundResult:
     """One client's whole federated round, the single implementation shared by the in-process simulation and the
     Flower `ClientApp`: load the client's state into the shared model, apply the server's instruction, train with
@@ -381,6 +389,7 @@ def client_update(
             uploaded once the search has finished, and only when it changed.
         budget_multiplier: PerFIT's per-client budget multiplier `b_k`.
         seed: the seed of this client round (data order, dropout).
+        round_idx: the federated round (0-based); sets the round's learning rate ([`round_learning_rate`]).
 
     Returns:
         [`ClientRoundResult`].
@@ -393,6 +402,8 @@ def client_update(
         tensors = instruction.tensors
     model.set_adapter_state(tensors, masks, meta)
     mu = float(instruction.config.get("proximal_mu", 0.0))
+    if args.lr_decay_per_round != 1.0:
+        args = dataclasses.replace(args, learning_rate=round_learning_rate(args, round_idx))
     metrics = train_client(model, tokenizer, train_ds, args, mu, seed=seed)
     new_tensors, new_masks, new_meta = model.get_adapter_state()
     searched = uses_masks and not model.is_searching

@@ -64,6 +64,8 @@ class FederatedConfig:
     hub_private: bool = False
     resume: bool = False
     overwrite: bool = False
+    # Appended keys (issue 17); keep new keys at the end.
+    lr_decay_per_round: float = 1.0  # learning rate of round t: learning_rate * lr_decay_per_round ** t
 
     def __post_init__(self) -> None:
         self.validate()
@@ -111,6 +113,12 @@ class FederatedConfig:
                 "within a client's first round; set search_steps <= local_steps."
             )
         self._check_fedamole()
+        decay = self.lr_decay_per_round
+        if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0.0 < decay <= 1.0:
+            raise ValueError(
+                f"lr_decay_per_round={decay!r} must be a number in (0, 1] (1.0: the same learning rate every round; "
+                "FedAMoLE's authors use 0.99)."
+            )
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other; choose one.")
         if isinstance(self.strategy_options, str):  # from the command line: --strategy_options '{"mu": 0.1}'

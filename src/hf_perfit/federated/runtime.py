@@ -119,6 +119,7 @@ def local_training_args(config: FederatedConfig) -> LocalTrainingArgs:
         seed=config.seed,
         gradient_checkpointing=config.gradient_checkpointing,
         bf16={"auto": None, "true": True, "false": False}[config.bf16],
+        lr_decay_per_round=config.lr_decay_per_round,
     )
 
 

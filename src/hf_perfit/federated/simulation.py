@@ -203,6 +203,7 @@ class FederatedSimulation:
             uses_masks=self.strategy.uses_masks,
             budget_multiplier=self._budget(index),
             seed=self.config.seed * 100003 + r * 1009 + index,
+            round_idx=r,
         )
         if self.is_main_process:
             _save_client_state(self.out, cid, r, *result.state)

@@ -233,6 +233,7 @@ def train(message: Message, context: Context) -> Message:
         uses_masks=bool(meta["uses-masks"]),
         budget_multiplier=float(meta["budget-multiplier"]),
         seed=int(meta["seed"]),
+        round_idx=int(meta["round"]),
     )
     store.save(int(meta["round"]), result.state, keep=accepted)
     content = encode_update(

@@ -54,6 +54,10 @@ class MoLEConfig(PeftConfig):
             the base model, e.g. `"model.layers.0.self_attn.q_proj"`). `None`: every module holds all `E` experts.
             An exported FedAMoLE client adapter records its assigned experts here, so it stores and routes over
             exactly those.
+        lora_dropout (`float`, defaults to 0.05):
+            Dropout on the experts' input during training, as `LoraConfig.lora_dropout`: every expert (shared and
+            domain) computes `B·A·dropout(x)`, while the router scores the undropped `x` (`A_j x` and `P x`), as the
+            authors' code does (docs/fedamole.md). 0.05 is their default.
         init_weights (`bool`, defaults to `True`):
             `True`: LoRA's init (`A` Kaiming-uniform, `B = 0`, so the adapter starts at the base model; `P`
             Kaiming-uniform). `False`: `B` is drawn from `N(0, 0.02²)` too (for tests of a non-trivial adapter).
@@ -80,6 +84,7 @@ class MoLEConfig(PeftConfig):
         default=None, metadata={"help": "Domain experts held per module; None: all of them."}
     )
     init_weights: bool = field(default=True, metadata={"help": "True: B = 0 (start at the base model)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the experts' input (training only)."})
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Not supported by MoLE; must stay None."}
     )
@@ -97,6 +102,9 @@ class MoLEConfig(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
                 raise ValueError(f"{name}={value!r} must be a number >= 0.")
+        dropout = self.lora_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"lora_dropout={dropout!r} must be a number in [0, 1), e.g. 0.05.")
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"init_weights={self.init_weights!r} must be True or False.")
         if self.modules_to_save:

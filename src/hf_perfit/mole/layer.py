@@ -81,7 +81,7 @@ class MoLELayer(BaseTunerLayer):
     """The adapter state of a MoLE layer (see the module docstring); [`MoLELinear`] adds the forward pass."""
 
     adapter_layer_names = ("mole_shared_A", "mole_shared_B", "mole_P", "mole_expert_A", "mole_expert_B")
-    other_param_names = ("mole_r", "mole_scaling", "mole_top_k", "mole_active")
+    other_param_names = ("mole_r", "mole_scaling", "mole_top_k", "mole_active", "mole_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -94,6 +94,7 @@ class MoLELayer(BaseTunerLayer):
         self.mole_scaling: dict[str, float] = {}
         self.mole_top_k: dict[str, int] = {}
         self.mole_active: dict[str, list[int]] = {}
+        self.mole_dropout = nn.ModuleDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
@@ -115,6 +116,8 @@ class MoLELayer(BaseTunerLayer):
         self.mole_scaling[adapter_name] = config.scaling
         self.mole_top_k[adapter_name] = int(config.top_k)
         self.mole_active[adapter_name] = sorted(int(j) for j in experts)
+        p = float(config.lora_dropout)
+        self.mole_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self.mole_shared_A[adapter_name] = nn.Parameter(torch.empty(r, d_in))
         self.mole_shared_B[adapter_name] = nn.Parameter(torch.empty(d_out, r))
         self.mole_P[adapter_name] = nn.Parameter(torch.empty(r, d_in))
@@ -166,7 +169,8 @@ class MoLELayer(BaseTunerLayer):
 
 
 class MoLELinear(nn.Module, MoLELayer):
-    """A Linear layer with a MoLE adapter: `W₀x + s·B₀A₀x + Σ_{j∈top-k} p̃_j(x)·s·B_jA_jx` (see [`route`])."""
+    """A Linear layer with a MoLE adapter: `W₀x + s·B₀A₀x' + Σ_{j∈top-k} p̃_j(x)·s·B_jA_jx'` with `x' = dropout(x)`
+    during training (`lora_dropout`) and the router `p̃` computed from the undropped `x` (see [`route`])."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoLEConfig, experts: list[int]) -> None:
         super().__init__()
@@ -187,7 +191,10 @@ class MoLELinear(nn.Module, MoLELayer):
     def _adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         a0, b0, proj = self.mole_shared_A[adapter], self.mole_shared_B[adapter], self.mole_P[adapter]
         x = self._cast_input_dtype(x, a0.dtype)
-        out = F.linear(F.linear(x, a0), b0)
+        # Dropout on the experts' input only (docs/fedamole.md): the router below scores the undropped x, as the
+        # authors' code does; in eval mode (or p = 0) `dropped` is `x` itself and nothing is computed twice.
+        dropped = self.mole_dropout[adapter](x)
+        out = F.linear(F.linear(dropped, a0), b0)
         ids = self.mole_active[adapter]
         if ids:
             r = self.mole_r[adapter]
@@ -198,7 +205,8 @@ class MoLELinear(nn.Module, MoLELayer):
             h = F.linear(x, a).unflatten(-1, (len(ids), r))  # A_j x: (..., n, r)
             t = F.linear(x, proj)  # P x: (..., r)
             z, gates = route(h, t, self.mole_top_k[adapter])
-            out = out + F.linear((h * gates.unsqueeze(-1)).flatten(-2), b)
+            h_out = h if dropped is x else F.linear(dropped, a).unflatten(-1, (len(ids), r))  # A_j·dropout(x)
+            out = out + F.linear((h_out * gates.unsqueeze(-1)).flatten(-2), b)
             recorder = self._mole_recorder
             if recorder is not None and recorder.active:
                 recorder.record(self._mole_name, adapter, ids, z, t, h)

@@ -313,10 +313,12 @@ class MoLEModel(PeftModel):
             for _name, adapter, _ids, z, _t, _h in self._recorder.records
             if adapter == self._adapter
         ]
-        return coef * torch.stack(losses).mean() if losses else None
+        # Summed over the MoLE layers, as the authors' code accumulates it (docs/fedamole.md): a mean would make the
+        # term 60x weaker on SmolLM2-135M (30 layers x q_proj, v_proj).
+        return coef * torch.stack(losses).sum() if losses else None
 
     def auxiliary_loss(self) -> torch.Tensor | None:
-        """The weighted balance loss `balance_loss_coef · mean over MoLE layers` of the last training forward that
+        """The weighted balance loss `balance_loss_coef · Σ over MoLE layers` of the last training forward that
         did not already add it to `outputs.loss`, or `None`; each value is handed out once."""
         aux, self._pending_aux = self._pending_aux, None
         return aux

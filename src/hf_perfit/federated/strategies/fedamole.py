@@ -64,6 +64,9 @@ class FedAMoLEStrategy(Strategy):
     """
 
     name = "fedamole"
+    evaluate_local_model = True
+    """The authors evaluate each client's locally trained model, before aggregation (docs/fedamole.md): a coordinator
+    that reads this attribute reports that evaluation as `local_perplexity`, next to the personalized one."""
     default_options = {"clients_per_expert": 2, "experts_per_client_min": 2, "experts_per_client_max": 8, "seed": 0}
 
     def __init__(self, **options: Any) -> None:
