@@ -32,7 +32,12 @@ def assert_pruned_are_zero(model):
 @pytest.mark.parametrize("importance", ["taylor1", "taylor2", "mixed"])
 def test_search_reaches_budget_exactly_and_holds_zeros(llama, batch, importance):
     cfg = PerFITLoraConfig(
-        r=4, target_modules=["q_proj", "v_proj", "o_proj"], search_steps=8, prune_iterations=4, importance=importance
+        r=4,
+        target_modules=["q_proj", "v_proj", "o_proj"],
+        search_mode="train",
+        search_steps=8,
+        prune_iterations=4,
+        importance=importance,
     )
     model = get_perfit_model(llama, cfg)
     total, budget = model.expanded_size(), model.trainable_budget()
@@ -57,7 +62,9 @@ def test_schedule_is_geometric():
 def test_pruned_stay_zero_with_plain_adam_momentum(llama, batch):
     """Adam's momentum would move a pruned element at the next step; masking gradients and re-zeroing after the
     step keeps it at exactly 0."""
-    cfg = PerFITLoraConfig(r=4, target_modules=["q_proj", "v_proj"], search_steps=2, prune_iterations=1)
+    cfg = PerFITLoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], search_mode="train", search_steps=2, prune_iterations=1
+    )
     model = get_perfit_model(llama, cfg)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     _train(model, batch, steps=8, opt=opt, check_zeros_from=2)
@@ -91,7 +98,9 @@ def test_prune_without_scores_says_what_to_do(llama):
 
 
 def test_research_restarts_search(llama, batch):
-    cfg = PerFITLoraConfig(r=4, target_modules=["q_proj", "v_proj"], search_steps=2, prune_iterations=2)
+    cfg = PerFITLoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], search_mode="train", search_steps=2, prune_iterations=2
+    )
     model = get_perfit_model(llama, cfg)
     _train(model, batch, steps=3)
     assert model.num_kept() == model.trainable_budget() and not model.is_searching
@@ -102,7 +111,9 @@ def test_research_restarts_search(llama, batch):
 
 
 def test_gpt2_conv1d_search(gpt2, batch):
-    cfg = PerFITLoraConfig(r=2, target_modules=["c_attn", "c_proj"], search_steps=4, prune_iterations=2)
+    cfg = PerFITLoraConfig(
+        r=2, target_modules=["c_attn", "c_proj"], search_mode="train", search_steps=4, prune_iterations=2
+    )
     model = get_perfit_model(gpt2, cfg)
     _train(model, batch, steps=6, check_zeros_from=2)
     assert model.num_kept() == model.trainable_budget()
@@ -110,7 +121,9 @@ def test_gpt2_conv1d_search(gpt2, batch):
 
 def test_adapter_state_swaps_clients_exactly(llama, batch):
     """One shared base model serves many clients: get/set_adapter_state round-trips weights, masks and progress."""
-    cfg = PerFITLoraConfig(r=4, target_modules=["q_proj", "v_proj"], search_steps=4, prune_iterations=2)
+    cfg = PerFITLoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], search_mode="train", search_steps=4, prune_iterations=2
+    )
     model = get_perfit_model(llama, cfg)
     fresh = model.get_adapter_state()
     _train(model, batch, steps=5)

@@ -20,6 +20,7 @@ CFG = dict(
     expansion_factor=4,
     importance="mixed",
     importance_ema=0.6,
+    search_mode="train",  # the search runs during _train's steps (a saved adapter can be mid-search)
     search_steps=4,
     prune_iterations=2,
     budget_multiplier=1.25,

@@ -1,7 +1,9 @@
 """`PerFITPruningCallback`: the Trainer hook of PerFIT's architecture search. Deliberately thin.
 
-All logic lives in [`PerFITModel`]; this only calls it at the two points where the Trainer exposes the
-gradients: `on_pre_optimizer_step` (after backward, accumulation and clipping) and `on_optimizer_step`.
+All logic lives in [`PerFITModel`]; this only calls it: `on_train_begin` runs the foresight search
+(`search_mode="foresight"`, the default) on the trainer's own dataloader before the first step; `on_pre_optimizer_step`
+(after backward, accumulation and clipping) and `on_optimizer_step` mask gradients and weights and, with
+`search_mode="train"`, run the search during training.
 """
 
 from __future__ import annotations
@@ -39,7 +41,15 @@ class PerFITPruningCallback(TrainerCallback):
     """
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        find_perfit_model(kwargs.get("model"))  # fail before the first step, not at it
+        model = find_perfit_model(kwargs.get("model"))  # fail before the first step, not at it
+        if model.perfit_config.search_mode == "foresight" and model.is_searching:
+            loader = kwargs.get("train_dataloader")
+            if loader is None:
+                raise ValueError(
+                    "PerFIT's foresight search needs the trainer's train_dataloader at on_train_begin; call "
+                    "model.foresight_search(batches) yourself before trainer.train()."
+                )
+            model.foresight_search(loader)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs: Any):
         find_perfit_model(kwargs.get("model")).before_optimizer_step()

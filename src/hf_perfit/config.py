@@ -20,6 +20,7 @@ from typing import Any
 from peft import LoraConfig
 
 IMPORTANCE_KINDS = ("taylor1", "taylor2", "mixed")
+SEARCH_MODES = ("foresight", "train")
 INIT_CHOICES = ("symmetric", True, False, "gaussian")
 
 # PerFIT's own fields; everything else is LoraConfig's.
@@ -32,6 +33,8 @@ PERFIT_FIELDS = (
     "prune_iterations",
     "budget_multiplier",
     "research_every",
+    "search_mode",
+    "search_batches",
 )
 
 
@@ -56,8 +59,9 @@ class PerFITLoraConfig(LoraConfig):
         importance_ema (`float`, defaults to 0.85):
             EMA coefficient `β` of the scores over the batches since the last pruning iteration
             (`s ← β·s + (1−β)·s_batch`; the first batch after a pruning iteration sets `s` directly).
-        search_steps (`int`, defaults to 20):
-            Optimizer steps the architecture search lasts; the last pruning iteration happens at this step.
+        search_steps (`int`, defaults to 10):
+            `search_mode="train"` only: optimizer steps the architecture search lasts; the last pruning iteration
+            happens at this step.
         prune_iterations (`int`, defaults to 4):
             Number of evenly spaced pruning iterations; the density follows a geometric schedule from 1 to
             `budget / expanded_size`.
@@ -66,6 +70,16 @@ class PerFITLoraConfig(LoraConfig):
             expanded size). A resource-rich client uses a value > 1.
         research_every (`int`, defaults to 0):
             In federated training, repeat the search every this many rounds (0: search once, in the first round).
+        search_mode (`"foresight"` or `"train"`, defaults to `"foresight"`):
+            `"foresight"` (the paper's): before any training, [`PerFITModel.foresight_search`] scores the elements
+            from gradients on `search_batches` local batches (no optimizer step in the expanded space) and prunes to
+            the budget in `prune_iterations` iterations; training then updates the kept elements only, so a client
+            never trains more than the budget. [`PerFITPruningCallback`] runs it at `on_train_begin` on the
+            trainer's dataloader. `"train"`: the search runs during the first `search_steps` optimizer steps of
+            dense training (the expanded adapter is trained until the last pruning iteration).
+        search_batches (`int`, defaults to 8):
+            `search_mode="foresight"` only: local batches the scores are computed on, split evenly over the
+            `prune_iterations` iterations (each iteration scores the network pruned by the previous one).
     """
 
     expansion_factor: int = field(default=4, metadata={"help": "γ: adapters are built with rank γ·r."})
@@ -76,19 +90,27 @@ class PerFITLoraConfig(LoraConfig):
     symmetric_init_std: float = field(default=0.02, metadata={"help": "σ of B₀ ~ N(0, σ²) in the symmetric init."})
     importance: str = field(default="taylor1", metadata={"help": "One of 'taylor1', 'taylor2', 'mixed'."})
     importance_ema: float = field(default=0.85, metadata={"help": "EMA coefficient of the importance scores."})
-    search_steps: int = field(default=20, metadata={"help": "Optimizer steps of the architecture search."})
+    search_steps: int = field(default=10, metadata={"help": "Optimizer steps of the search (search_mode='train')."})
     prune_iterations: int = field(default=4, metadata={"help": "Pruning iterations within the search."})
     budget_multiplier: float = field(default=1.0, metadata={"help": "Client budget multiplier b_k > 0."})
     research_every: int = field(default=0, metadata={"help": "Re-run the search every N rounds (0: never)."})
+    search_mode: str = field(
+        default="foresight",
+        metadata={"help": "'foresight' (score before training, train only the kept) or 'train' (prune while training)."},
+    )
+    search_batches: int = field(default=8, metadata={"help": "Batches scored by the foresight search."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_int("expansion_factor", self.expansion_factor, minimum=1, hint="an integer >= 1, e.g. 4")
         _check_int("prune_iterations", self.prune_iterations, minimum=1, hint="an integer >= 1, e.g. 4")
-        _check_int("search_steps", self.search_steps, minimum=1, hint="an integer >= 1, e.g. 20")
+        _check_int("search_steps", self.search_steps, minimum=1, hint="an integer >= 1, e.g. 10")
+        _check_int("search_batches", self.search_batches, minimum=1, hint="an integer >= 1, e.g. 8")
+        if self.search_mode not in SEARCH_MODES:
+            raise ValueError(f"search_mode={self.search_mode!r} is not supported; allowed values: {SEARCH_MODES}.")
         _check_int("research_every", self.research_every, minimum=0, hint="an integer >= 0 (0: search once)")
         _check_int("r", self.r, minimum=1, hint="an integer >= 1")
-        if self.search_steps < self.prune_iterations:
+        if self.search_mode == "train" and self.search_steps < self.prune_iterations:
             raise ValueError(
                 f"search_steps={self.search_steps} is smaller than prune_iterations={self.prune_iterations}; "
                 "allowed: search_steps >= prune_iterations (each pruning iteration needs its own optimizer step)."

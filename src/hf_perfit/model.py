@@ -6,10 +6,13 @@ layers). PerFIT adds, in this class:
 
 - the symmetric initialisation `A = [A₀; A₀]`, `B = [B₀, −B₀]` (output starts exactly at the base model);
 - one boolean mask per LoRA matrix, keyed like the PEFT adapter state dict;
-- the architecture search: [`before_optimizer_step`] folds `|θ·g|` into an EMA and masks gradients;
-  [`after_optimizer_step`] prunes at the scheduled steps and re-zeroes pruned weights (Adam's momentum and weight
-  decay would otherwise move them). A Trainer uses these through [`PerFITPruningCallback`]; a hand-written loop
-  calls them around `optimizer.step()`.
+- the architecture search. `search_mode="foresight"` (default, the paper's): [`foresight_search`] scores the
+  elements from gradients on a few local batches, with no optimizer step, and prunes to the budget before training
+  starts (symmetric pairs are pruned together, docs/perfit.md). `search_mode="train"`: [`before_optimizer_step`]
+  folds `|θ·g|` into an EMA during the first `search_steps` steps and [`after_optimizer_step`] prunes at the
+  scheduled steps. In both modes [`before_optimizer_step`] masks the gradients and [`after_optimizer_step`]
+  re-zeroes pruned weights (Adam's momentum and weight decay would otherwise move them). A Trainer uses these through
+  [`PerFITPruningCallback`]; a hand-written loop calls them around `optimizer.step()`.
 
 Pruned elements are *stored* as exact zeros in the dense LoRA tensors, so an exported adapter is an ordinary LoRA
 that plain `peft.PeftModel.from_pretrained` loads and that reproduces the logits.
@@ -17,9 +20,11 @@ that plain `peft.PeftModel.from_pretrained` loads and that reproduces the logits
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +115,7 @@ class PerFITModel(PeftModel):
         self._budget = self._compute_budget()
         self._search_step = 0
         self._iterations_done = 0
+        self._split_pairs = 0
         self._schedule_steps = prune_steps(peft_config.search_steps, peft_config.prune_iterations)
         self._schedule_keep = keep_schedule(self.expanded_size(), self._budget, peft_config.prune_iterations)
 
@@ -254,9 +260,153 @@ class PerFITModel(PeftModel):
         if reset_masks:
             self.set_masks({k: torch.ones_like(m) for k, m in self._masks.items()})
 
+    @property
+    def uses_symmetric_pairs(self) -> bool:
+        """Whether pruning keeps the symmetric init's pairs together: foresight search on a symmetric init, where
+        rank `i` and rank `i + R/2` cancel exactly (`A` rows equal, `B` columns opposite)."""
+        cfg = self.perfit_config
+        return cfg.search_mode == "foresight" and cfg.init_lora_weights == "symmetric"
+
+    def foresight_search(
+        self,
+        batches: Iterable[Any],
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    ) -> dict[str, Any]:
+        """PerFIT's foresight search (docs/perfit.md): prune the expanded adapter to the budget *before* training.
+
+        Takes the first `search_batches` batches of `batches`, splits them evenly over the `prune_iterations`
+        pruning iterations (fewer batches than iterations: they are reused in turn), and in each iteration
+        accumulates the Taylor importance (`importance`, EMA as in training) from `loss.backward()` on its batches,
+        then keeps the next count of the geometric schedule with one global threshold. No optimizer step is taken
+        and no weight changes except the pruned ones (set to 0), so a client trains only the kept elements. With the
+        symmetric init the pairs (rank `i`, rank `i + R/2`) are scored and pruned together; when the count is odd
+        the one pair that must split keeps its half at value 0, so `B·A = 0` still holds exactly and the model's
+        output does not move (the count of such pairs is `search_state()["split_pairs"]`).
+
+        Args:
+            batches (`Iterable`): batches for `loss_fn`, e.g. a `DataLoader` of tokenized rows with `labels`.
+            loss_fn (`Callable[[model, batch], Tensor]`, *optional*): the loss of one batch. Defaults to
+                `model(input_ids=..., attention_mask=..., labels=...).loss` of a dict batch (moved to the model's
+                device).
+
+        Returns:
+            `dict`: [`search_state`] after the search. Does nothing when the search is already done.
+        """
+        if not self.is_searching:
+            return self.search_state()
+        cfg = self.perfit_config
+        taken = list(itertools.islice(iter(batches), cfg.search_batches))
+        if not taken:
+            raise ValueError("foresight_search got no batches; pass at least one batch of this client's data.")
+        loss_fn = _default_loss if loss_fn is None else loss_fn
+        params = list(self._params.values())
+        remaining = len(self._schedule_keep) - self._iterations_done
+        n = len(taken)
+        for i in range(remaining):
+            chunk = taken[(i * n) // remaining : ((i + 1) * n) // remaining] or [taken[i % n]]
+            self._tracker.reset()
+            for batch in chunk:
+                for p in params:
+                    p.grad = None
+                with torch.enable_grad():
+                    loss = loss_fn(self, batch)
+                    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+                        raise ValueError(
+                            "the foresight loss has no gradient: loss_fn must return the differentiable loss of the "
+                            "batch (a batch needs `labels` for the default loss_fn)."
+                        )
+                    loss.backward()
+                _average_gradients_across_processes(params)
+                self._search_step += 1
+                if not self._tracker.update(self._params):
+                    raise RuntimeError("no gradient reached the PerFIT LoRA parameters during the foresight search.")
+            keep = self._schedule_keep[self._iterations_done]
+            if self.uses_symmetric_pairs:
+                self._prune_pairs(self._tracker.scores(), keep)
+            else:
+                self.prune_to(keep)
+            self._iterations_done += 1
+        for p in params:
+            p.grad = None
+        self._tracker.reset()
+        return self.search_state()
+
+    @torch.no_grad()
+    def _prune_pairs(self, scores: dict[str, torch.Tensor], num_keep: int) -> None:
+        """Keep `num_keep` elements choosing whole symmetric pairs by their summed score (one global threshold); at
+        most one pair splits (odd count), and every split pair keeps its half at exactly 0 ([`split_pair_count`])."""
+        keys = list(self._params)
+        halves = {}  # per tensor: (pair score, first-half mask, second-half mask), all of the half shape
+        for k in keys:
+            dim = _pair_dim(k)
+            h = self._masks[k].shape[dim] // 2
+            s, m = scores[k].detach().float().to(self._masks[k].device), self._masks[k]
+            halves[k] = (s.narrow(dim, 0, h) + s.narrow(dim, h, h), m.narrow(dim, 0, h), m.narrow(dim, h, h))
+        score = torch.cat([halves[k][0].flatten() for k in keys])
+        first = torch.cat([halves[k][1].flatten() for k in keys])
+        second = torch.cat([halves[k][2].flatten() for k in keys])
+        count = first.long() + second.long()
+        kept_now = int(count.sum())
+        if not 0 < num_keep <= kept_now:
+            raise ValueError(f"num_keep={num_keep} must be in (0, currently kept={kept_now}].")
+        # Best pairs first; among equal scores the earlier pair first (deterministic). Pairs already pruned count 0.
+        order = torch.argsort(torch.nan_to_num(score, nan=0.0), descending=True, stable=True)
+        total = count[order].cumsum(0)
+        whole = total <= num_keep
+        new_count = torch.zeros_like(count)
+        new_count[order[whole]] = count[order[whole]]
+        short = num_keep - int(new_count.sum())
+        if short:  # the next pair gives one of its two elements: that pair splits
+            new_count[order[int(whole.sum())]] = short
+        keep_first = (new_count == 2) | ((new_count == 1) & first)
+        keep_second = (new_count == 2) | ((new_count == 1) & ~first & second)
+        masks, offset = {}, 0
+        for k in keys:
+            dim, half_shape = _pair_dim(k), halves[k][0].shape
+            size = halves[k][0].numel()
+            a = keep_first[offset : offset + size].view(half_shape)
+            b = keep_second[offset : offset + size].view(half_shape)
+            masks[k] = torch.cat([a, b], dim=dim)
+            offset += size
+        self.set_masks(masks)
+        self._split_pairs = self._zero_split_pairs()
+
+    @torch.no_grad()
+    def _zero_split_pairs(self) -> int:
+        """Set the kept half of every split pair (one half kept, its partner pruned) to 0.0 so that the pair still
+        cancels (`B·A = 0`). Returns the number of split pairs."""
+        split = 0
+        for k, p in self._params.items():
+            dim, m = _pair_dim(k), self._masks[k]
+            h = m.shape[dim] // 2
+            m1, m2 = m.narrow(dim, 0, h), m.narrow(dim, h, h)
+            lone = m1 ^ m2
+            split += int(lone.sum())
+            p.data.narrow(dim, 0, h).masked_fill_(lone & m1, 0.0)
+            p.data.narrow(dim, h, h).masked_fill_(lone & m2, 0.0)
+        return split
+
+    def split_pair_count(self) -> int:
+        """Symmetric pairs (`A` rows `i`, `i + R/2` element-wise; `B` columns likewise) of which exactly one element
+        is kept. 0 for an odd expanded rank (no pairs)."""
+        total = 0
+        for k, m in self._masks.items():
+            dim = _pair_dim(k)
+            if m.shape[dim] % 2:
+                return 0
+            h = m.shape[dim] // 2
+            total += int((m.narrow(dim, 0, h) ^ m.narrow(dim, h, h)).sum())
+        return total
+
     def before_optimizer_step(self) -> None:
         """Call after `backward()` (and gradient clipping), before `optimizer.step()`: accumulates importance during
-        the search and masks the gradients of pruned elements."""
+        a `search_mode="train"` search and masks the gradients of pruned elements."""
+        if self.is_searching and self.perfit_config.search_mode == "foresight":
+            raise RuntimeError(
+                "PerFIT's search_mode='foresight' prunes before training, but this model has not searched yet: call "
+                "model.foresight_search(batches) before the first optimizer step (PerFITPruningCallback does it at "
+                "on_train_begin), or build the config with search_mode='train' to prune while training."
+            )
         if not any(p.grad is not None for p in self._params.values()):
             raise RuntimeError(
                 "no gradient reached the PerFIT LoRA parameters before the optimizer step. Call loss.backward() "
@@ -271,7 +421,7 @@ class PerFITModel(PeftModel):
         """Call right after `optimizer.step()`: advances the search schedule, prunes when a pruning iteration is
         due, and re-zeroes pruned weights. Returns True when it pruned."""
         pruned = False
-        if self.is_searching:
+        if self.is_searching and self.perfit_config.search_mode == "train":
             self._search_step += 1
             if self._search_step >= self._schedule_steps[self._iterations_done]:
                 self.prune_to(self._schedule_keep[self._iterations_done])
@@ -282,8 +432,11 @@ class PerFITModel(PeftModel):
         return pruned
 
     def search_state(self) -> dict[str, Any]:
-        """Where the search stands: steps taken, pruning iterations done, kept count and budget."""
+        """Where the search stands: steps (or foresight batches) taken, pruning iterations done, kept count, budget
+        and split symmetric pairs."""
         return {
+            "search_mode": self.perfit_config.search_mode,
+            "split_pairs": self.split_pair_count(),
             "search_step": self._search_step,
             "prune_iterations_done": self._iterations_done,
             "searching": self.is_searching,
@@ -486,6 +639,43 @@ def get_perfit_model(model: nn.Module, config: PerFITLoraConfig, adapter_name: s
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _pair_dim(key: str) -> int:
+    """The rank dimension of a LoRA tensor: rows of `lora_A` `(R, d_in)`, columns of `lora_B` `(d_out, R)`."""
+    return 0 if ".lora_A." in key else 1
+
+
+def _default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The causal-LM loss of a dict batch with `labels` (`-100` masks the prompt), on the model's device."""
+    if not isinstance(batch, dict) and not hasattr(batch, "keys"):
+        raise ValueError(
+            f"foresight_search's default loss needs dict batches with input_ids and labels, got {type(batch).__name__}"
+            "; pass loss_fn=lambda model, batch: ... returning the batch's loss."
+        )
+    if "labels" not in batch:
+        raise ValueError(
+            "foresight_search's default loss needs `labels` in the batch (the tokens to score, -100 elsewhere); add "
+            "them or pass loss_fn=."
+        )
+    device = next(p for p in model.parameters()).device
+    names = ("input_ids", "attention_mask", "labels", "position_ids")
+    inputs = {k: batch[k].to(device) for k in names if k in batch and batch[k] is not None}
+    return model(**inputs).loss
+
+
+def _average_gradients_across_processes(params: list[nn.Parameter]) -> None:
+    """Under several processes (DDP / accelerate) every process scores its share of the batch: average the
+    gradients so that all processes prune to the same mask."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
 
 
 def _refuse_unsupported_base(model: nn.Module) -> None:

@@ -10,9 +10,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import PerFITLoraConfig
+from ..config import SEARCH_MODES, PerFITLoraConfig
 from ..mole.config import MoLEConfig
 from .strategies import STRATEGIES
+
+
+_PERFIT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PerFITLoraConfig)}
 
 
 @dataclass
@@ -39,7 +42,7 @@ class FederatedConfig:
     lora_alpha: int = 16
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     expansion_factor: int = 4
-    search_steps: int = 10
+    search_steps: int = _PERFIT_DEFAULTS["search_steps"]  # declared once: PerFITLoraConfig's default
     prune_iterations: int = 4
     importance: str = "taylor1"
     budget_multipliers: list[float] | None = None
@@ -66,6 +69,8 @@ class FederatedConfig:
     overwrite: bool = False
     # Appended keys (issue 17); keep new keys at the end.
     lr_decay_per_round: float = 1.0  # learning rate of round t: learning_rate * lr_decay_per_round ** t
+    search_mode: str = _PERFIT_DEFAULTS["search_mode"]  # PerFIT: "foresight" (the paper's) or "train"
+    search_batches: int = _PERFIT_DEFAULTS["search_batches"]  # PerFIT foresight: local batches scored
 
     def __post_init__(self) -> None:
         self.validate()
@@ -107,12 +112,14 @@ class FederatedConfig:
             for index, value in enumerate(self.budget_multipliers):
                 # b_k scales client k's budget r·(d_in + d_out): 0 or less keeps nothing to train (docs/perfit.md)
                 _check_range(f"budget_multipliers[{index}]", value, 0.0, math.inf, True, True)
-        if STRATEGIES[self.strategy].uses_masks and self.search_steps > self.local_steps:
+        if STRATEGIES[self.strategy].uses_masks and self.search_mode == "train" and self.search_steps > self.local_steps:
             raise ValueError(
                 f"search_steps={self.search_steps} > local_steps={self.local_steps}: PerFIT's search must finish "
                 "within a client's first round; set search_steps <= local_steps."
             )
         self._check_fedamole()
+        if self.search_mode not in SEARCH_MODES:
+            raise ValueError(f"search_mode={self.search_mode!r} is not supported; allowed values: {SEARCH_MODES}.")
         decay = self.lr_decay_per_round
         if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0.0 < decay <= 1.0:
             raise ValueError(
@@ -219,9 +226,13 @@ class FederatedConfig:
                 **common,
                 expansion_factor=self.expansion_factor,
                 search_steps=self.search_steps,
-                prune_iterations=min(self.prune_iterations, self.search_steps),
+                prune_iterations=self.prune_iterations
+                if self.search_mode == "foresight"
+                else min(self.prune_iterations, self.search_steps),
                 importance=self.importance,
                 research_every=self.research_every,
+                search_mode=self.search_mode,
+                search_batches=self.search_batches,
             )
         return PerFITLoraConfig(
             **common, expansion_factor=1, init_lora_weights=True, search_steps=1, prune_iterations=1
