@@ -51,7 +51,9 @@ def _args(tmp_path, **kw):
 
 
 def test_sft_trainer_search_holds_budget_and_zeros(llama, tokenizer, tmp_path):
-    cfg = PerFITLoraConfig(r=4, target_modules=["q_proj", "v_proj"], search_steps=6, prune_iterations=3)
+    cfg = PerFITLoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], search_mode="train", search_steps=6, prune_iterations=3
+    )
     model = get_perfit_model(llama, cfg)
     checker = ZeroChecker()
     trainer = SFTTrainer(

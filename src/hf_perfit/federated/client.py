@@ -398,7 +398,9 @@ def client_update(
     meta = {**meta, "budget_multiplier": float(budget_multiplier)}
     if instruction.config.get("research"):
         masks, meta = None, {**meta, "search_step": 0, "prune_iterations_done": 0, "mask_uploaded": False}
-    if instruction.tensors is not None:
+    if instruction.config.get("seeded_init") and state is None:
+        tensors = initial_tensors  # the run's seeded init, rebuilt here: the server sends nothing (docs/perfit.md)
+    elif instruction.tensors is not None:
         tensors = instruction.tensors
     model.set_adapter_state(tensors, masks, meta)
     mu = float(instruction.config.get("proximal_mu", 0.0))

@@ -153,7 +153,8 @@ def uplink_bytes(update: ClientUpdate, dtype_bytes: int = 4) -> int:
 def downlink_bytes(instruction: ClientInstruction, dtype_bytes: int = 4, include_mask: bool = False) -> int:
     """Bytes a real deployment downloads for `instruction`.
 
-    `tensors=None` costs nothing. With a mask (PerFIT: the client's own, which it already holds) only the kept values
+    `tensors=None` costs nothing, and so does `config["seeded_init"]` (the run's seeded initial adapter, which the
+    client rebuilds from the seed; PerFIT's first round, docs/perfit.md). With a mask (PerFIT: the client's own, which it already holds) only the kept values
     are sent (`kept · dtype_bytes`); without one the tensors are dense.
 
     Args:
@@ -164,7 +165,7 @@ def downlink_bytes(instruction: ClientInstruction, dtype_bytes: int = 4, include
     Returns:
         `int`: number of bytes.
     """
-    if instruction.tensors is None:
+    if instruction.tensors is None or instruction.config.get("seeded_init"):
         return 0
     if instruction.mask is None:
         return _dense_bytes(instruction.tensors, dtype_bytes)

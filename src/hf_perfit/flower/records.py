@@ -242,7 +242,9 @@ def encode_instruction(instruction: ClientInstruction, config: Mapping[str, Any]
     content = RecordDict()
     meta = ConfigRecord(dict(config or {}))
     meta["instruction-config"] = json.dumps(instruction.config, sort_keys=True)
-    encode_tensors(content, meta, instruction.tensors, instruction.mask)
+    # the run's seeded initial adapter: the client rebuilds it from the run config, nothing travels (docs/perfit.md)
+    seeded = bool(instruction.config.get("seeded_init"))
+    encode_tensors(content, meta, None if seeded else instruction.tensors, instruction.mask)
     content[META] = meta
     return content
 

@@ -12,6 +12,9 @@ from ..messages import ClientInstruction, ClientUpdate
 from .base import Strategy, check_like_global, check_nonnegative_int, register_strategy
 
 MASK_PREFIX = "mask/"
+SEEDED_INIT = "seeded_init"
+"""`ClientInstruction.config` flag: the tensors are the run's seeded initial adapter, which the client rebuilds
+locally (`client_update` uses its `initial_tensors`), so they are not sent (`downlink_bytes` counts 0)."""
 _GRAM_CHUNK = 1 << 22  # columns per float32 matmul chunk: counts stay < 2**24, hence exact
 
 
@@ -30,7 +33,8 @@ class PerFITStrategy(Strategy):
 
     A client whose mask is cached starts its round from its personalized model `θ_g ⊙ m_k` (exactly 0.0 outside the
     mask) with `mask=m_k`; a client the server has no mask of yet gets `θ_g` dense and `mask=None` (it runs its search
-    first). On a re-search round every sampled client gets `θ_g` dense, `mask=None` and
+    first), except before the first aggregation, when `θ_g` is still the seeded initial adapter: then the instruction
+    carries `config={"seeded_init": True}` and the client rebuilds `θ_g` from the run's seed (nothing is sent). On a re-search round every sampled client gets `θ_g` dense, `mask=None` and
     `config={"research": True}`: starting from its own masked model the search could never regrow a pruned element
     (its Taylor score `|0·g|` is 0), while `θ_g` carries the other clients' values there.
 
@@ -97,6 +101,12 @@ class PerFITStrategy(Strategy):
         research = self.is_research_round(round_idx)
         config: dict[str, Any] = {"research": True} if research else {}
         mask = self._masks.get(client_id)
+        if mask is None and self.last_round is None:
+            # Nothing aggregated yet: θ_g is still the run's seeded initial adapter, which the client regenerates from
+            # the run config (docs/perfit.md, "Communication"), so nothing is sent: 0 bytes instead of the dense
+            # expanded adapter (1,843,200 float32 = 7,372,800 B on SmolLM2-135M q/v, r=8, γ=4).
+            config[SEEDED_INIT] = True
+            return ClientInstruction(tensors=self.global_tensors, mask=None, config=config)
         if mask is None or research:
             return ClientInstruction(tensors=self.global_tensors, mask=None, config=config)
         tensors = {k: torch.where(mask[k], t, 0.0) for k, t in glob.items()}
