@@ -5,9 +5,11 @@ SmolLM2-135M-Instruct on `../shared/data/flan8` (one FLAN task category per clie
 evaluated on its own test split). Every method runs with the same rounds, local steps, batch, learning rate, seed and
 the same trainable-parameter budget per client (that of a rank-r LoRA on the same target modules): `local`, `fedit`,
 `fedprox`, `fedmut`, `fedqp` train exactly a rank-r LoRA; `perfit` expands it γ× and prunes back to the rank-r budget;
-`fedamole` (a shared expert, the router projection `P` and the assigned domain experts per module) gets the expert
-rank and pool size whose trainable parameters per client come closest to the budget (chosen from the model's module
-shapes, see `fedamole_equal_budget`; stated in the table). The `base` row is the model without an adapter.
+`fedamole` runs the authors' expert pool (rank-r experts, E = 30 per module, each to 2 clients, 2..8 per client: the
+recipe's), and the table states its trainable parameters per client against the rank-r budget (`fedamole_pool`;
+about 9.6× on SmolLM2 q/v) instead of shrinking the experts to fit the budget (rank-1 experts collapse its
+reverse-selection assignment). The optional `perfit-hetero` row is PerFIT with per-client budget multipliers
+(`--perfit-budget-multipliers`, the paper's resource heterogeneity). The `base` row is the model without an adapter.
 
 Each method is run through `hf_perfit.federated` (`FederatedSimulation(config).run()`, i.e. `run_federated`) into
 `<output-root>/<method>`. A finished run there (same settings) is reused, a partial one resumed (`resume=True`), so
@@ -79,7 +81,9 @@ PLOT_PATH = DOC_PATH.parent / PLOT_NAME
 # The human reading of the table (where PerFIT wins, where not, why): kept in its own file so that rebuilding the
 # generated section never loses it; included verbatim under "Analysis" for the real benchmark (not --tiny).
 ANALYSIS_PATH = DOC_PATH.parent / "quality_analysis.md"
-METHODS = ("local", "fedit", "fedprox", "perfit", "fedamole", "fedmut", "fedqp")
+HETERO = "perfit-hetero"  # PerFIT with per-client budget multipliers (run only with --perfit-budget-multipliers)
+METHODS = ("local", "fedit", "fedprox", "perfit", "fedamole", "fedmut", "fedqp", HETERO)
+STRATEGY_OF = {HETERO: "perfit"}  # a row's strategy when it is not the row's name
 ROWS = ("base", *METHODS)
 PRESET = "smollm2-135m-instruct"
 FLAN8 = REPO_ROOT.parent / "shared" / "data" / "flan8"
@@ -109,6 +113,9 @@ PER_METHOD_KEYS = frozenset(
         "prune_iterations",
         "importance",
         "research_every",
+        "search_mode",
+        "search_batches",
+        "budget_multipliers",
     }
 )
 """Config keys that differ between methods by design (everything else must be the same in every run)."""
@@ -135,9 +142,13 @@ class Settings:
         seed (`int`): the run seed (initial adapter, data order, sampling, FedMut/FedQP/FedAMoLE randomness).
         lora_r (`int`), lora_alpha (`int`), targets (`list[str]`): the rank-r LoRA every method's budget is based on.
         expansion_factor (`int`), search_steps (`int`), prune_iterations (`int`), importance (`str`): PerFIT's search
-            (`search_steps` 0 means all of the first round's local steps).
-        fedamole_rank (`int`), fedamole_experts (`int`): FedAMoLE's expert rank and pool size per module; 0 chooses
-            both for the closest match to the budget.
+            (`search_steps` 0 means all of the first round's local steps; used by `search_mode="train"` only).
+        search_mode (`str`), search_batches (`int`): PerFIT's search mode (`foresight`, the paper's, or `train`) and
+            the batches its foresight search scores.
+        perfit_budget_multipliers (`list[float]`): one budget multiplier per client for the `perfit-hetero` row
+            (empty: the row is not run).
+        fedamole_rank (`int`), fedamole_experts (`int`): FedAMoLE's expert rank and pool size per module; 0 takes the
+            authors' (rank `lora_r`, the recipe's E = 30).
         data (`str`): a per-client folder (FLAN-8 by default).
         split (`str`): `test` (the benchmark) or `validation` (held-out training examples, for tuning).
         validation_examples (`int`): held-out training examples per client with `split="validation"`.
@@ -163,6 +174,9 @@ class Settings:
     fedamole_rank: int = 0
     fedamole_experts: int = 0
     data: str = str(FLAN8)
+    search_mode: str = "foresight"
+    search_batches: int = 8
+    perfit_budget_multipliers: list[float] = field(default_factory=list)
     split: str = "test"
     validation_examples: int = 50
     tiny: bool = False
@@ -207,6 +221,9 @@ FLAGS: dict[str, str] = {
     "data": "--data",
     "split": "--split",
     "validation_examples": "--validation-examples",
+    "search_mode": "--search-mode",
+    "search_batches": "--search-batches",
+    "perfit_budget_multipliers": "--perfit-budget-multipliers",
 }
 """Settings field -> command-line flag."""
 
@@ -217,7 +234,9 @@ def available_methods() -> dict[str, str | None]:
         from hf_perfit.federated import STRATEGIES
     except ImportError as err:  # pragma: no cover - the package itself is broken
         return {m: f"hf_perfit.federated does not import: {err}" for m in METHODS}
-    return {m: None if m in STRATEGIES else "strategy not registered in this version" for m in METHODS}
+    return {
+        m: None if STRATEGY_OF.get(m, m) in STRATEGIES else "strategy not registered in this version" for m in METHODS
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -330,59 +349,53 @@ def mole_params(shapes: list[tuple[int, int]], rank: int, experts: float) -> flo
     return sum(rank * ((1 + experts) * (d_in + d_out) + d_in) for d_in, d_out in shapes)
 
 
-def fedamole_equal_budget(
+def fedamole_pool(
     shapes: list[tuple[int, int]],
     lora_r: int,
     num_clients: int,
-    clients_per_expert: int = 2,
-    top_k: int = 2,
+    recipe: dict[str, Any],
     rank: int = 0,
     num_experts: int = 0,
 ) -> dict[str, Any]:
-    """FedAMoLE's expert rank and pool size whose trainable parameters per client come closest to the rank-r LoRA
-    budget `lora_r · Σ (d_in + d_out)`.
+    """FedAMoLE's expert pool as the authors run it (the recipe's: rank-`lora_r` experts, E = 30, each expert to
+    `clients_per_expert` = 2 clients, 2..8 experts per client and module), and its trainable parameters per client
+    against the rank-r LoRA budget `lora_r · Σ (d_in + d_out)`. `rank`/`num_experts` > 0 override the rank and E.
 
-    Every expert goes to exactly `clients_per_expert` of the `num_clients` clients, so a client holds
-    `E·k/C` experts per module on average; the per-client range is set to `[floor, ceil]` of that, so every client
-    is within one expert per module of the mean. Searched: rank 1..lora_r and E up to 8·C with at least `top_k`
-    experts per client (a real mixture), ties to the larger rank; `rank`/`num_experts` > 0 fix that value.
+    Every expert goes to exactly `clients_per_expert` of the `num_clients` clients, so a client holds `E·k/C`
+    experts per module on average (7.5 for 8 clients).
 
     Returns:
-        `dict` with `rank`, `num_experts`, `experts_min`, `experts_max`, `experts_mean`, `params_mean`, `budget`,
-        `ratio` (mean / budget) and, for reference, `recipe_ratio` (the recipe's rank-`lora_r` experts, E=30).
+        `dict` with `rank`, `num_experts`, `clients_per_expert`, `experts_min`, `experts_max`, `experts_mean`,
+        `params_mean` (trainable per client, mean), `budget` and `ratio` (mean / budget).
+
+    Raises:
+        ValueError: the pool has no assignment for these clients (the message says which constraint fails).
     """
     from hf_perfit.mole.assignment import assignment_error
 
+    r = rank or lora_r
+    e = num_experts or int(recipe.get("num_experts", 30))
+    k = int(recipe.get("clients_per_expert", 2))
+    lo, hi = int(recipe.get("experts_per_client_min", 2)), int(recipe.get("experts_per_client_max", 8))
+    if not num_experts:  # too few clients for the recipe's pool (e.g. --tiny's 3): the largest pool that fits
+        while e > 1 and assignment_error(e, num_clients, k, lo, hi) is not None:
+            e -= 1
+    error = assignment_error(e, num_clients, k, lo, hi)
+    if error is not None:
+        raise ValueError(f"FedAMoLE with E={e}, {k} clients per expert and {num_clients} clients: {error}")
     budget = lora_r * sum(d_in + d_out for d_in, d_out in shapes)
-    best = None
-    for min_experts in (top_k, 1):
-        for r in [rank] if rank else range(1, lora_r + 1):
-            for e in [num_experts] if num_experts else range(1, 8 * num_clients + 1):
-                mean = e * clients_per_expert / num_clients
-                lo, hi = math.floor(mean), math.ceil(mean)
-                if lo < min_experts or assignment_error(e, num_clients, clients_per_expert, lo, hi) is not None:
-                    continue
-                params = mole_params(shapes, r, mean)
-                key = (abs(params / budget - 1.0), -r, e)
-                if best is None or key < best[0]:
-                    best = (key, r, e, lo, hi, mean, params)
-        if best is not None:
-            break
-    if best is None:
-        raise ValueError(f"no FedAMoLE expert pool fits {num_clients} clients with {clients_per_expert} per expert.")
-    _, r, e, lo, hi, mean, params = best
-    recipe_mean = 30 * clients_per_expert / num_clients
+    mean = e * k / num_clients
+    params = mole_params(shapes, r, mean)
     return {
         "rank": r,
         "num_experts": e,
-        "clients_per_expert": clients_per_expert,
+        "clients_per_expert": k,
         "experts_min": lo,
         "experts_max": hi,
         "experts_mean": mean,
         "params_mean": params,
         "budget": budget,
         "ratio": params / budget,
-        "recipe_ratio": mole_params(shapes, lora_r, recipe_mean) / budget,
     }
 
 
@@ -401,14 +414,15 @@ def _recipe(method: str) -> dict[str, Any]:
 def method_config(method: str, s: Settings, data: Path, out: Path, budget: dict | None = None):
     """The `FederatedConfig` of one method's run: the common settings, plus what the method's FLAN-8 recipe sets
     for it (FedProx's μ, FedMut/FedQP's mutation options with β decaying over the first half of the rounds,
-    FedAMoLE's routing), plus FedAMoLE's equal-budget expert pool (`budget`, from [`fedamole_equal_budget`])."""
+    FedAMoLE's routing), plus FedAMoLE's expert pool (`budget`, from [`fedamole_pool`]). The `perfit-hetero` row is
+    PerFIT with `budget_multipliers`."""
     from hf_perfit.federated import FederatedConfig
 
     num_clients = TINY_CLIENTS if s.tiny else len(list(data.glob("local_training_*.json*")))
     kw: dict[str, Any] = dict(
         model_name_or_path="tiny-random-llama" if s.tiny else PRESET,
         dataset_name=str(data),
-        strategy=method,
+        strategy=STRATEGY_OF.get(method, method),
         num_clients=num_clients,
         num_rounds=s.rounds,
         fraction_clients=1.0,
@@ -425,16 +439,25 @@ def method_config(method: str, s: Settings, data: Path, out: Path, budget: dict 
         max_eval_examples=s.eval_examples,
         eval_batch_size=8,
     )
-    recipe = _recipe(method)
-    if method == "perfit":
+    recipe = _recipe(STRATEGY_OF.get(method, method))
+    if method in ("perfit", HETERO):
         search = s.search_steps or s.local_steps
         kw.update(
             expansion_factor=s.expansion_factor,
             search_steps=search,
-            prune_iterations=min(s.prune_iterations, search),
+            prune_iterations=min(s.prune_iterations, search) if s.search_mode == "train" else s.prune_iterations,
             importance=s.importance,
             research_every=0,
+            search_mode=s.search_mode,
+            search_batches=s.search_batches,
         )
+        if method == HETERO:
+            if len(s.perfit_budget_multipliers) != num_clients:
+                raise ValueError(
+                    f"the {HETERO} row needs one budget multiplier per client ({num_clients}); got "
+                    f"--perfit-budget-multipliers {s.perfit_budget_multipliers}."
+                )
+            kw["budget_multipliers"] = [float(b) for b in s.perfit_budget_multipliers]
     elif method == "fedprox":
         kw["proximal_mu"] = float(recipe.get("proximal_mu", 0.01))
     elif method in ("fedmut", "fedqp"):
@@ -568,12 +591,11 @@ def run_method(method: str, s: Settings, root: Path, data: Path, client_ids: lis
     out = root / method
     budget = None
     if method == "fedamole":
-        budget = fedamole_equal_budget(
+        budget = fedamole_pool(
             target_shapes(s),
             s.lora_r,
             len(client_ids),
-            clients_per_expert=int(_recipe("fedamole").get("clients_per_expert", 2)),
-            top_k=int(_recipe("fedamole").get("mole_top_k", 2)),
+            _recipe("fedamole"),
             rank=s.fedamole_rank,
             num_experts=s.fedamole_experts,
         )
@@ -810,15 +832,26 @@ def _settings_lines(ref: dict, results: dict[str, dict], rouge_settings: dict | 
         pc = p["config"]
         lines.append(
             f"- perfit: expansion_factor {pc['expansion_factor']} (rank {pc['expansion_factor'] * pc['lora_r']}), "
-            f"symmetric init, {pc['importance']} importance, searched over the first {pc['search_steps']} local steps "
-            f"in {pc['prune_iterations']} pruning iterations back to the rank-{pc['lora_r']} budget, mask fixed after"
+            f"symmetric init, {pc['importance']} importance, "
+            + (
+                f"searched over the first {pc['search_steps']} local steps"
+                if pc.get("search_mode") == "train"
+                else f"foresight search on {pc.get('search_batches', 8)} local batches before training"
+            )
+            + f" in {pc['prune_iterations']} pruning iterations back to the rank-{pc['lora_r']} budget, mask fixed after"
+        )
+    h = results.get(HETERO)
+    if h:
+        lines.append(
+            f"- {HETERO}: perfit with per-client budget multipliers {h['config'].get('budget_multipliers')} "
+            "(client k keeps round(b_k · budget) elements, capped at the expanded size)"
         )
     fa = results.get("fedamole")
     if fa:
         fc, b = fa["config"], fa.get("budget") or {}
         extra = (
-            f"; expected {b['params_mean']:,.0f} trainable per client on average = {b['ratio']:.3f}× the budget "
-            f"(the recipe's rank-{r} experts with E=30 would be {b['recipe_ratio']:.2f}×)"
+            f"; the authors' pool, not shrunk to the budget: {b['params_mean']:,.0f} trainable per client on average "
+            f"= {b['ratio']:.2f}× the rank-{r} budget"
             if b
             else ""
         )
@@ -1136,11 +1169,12 @@ def commands_for(s: Settings, root: Path, default_root: Path) -> list[str]:
         if name == "data" and Path(value).expanduser().resolve() == Path(default).resolve():
             continue
         if value != default:
-            flags += [flag, *(value if isinstance(value, list) else [str(value)])]
+            flags += [flag, *([str(v) for v in value] if isinstance(value, list) else [str(value)])]
     if root.resolve() != default_root.resolve():
         flags += ["--output-root", _rel(root)]
     base = ["python", "benchmarks/quality.py"]
-    return [shlex.join([*base, "--methods", m, *flags]) for m in ROWS] + [shlex.join([*base, "--report-only", *flags])]
+    rows = [m for m in ROWS if m != HETERO or s.perfit_budget_multipliers]
+    return [shlex.join([*base, "--methods", m, *flags]) for m in rows] + [shlex.join([*base, "--report-only", *flags])]
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
@@ -1178,8 +1212,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--search-steps", type=int, help="PerFIT's search steps (default: all first-round local steps)")
     p.add_argument("--prune-iterations", type=int)
     p.add_argument("--importance", choices=["taylor1", "taylor2", "mixed"])
-    p.add_argument("--fedamole-rank", type=int, help="FedAMoLE expert rank (default: chosen for the budget)")
-    p.add_argument("--fedamole-experts", type=int, help="FedAMoLE experts per module (default: chosen)")
+    p.add_argument("--fedamole-rank", type=int, help="FedAMoLE expert rank (default: lora_r, the authors')")
+    p.add_argument("--fedamole-experts", type=int, help="FedAMoLE experts per module (default: the recipe's 30)")
+    p.add_argument("--search-mode", choices=["foresight", "train"], help="PerFIT's search mode (default foresight)")
+    p.add_argument("--search-batches", type=int, help="batches PerFIT's foresight search scores (default 8)")
+    p.add_argument(
+        "--perfit-budget-multipliers",
+        nargs="+",
+        type=float,
+        help=f"one budget multiplier per client: runs the {HETERO} row (e.g. 0.5 0.5 1 1 1 1 2 2)",
+    )
     p.add_argument("--data", help=f"per-client folder (default: {_rel(FLAN8)}, i.e. ../shared/data/flan8)")
     p.add_argument(
         "--split",
@@ -1224,6 +1266,10 @@ def main(argv: list[str] | None = None) -> int:
         unavailable = available_methods()
         base_cache: dict[str, Any] = {}
         for row in [r for r in ROWS if r in args.methods]:
+            if row == HETERO and not s.perfit_budget_multipliers:
+                if args.methods != list(ROWS):  # asked for by name
+                    print(f"[{row}] skipped: give --perfit-budget-multipliers (one per client)")
+                continue
             if row != "base" and unavailable[row]:
                 print(f"[{row}] not available: {unavailable[row]}")
                 continue

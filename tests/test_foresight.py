@@ -14,8 +14,8 @@ from hf_perfit.federated.comm import downlink_bytes, packed_mask_bytes
 from hf_perfit.federated.config import FederatedConfig
 from hf_perfit.federated.strategies import get_strategy
 
-from .conftest import build_tokenizer, tiny_llama
-from .test_simulation import _cfg, _clients, _run
+from .conftest import tiny_llama
+from .test_simulation import _cfg, _run
 from .test_trainer import _args, _dataset
 
 
@@ -124,7 +124,8 @@ def test_split_pair_keeps_the_output_while_element_wise_pruning_jumps():
         h = m.shape[dim] // 2
         m1, m2 = m.narrow(dim, 0, h), m.narrow(dim, h, h)
         for half, mh in ((0, m1 & ~m2), (h, m2 & ~m1)):
-            lone += list(zip(p.detach().narrow(dim, half, h)[mh].tolist(), p.grad.narrow(dim, half, h)[mh].tolist()))
+            values, grads = p.detach().narrow(dim, half, h)[mh], p.grad.narrow(dim, half, h)[mh]
+            lone += list(zip(values.tolist(), grads.tolist(), strict=True))
     assert len(lone) == 1 and lone[0][0] == 0.0 and lone[0][1] != 0.0
 
 

@@ -97,7 +97,7 @@ def test_bad_config_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="unknown config keys.*lora_rank"):
         FederatedConfig.from_dict({"lora_rank": 4})
     with pytest.raises(ValueError, match="search_steps=8 > local_steps=4"):
-        FederatedConfig(strategy="perfit", local_steps=4, search_steps=8)
+        FederatedConfig(strategy="perfit", local_steps=4, search_steps=8, search_mode="train")
     empty = _clients()
     empty[1] = ClientData("client_1", empty[1].train.select([]), empty[1].test, ["c1"])
     with pytest.raises(ValueError, match="client client_1 has no training examples"):

@@ -96,7 +96,9 @@ class PerFITLoraConfig(LoraConfig):
     research_every: int = field(default=0, metadata={"help": "Re-run the search every N rounds (0: never)."})
     search_mode: str = field(
         default="foresight",
-        metadata={"help": "'foresight' (score before training, train only the kept) or 'train' (prune while training)."},
+        metadata={
+            "help": "'foresight' (score before training, train only the kept) or 'train' (prune while training)."
+        },
     )
     search_batches: int = field(default=8, metadata={"help": "Batches scored by the foresight search."})
 

@@ -14,7 +14,6 @@ from ..config import SEARCH_MODES, PerFITLoraConfig
 from ..mole.config import MoLEConfig
 from .strategies import STRATEGIES
 
-
 _PERFIT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PerFITLoraConfig)}
 
 
@@ -112,7 +111,11 @@ class FederatedConfig:
             for index, value in enumerate(self.budget_multipliers):
                 # b_k scales client k's budget r·(d_in + d_out): 0 or less keeps nothing to train (docs/perfit.md)
                 _check_range(f"budget_multipliers[{index}]", value, 0.0, math.inf, True, True)
-        if STRATEGIES[self.strategy].uses_masks and self.search_mode == "train" and self.search_steps > self.local_steps:
+        if (
+            STRATEGIES[self.strategy].uses_masks
+            and self.search_mode == "train"
+            and self.search_steps > self.local_steps
+        ):
             raise ValueError(
                 f"search_steps={self.search_steps} > local_steps={self.local_steps}: PerFIT's search must finish "
                 "within a client's first round; set search_steps <= local_steps."
