@@ -7,7 +7,7 @@ the same trainable-parameter budget per client (that of a rank-r LoRA on the sam
 `fedprox`, `fedmut`, `fedqp` train exactly a rank-r LoRA; `perfit` expands it γ× and prunes back to the rank-r budget;
 `fedamole` runs the authors' expert pool (rank-r experts, E = 30 per module, each to 2 clients, 2..8 per client: the
 recipe's), and the table states its trainable parameters per client against the rank-r budget (`fedamole_pool`;
-about 9.6× on SmolLM2 q/v) instead of shrinking the experts to fit the budget (rank-1 experts collapse its
+about 9.1× on SmolLM2 q/v) instead of shrinking the experts to fit the budget (rank-1 experts collapse its
 reverse-selection assignment). The optional `perfit-hetero` row is PerFIT with per-client budget multipliers
 (`--perfit-budget-multipliers`, the paper's resource heterogeneity). The `base` row is the model without an adapter.
 

@@ -442,7 +442,7 @@ def test_halfspace_projection_matches_kkt_solver(seed):
     assert changed
     assert float(p @ g) == pytest.approx(0.0, abs=1e-10)
     assert torch.allclose(p, kkt_halfspace_projection(m, g), rtol=0, atol=1e-12)
-    assert torch.allclose(p, m - (m @ g) / (g @ g) * g, rtol=0, atol=1e-14)  # the closed form of DESIGN §4
+    assert torch.allclose(p, m - (m @ g) / (g @ g) * g, rtol=0, atol=1e-14)  # the closed form of docs/fedmut.md
     # a feasible mutation is kept as is; g = 0 leaves every mutation alone
     kept, changed = project_mutation(unflatten(-m, keys), unflatten(g, keys))
     assert not changed and torch.equal(flat(kept, keys), -m)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from hf_perfit.federated.comm import downlink_bytes
 from hf_perfit.federated.messages import ClientInstruction, ClientUpdate
 from hf_perfit.federated.strategies import (
     STRATEGIES,
@@ -299,7 +300,8 @@ def test_perfit_downlink_is_personalized_and_exactly_zero_outside_mask():
     masks = random_masks(3, 0.3)
     state = random_state(4)
     unknown = s.configure_client("a", 0)
-    assert unknown.mask is None and unknown.config == {}
+    # before any aggregation θ_g is the seeded init: flagged, so nothing is sent (docs/perfit.md)
+    assert unknown.mask is None and unknown.config == {"seeded_init": True} and downlink_bytes(unknown) == 0
     assert all(torch.equal(unknown.tensors[k], init[k]) for k in init)
 
     s.aggregate(0, [ClientUpdate("a", 7, masked(state, masks), masks=masks, mask_changed=True)])
@@ -315,8 +317,8 @@ def test_perfit_downlink_is_personalized_and_exactly_zero_outside_mask():
         assert torch.equal(g[k][~masks[k]], init[k][~masks[k]])
     inst.mask[next(iter(SHAPES))].fill_(False)  # the instruction is a copy
     assert torch.equal(s.client_mask("a")[next(iter(SHAPES))], masks[next(iter(SHAPES))])
-    other = s.configure_client("b", 1)
-    assert other.mask is None
+    other = s.configure_client("b", 1)  # joins after an aggregation: θ_g dense, sent in full
+    assert other.mask is None and other.config == {} and downlink_bytes(other) == 4 * sum(g[k].numel() for k in g)
 
 
 def test_perfit_mask_cache():
@@ -380,7 +382,7 @@ def test_perfit_research_rounds():
     assert s.configure_client("a", 4).mask is not None
     never = PerFITStrategy()
     never.initialize(random_state(0))
-    assert not any(never.configure_client("a", r).config for r in range(10))
+    assert not any(never.configure_client("a", r).config.get("research") for r in range(10))
 
 
 def test_perfit_overlap_metrics_hand_example():

@@ -130,7 +130,7 @@ class FedMutStrategy(FedITStrategy):
 
     Args:
         mutation_alpha (`float`, *optional*, defaults to 1.0): the mutation radius `α` (>= 0; 0 is plain FedIT).
-            DESIGN's 4 is for full models; for LoRA, 1.0 is the largest `α` for which no mutated `B` of round 1 flips
+            The paper's 4 is for full models; for LoRA, 1.0 is the largest `α` for which no mutated `B` of round 1 flips
             the sign of the global `B` (docs/fedmut.md).
         mutation_beta0 (`float`, *optional*, defaults to 0.3): `β₀`, in [0, 1].
         mutation_beta_rounds (`int`, *optional*, defaults to 50): `T_b` (>= 0); updates produced from round `T_b` on
