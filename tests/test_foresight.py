@@ -153,10 +153,11 @@ def test_sft_trainer_runs_the_search_first_and_trains_only_the_kept(llama, token
     assert 0 < moved <= model.trainable_budget()
 
 
-def test_federated_round_0_sends_no_more_than_the_budget(tmp_path):
+@pytest.mark.parametrize("mode", ["foresight", "train"])
+def test_federated_round_0_sends_no_more_than_the_budget(tmp_path, mode):
     """Round 0 downloads nothing (the seeded init is rebuilt by the client), trains the kept elements only, and
-    uploads the kept values plus the packed mask once."""
-    cfg = _cfg(tmp_path, "perfit", num_rounds=2, search_batches=2)
+    uploads the kept values plus the packed mask once; the federated client runs either search mode."""
+    cfg = _cfg(tmp_path, "perfit", num_rounds=2, search_batches=2, search_mode=mode)
     _run(cfg)
     out = tmp_path / "perfit"
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
