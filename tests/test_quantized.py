@@ -25,7 +25,9 @@ def test_4bit_base(llama_dir, batch):
     # even without any adapter), so compare like with like: no_grad both times.
     with torch.no_grad():
         ref = base(batch).logits.clone()
-    model = get_perfit_model(base, PerFITLoraConfig(r=4, target_modules=["q_proj", "v_proj"], search_steps=4))
+    model = get_perfit_model(
+        base, PerFITLoraConfig(r=4, target_modules=["q_proj", "v_proj"], search_mode="train", search_steps=4)
+    )
     with torch.no_grad():
         assert (model(batch).logits - ref).abs().max().item() <= 1e-6
     model.train()  # undoes bitsandbytes' CPU inference packing done by the eval-mode forwards above
@@ -38,7 +40,9 @@ def test_4bit_eval_then_train_without_train_mode_is_an_error(llama_dir, batch):
     """bitsandbytes' CPU inference kernel has no backward; forgetting model.train() must fail loudly."""
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
     base = LlamaForCausalLM.from_pretrained(llama_dir, quantization_config=quant, device_map="cpu")
-    model = get_perfit_model(base, PerFITLoraConfig(r=4, target_modules=["q_proj", "v_proj"], search_steps=4))
+    model = get_perfit_model(
+        base, PerFITLoraConfig(r=4, target_modules=["q_proj", "v_proj"], search_mode="train", search_steps=4)
+    )
     with torch.no_grad():
         model.eval()(batch)
     model(batch, labels=batch).loss.backward()

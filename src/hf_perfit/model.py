@@ -401,17 +401,17 @@ class PerFITModel(PeftModel):
     def before_optimizer_step(self) -> None:
         """Call after `backward()` (and gradient clipping), before `optimizer.step()`: accumulates importance during
         a `search_mode="train"` search and masks the gradients of pruned elements."""
-        if self.is_searching and self.perfit_config.search_mode == "foresight":
-            raise RuntimeError(
-                "PerFIT's search_mode='foresight' prunes before training, but this model has not searched yet: call "
-                "model.foresight_search(batches) before the first optimizer step (PerFITPruningCallback does it at "
-                "on_train_begin), or build the config with search_mode='train' to prune while training."
-            )
         if not any(p.grad is not None for p in self._params.values()):
             raise RuntimeError(
                 "no gradient reached the PerFIT LoRA parameters before the optimizer step. Call loss.backward() "
                 "first, and put the model in training mode with model.train() (on a bitsandbytes 4-bit base, an "
                 "eval-mode forward on CPU switches the layers to an inference kernel that has no backward)."
+            )
+        if self.is_searching and self.perfit_config.search_mode == "foresight":
+            raise RuntimeError(
+                "PerFIT's search_mode='foresight' prunes before training, but this model has not searched yet: call "
+                "model.foresight_search(batches) before the first optimizer step (PerFITPruningCallback does it at "
+                "on_train_begin), or build the config with search_mode='train' to prune while training."
             )
         if self.is_searching:
             self._tracker.update(self._params)
