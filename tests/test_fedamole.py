@@ -227,7 +227,7 @@ def test_balance_loss_and_statistics_of_a_training_forward():
     expected = 0.5 * torch.stack([r[0] for r in records]).sum()
     assert aux.item() == pytest.approx(expected.item(), rel=1e-5)
     # summed over the MoLE layers, as the authors' code accumulates it: not the mean (len(records)x smaller)
-    assert len(records) == 4 and aux.item() > 0.5 * 3.5 * float(min(r[0] for r in records))
+    assert len(records) == 4 and aux.item() > 0.5 * 3.5 * min(r[0].item() for r in records)
     extras = model.client_extras()
     assert extras[NUM_TOKENS_KEY].item() == 10  # the two padding tokens do not count
     w = mask.float()[..., None]
