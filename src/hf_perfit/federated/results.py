@@ -8,14 +8,13 @@ package files from outside the run folder."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .plots import read_metrics
+from .run import RunFolder, read_metrics
 
 
 def run_summary(run_dir: str | os.PathLike) -> dict:
@@ -33,8 +32,7 @@ def run_summary(run_dir: str | os.PathLike) -> dict:
     last = max(r["round"] for r in trained)
     base = {r["client"]: float(r["perplexity"]) for r in clients if r["round"] == -1}
     final = {r["client"]: float(r["perplexity"]) for r in trained if r["round"] == last}
-    config_path = Path(run_dir) / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = RunFolder(run_dir).read_config()
     return {
         "strategy": trained[0]["strategy"],
         "rounds": last + 1,
@@ -135,7 +133,7 @@ def load_finished_run(run_dir: str | Path) -> FinishedRun:
                 f"{path} is not a federated run folder: {name} is missing. Pass the output_dir "
                 "that `perfit federate` wrote."
             )
-    config = json.loads((path / "config.json").read_text())
+    config = RunFolder(path).read_config()
     records = read_metrics(path)
     ppl: dict[str, dict[int, float]] = {}
     for rec in records:
