@@ -42,7 +42,14 @@ A transport implements [`Transport`]. Its contract, for a port (e.g. Flower's `S
 - `adopt(r, job, result)`: a result of round `r` reused from disk after a restart (before `accept`).
 - `write_state(folder, previous)` / `restore_state(folder)` / `committed(folder)`: the transport's part of a
   checkpoint (the in-process transport writes the client states there; Flower can keep its cache of uploads).
-- `export(jobs)`: write each client's final adapter to `<output_dir>/clients/<client_id>/adapter`.
+- `export(jobs)`: write each client's final adapter to `<output_dir>/clients/<client_id>/adapter` (on the nodes for
+  Flower). It is called after the last checkpoint, also when a resumed run had nothing left to train, so a transport
+  that exports during the `final` evaluation must still export here when that evaluation did not run in this process.
+
+Base-model evaluation is `evaluate(-1, jobs)` with `job.base=True` (a transport may answer it from what it measured
+in `start()`, as Flower's hello does). Wiring a transport: `Coordinator(config, transport).run()`; the constructor
+runs the non-destructive output-folder checks ([`check_output_dir`]) and `run()` calls [`Coordinator.prepare`]
+(`transport.start()`, then overwrite/resume/fresh start) before the first round.
 - `is_main_process` / `barrier()`: multi-process launches (only the main process writes files).
 """
 
@@ -329,6 +336,7 @@ class Coordinator:
         if len(set(self.client_ids)) != len(self.client_ids):
             raise ValueError(f"the clients' ids are not unique: {self.client_ids}.")
         self.initial_tensors = roster.initial_tensors
+        self.transport.barrier()  # every process checked the output folder before the main one changes it
         if cfg.resume:
             self._restore()
         else:
