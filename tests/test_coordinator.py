@@ -18,7 +18,7 @@ from .conftest import build_tokenizer, tiny_llama
 from .test_fedmut import _clients
 
 REFERENCE = Path(__file__).parent / "data" / "engine_reference.safetensors"
-# The runs the reference holds: adapters exported by the engine before the coordinator (commit ffafa24), on CPU.
+# The runs the reference holds: adapters exported by the engine before the coordinator (main at 8f9ee7d), on CPU.
 CASES = {
     "perfit": dict(strategy="perfit", budget_multipliers=[1.0, 1.0, 2.0]),
     "fedit": dict(strategy="fedit"),
