@@ -56,6 +56,7 @@ STRATEGY_FILE = "strategy.safetensors"
 COORDINATOR_FILE = "coordinator.json"
 FLOWER_REPORT_FILE = "flower_run.json"
 RUN_FORMAT = "hf_perfit-run"
+INFO_KEY = "i/info"  # a round result's bookkeeping (JSON bytes) inside a client-state file
 
 _CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
@@ -196,7 +197,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 def save_client_state(path: str | os.PathLike, state, extra: dict[str, torch.Tensor] | None = None, info=None) -> Path:
     """Write a client's adapter state atomically: LoRA tensors under `t/`, keep-masks as uint8 under `m/`, the search
-    progress as the JSON metadata `meta`; `extra` tensors (kept under their own prefixes) and `info` (JSON metadata)
+    progress as the JSON metadata `meta`; `extra` tensors (kept under their own prefixes) and `info` (JSON, stored as a uint8 tensor)
     ride along (the coordinator's per-client round results use them).
 
     Returns:
@@ -206,9 +207,11 @@ def save_client_state(path: str | os.PathLike, state, extra: dict[str, torch.Ten
     blob = {f"t/{k}": v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     blob.update({f"m/{k}": m.detach().to("cpu", torch.uint8).contiguous() for k, m in (masks or {}).items()})
     blob.update({k: v.detach().to("cpu").contiguous() for k, v in (extra or {}).items()})
+    # One metadata key only: safetensors writes the metadata map in a per-process random order (a Rust HashMap), so
+    # a second key would make identical runs differ in bytes. `info` travels as a uint8 tensor instead.
     metadata = {"meta": json.dumps(meta, sort_keys=True)}
     if info is not None:
-        metadata["info"] = json.dumps(info, sort_keys=True)
+        blob[INFO_KEY] = torch.tensor(list(json.dumps(info, sort_keys=True).encode("utf-8")), dtype=torch.uint8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp"
@@ -228,8 +231,9 @@ def load_client_state(path: str | os.PathLike, with_extra: bool = False):
     state = (tensors, masks, json.loads(metadata.get("meta", "{}")))
     if not with_extra:
         return state
-    extra = {k: v for k, v in blob.items() if not k.startswith(("t/", "m/"))}
-    return state, extra, json.loads(metadata["info"]) if "info" in metadata else None
+    extra = {k: v for k, v in blob.items() if not k.startswith(("t/", "m/")) and k != INFO_KEY}
+    info = json.loads(bytes(blob[INFO_KEY].tolist()).decode("utf-8")) if INFO_KEY in blob else None
+    return state, extra, info
 
 
 class ClientStateStore:
