@@ -279,6 +279,59 @@ def test_flower_simulation_matches_the_in_process_simulation(tmp_path, assets):
             assert r["bytes_up"] <= r["wire_bytes_up"] <= r["bytes_up"] + 8 * 256
 
 
+def test_a_users_server_app_wraps_fedit_in_flowers_client_side_dp(tmp_path, assets):
+    """A user's own ServerApp: HFPerFITStrategy (FedIT) inside Flower's DifferentialPrivacyClientSideFixedClipping,
+    the ClientApp with Flower's fixedclipping_mod, in Flower's simulation runtime (Flower's own `Strategy.start`
+    loop and `Grid.send_and_receive`). Every client's update is clipped to the norm, so each round moves θ_g by at
+    most that norm; the noised aggregate the wrapper releases is what the clients are evaluated on and export."""
+    from flwr.app import ArrayRecord
+    from flwr.clientapp.mod import fixedclipping_mod
+    from flwr.serverapp import ServerApp
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+    from flwr.simulation import run_simulation
+
+    from hf_perfit.flower.client_app import make_client_app
+    from hf_perfit.flower.records import arrays_to_tensors
+    from hf_perfit.flower.strategy import HFPerFITStrategy
+
+    clip = 1e-5  # far below an unclipped update of 4 steps at lr 5e-3
+    config = _config(assets, tmp_path / "dp", strategy="fedit", num_clients=2, num_rounds=2)
+    out: dict = {}
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context):
+        ours = HFPerFITStrategy(config)
+        dp = DifferentialPrivacyClientSideFixedClipping(
+            ours, noise_multiplier=1.0, clipping_norm=clip, num_sampled_clients=config.num_clients
+        )
+        out["result"] = dp.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=config.num_rounds)
+        out["strategy"] = ours
+
+    run_simulation(
+        server_app=server,
+        client_app=make_client_app(train_mods=[fixedclipping_mod]),
+        num_supernodes=config.num_clients,
+        backend_config={
+            "client_resources": {"num_cpus": 1.0},
+            "init_args": {"num_cpus": 2, "include_dashboard": False},
+        },
+    )
+    ours, result = out["strategy"], out["result"]
+    summaries = [r for r in _records(tmp_path / "dp") if r.get("summary") and r["round"] >= 0]
+    assert [s["round"] for s in summaries] == [0, 1]
+    for s in summaries:
+        assert s["failed_clients"] == {} and s["num_clients"] == 2.0
+        assert 0 < s["update_norm"] <= clip * (1 + 1e-4)  # the mean of clipped updates
+    released = arrays_to_tensors(result.arrays)  # the wrapper's noised aggregate
+    adopted = ours.strategy.global_tensors
+    assert released.keys() == adopted.keys() and all(torch.equal(released[k], adopted[k]) for k in adopted)
+    for cid in ("client_0", "client_1"):  # fedit: every client exports θ_g, the released one
+        exported = load_file(str(tmp_path / "dp" / "clients" / cid / "adapter" / "adapter_model.safetensors"))
+        for key, value in released.items():
+            torch.testing.assert_close(exported[key], value, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------- a real deployment on 127.0.0.1
 
 
