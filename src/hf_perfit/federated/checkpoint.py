@@ -78,11 +78,14 @@ def commit_checkpoint(run: RunFolder, tmp: Path, completed: int, pointer: dict[s
         `Path`: the committed folder.
     """
     files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
-    manifest = {
-        "format": CHECKPOINT_FORMAT,
-        "completed_rounds": int(completed),
-        "files": {p.relative_to(tmp).as_posix(): sha256_file(p) for p in files},
-    }
+    known = _linked_digests(run, completed)
+    digests = {}
+    for p in files:
+        rel = p.relative_to(tmp).as_posix()
+        stat = p.stat()
+        # a file hard-linked from the previous checkpoint (an unchanged client state) keeps its known digest
+        digests[rel] = known.get((rel, stat.st_dev, stat.st_ino)) or sha256_file(p)
+    manifest = {"format": CHECKPOINT_FORMAT, "completed_rounds": int(completed), "files": digests}
     atomic_write_json(tmp / MANIFEST_FILE, manifest)
     crash_point(f"checkpoint{completed}.after_manifest")
     final = run.round_dir(completed)
@@ -106,6 +109,24 @@ def commit_checkpoint(run: RunFolder, tmp: Path, completed: int, pointer: dict[s
     return final
 
 
+def _linked_digests(run: RunFolder, completed: int) -> dict[tuple[str, int, int], str]:
+    """`{(relative path, device, inode): sha256}` of the previous checkpoint's files (we never modify a file in
+    place, so the same inode holds the same bytes)."""
+    previous = run.round_dir(completed - 1)
+    try:
+        manifest = json.loads((previous / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for rel, digest in manifest.get("files", {}).items():
+        try:
+            stat = (previous / rel).stat()
+        except OSError:
+            continue
+        out[(rel, stat.st_dev, stat.st_ino)] = digest
+    return out
+
+
 def clean_state(run: RunFolder, keep: str, completed: int) -> None:
     """Delete every round folder but `keep`, pending folders of rounds before `completed`, and temp files."""
     if not run.state.is_dir():
@@ -122,6 +143,8 @@ def clean_state(run: RunFolder, keep: str, completed: int) -> None:
     for folder in run.state.glob("pending_*"):
         for tmp in folder.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
+    for tmp in run.root.glob(".*.tmp"):  # atomic writes of metrics.jsonl, config.json, ... cut short by a kill
+        tmp.unlink(missing_ok=True)
 
 
 def _suffix(name: str) -> int | None:
