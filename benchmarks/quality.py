@@ -579,15 +579,11 @@ def run_method(method: str, s: Settings, root: Path, data: Path, client_ids: lis
         )
     config = method_config(method, s, data, out, budget)
     status = run_status(out, config, client_ids)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / SETTINGS_FILE, dataclasses.asdict(s))  # same run config; ROUGE-L follows these settings
     if status == "finished":
+        _write_json(out / SETTINGS_FILE, dataclasses.asdict(s))  # same run config; ROUGE-L follows these settings
         print(f"[{method}] finished run in {out}: reused")
         return status
     config.resume = status == "partial"
-    clock = WallClock(out / WALL_FILE, fresh=status == "missing")
-    if budget is not None:
-        _write_json(out / BUDGET_FILE, budget)
     print(f"[{method}] {'resuming' if config.resume else 'starting'} {config.num_rounds} rounds in {out}")
     kwargs = {}
     if s.tiny:
@@ -609,8 +605,14 @@ def run_method(method: str, s: Settings, root: Path, data: Path, client_ids: lis
             clock.exported(time.perf_counter() - t0)
 
     t0 = time.perf_counter()
+    # the simulation checks and creates its run folder first: it refuses a non-empty folder that is not a run
     sim = TimedSimulation(config, **kwargs)
-    clock.start(sim.completed_rounds, time.perf_counter() - t0)
+    setup_s = time.perf_counter() - t0
+    _write_json(out / SETTINGS_FILE, dataclasses.asdict(s))  # same run config; ROUGE-L follows these settings
+    clock = WallClock(out / WALL_FILE, fresh=status == "missing")
+    if budget is not None:
+        _write_json(out / BUDGET_FILE, budget)
+    clock.start(sim.completed_rounds, setup_s)
     sim._mark = time.perf_counter()
     sim.run()
     print(f"[{method}] done: {wall_seconds(clock.data) / 60:.1f} min of run wall time over all sessions")

@@ -1,5 +1,6 @@
 """The in-process federated simulation end to end on a tiny model: strategies, outputs, exports, resume."""
 
+import dataclasses
 import json
 
 import pytest
@@ -67,9 +68,8 @@ def test_run_writes_metrics_and_plain_peft_adapters(tmp_path, strategy):
         assert densities["client_2"] == pytest.approx(2 * densities["client_0"])  # heterogeneous budget
     assert "| client_0 |" in (out / "results.md").read_text()
     # every exported adapter loads with plain PEFT and gives the logits the run evaluated
-    sim = FederatedSimulation(
-        _cfg(tmp_path, strategy, resume=True), model=tiny_llama(), tokenizer=build_tokenizer(), clients=_clients()
-    )
+    resumed = dataclasses.replace(cfg, resume=True)  # --resume refuses a config that changes the run
+    sim = FederatedSimulation(resumed, model=tiny_llama(), tokenizer=build_tokenizer(), clients=_clients())
     batch = torch.randint(3, 100, (2, 10))
     for c in ("client_0", "client_2"):
         sim._personalize(c, 1)
@@ -105,8 +105,6 @@ def test_bad_config_is_refused_before_training(tmp_path):
 
 
 def test_uploads_carry_only_tensors_counts_and_metrics(tmp_path, monkeypatch):
-    import dataclasses
-
     import hf_perfit.federated.simulation as sim_mod
 
     uploads = []

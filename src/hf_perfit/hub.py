@@ -439,8 +439,11 @@ def _load_run(run_dir: str | Path) -> _Run:
                 f"{path} is not a federated run folder: {name} is missing. Pass the output_dir that `perfit "
                 "federate` wrote."
             )
-    config = json.loads((path / "config.json").read_text())
-    records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from .federated.run import RunFolder, check_client_id
+
+    folder = RunFolder(path)
+    config = folder.read_config()
+    records = folder.read_metrics()
     strategy = str(config.get("strategy", "unknown"))
     num_rounds = int(config.get("num_rounds", 0))
     client_ids: list[str] = []
@@ -451,7 +454,7 @@ def _load_run(run_dir: str | Path) -> _Run:
         if rec.get("summary"):
             mean_ppl[int(rec["round"])] = float(rec["mean_perplexity"])
         elif "client" in rec:
-            cid = str(rec["client"])
+            cid = check_client_id(rec["client"])  # it becomes a path: clients/<cid>/adapter
             if int(rec["round"]) < 0:
                 base_ppl[cid] = float(rec["perplexity"])
                 if cid not in client_ids:

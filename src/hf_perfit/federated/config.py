@@ -61,6 +61,11 @@ class FederatedConfig:
     hub_private: bool = False
     resume: bool = False
     overwrite: bool = False
+    # ------------------------------------------------------------------ engine (docs/federated.md)
+    client_state_memory_mb: float = 2048.0  # client states kept in memory up to this size; beyond, read from disk
+    finetune_steps: int = 0  # after the last round, every client fine-tunes its personalized adapter this many steps
+    eval_clients: str = "auto"  # "all", "sampled" (the round's sampled clients; all in the last round), "auto"
+    eval_local_model: bool = False  # also evaluate each trained client's local adapter before aggregation
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -84,6 +89,7 @@ class FederatedConfig:
                 "within a client's first round; set search_steps <= local_steps."
             )
         self._check_fedamole()
+        self._check_engine()
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other; choose one.")
         if isinstance(self.strategy_options, str):  # from the command line: --strategy_options '{"mu": 0.1}'
@@ -128,6 +134,24 @@ class FederatedConfig:
             )
             if error is not None:
                 raise ValueError(f"strategy=fedamole with {sampled} clients per round: {error}")
+
+    def _check_engine(self) -> None:
+        """The engine keys: memory budget, fine-tuning steps, evaluation plan."""
+        mb = self.client_state_memory_mb
+        if isinstance(mb, bool) or not isinstance(mb, int | float) or not mb >= 0:
+            raise ValueError(f"client_state_memory_mb={mb!r} must be a number >= 0 (0 keeps every state on disk).")
+        steps = self.finetune_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"finetune_steps={steps!r} must be an integer >= 0 (0: no fine-tuning after the rounds).")
+        if self.eval_clients not in ("auto", "all", "sampled"):
+            raise ValueError(f"eval_clients={self.eval_clients!r} is unknown; allowed values: auto, all, sampled.")
+
+    def resolved_eval_clients(self) -> str:
+        """`"all"` or `"sampled"`: `auto` evaluates every client when every client trains (`fraction_clients == 1`)
+        and only the sampled ones otherwise, so a round's cost grows with the sampled clients, not all of them."""
+        if self.eval_clients != "auto":
+            return self.eval_clients
+        return "all" if self.fraction_clients >= 1.0 else "sampled"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FederatedConfig:

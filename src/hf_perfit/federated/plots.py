@@ -7,7 +7,6 @@ can be redrawn at any time with `perfit plot --run <output_dir>`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -16,16 +15,10 @@ from pathlib import Path
 
 import torch
 
+from .run import CLIENTS_DIR, check_client_id, read_metrics
+
 MASKS_FILE = "perfit_masks.safetensors"
 _MODULE_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_[AB]\.weight$")
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The records of a run's `metrics.jsonl`."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is {run_dir} the output_dir of a federated run?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def module_density(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -46,10 +39,11 @@ def client_module_density(run_dir: str | os.PathLike) -> dict[str, dict[str, flo
     from safetensors.torch import load_file
 
     out: dict[str, dict[str, float]] = {}
-    clients = Path(run_dir) / "clients"
+    clients = Path(run_dir) / CLIENTS_DIR
     if not clients.is_dir():
         return out
     for folder in sorted(p for p in clients.iterdir() if p.is_dir()):
+        check_client_id(folder.name)
         path = folder / "adapter" / MASKS_FILE
         if path.is_file():
             out[folder.name] = module_density(load_file(str(path)))

@@ -3,11 +3,9 @@ several runs on the same clients (`perfit compare --runs outputs/demo/fedit outp
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
-from .plots import read_metrics
+from .run import RunFolder
 
 
 def run_summary(run_dir: str | os.PathLike) -> dict:
@@ -17,7 +15,8 @@ def run_summary(run_dir: str | os.PathLike) -> dict:
         FileNotFoundError: no `metrics.jsonl` in `run_dir`.
         ValueError: the run has not completed a round yet.
     """
-    records = read_metrics(run_dir)
+    run = RunFolder(run_dir)
+    records = run.read_metrics()
     clients = [r for r in records if "client" in r]
     trained = [r for r in clients if r["round"] >= 0]
     if not trained:
@@ -25,8 +24,7 @@ def run_summary(run_dir: str | os.PathLike) -> dict:
     last = max(r["round"] for r in trained)
     base = {r["client"]: float(r["perplexity"]) for r in clients if r["round"] == -1}
     final = {r["client"]: float(r["perplexity"]) for r in trained if r["round"] == last}
-    config_path = Path(run_dir) / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = run.read_config()
     return {
         "strategy": trained[0]["strategy"],
         "rounds": last + 1,

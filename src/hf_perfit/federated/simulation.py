@@ -1,310 +1,288 @@
 """In-process federated simulation: many clients, one process, one shared base model, real rounds.
 
 The base model is loaded once and wrapped once in a `PerFITModel`; clients are swapped in and out by loading their
-adapter state (`set_adapter_state`), and every client's state lives on disk between rounds, versioned by round, so
-memory does not grow with the number of clients and a killed run resumes from its last completed round exactly.
+adapter state (`set_adapter_state`). The round itself (sampling, seeds, strategy, records, checkpoint) is the
+[`Coordinator`]'s; this module is its in-process transport, [`InProcessTransport`], and [`FederatedSimulation`], the
+coordinator wired to it. Client states stay in memory up to `client_state_memory_mb` and on disk in the run's
+checkpoint (each trained client's state is written once, as its round result; checkpoints hard-link it).
 """
 
 from __future__ import annotations
 
-import json
-import random
+import dataclasses
+import os
 import shutil
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from .._io import atomic_write_json, atomic_write_text
 from .client import client_update, evaluate_perplexity
 from .config import FederatedConfig
-from .messages import ClientUpdate
-from .plots import plot_run
+from .coordinator import Coordinator, EvalJob, FitJob, FitResult, Roster, RoundCallback, check_output_dir
+from .run import CLIENTS_DIR, RunFolder, load_client_state
 from .runtime import build_client_model, load_clients, load_model, local_training_args, tokenize_clients
-from .strategies import get_strategy
-
-CHECKPOINT_NAME = "checkpoint.json"
-STATE_DIR = "state"
 
 
-# ---------------------------------------------------------------------- client state on disk
+def _state_bytes(state) -> int:
+    tensors, masks, _ = state
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + sum(m.numel() for m in (masks or {}).values())
 
 
-def _client_dir(out: Path, cid: str) -> Path:
-    return out / STATE_DIR / "clients" / cid
+class InProcessTransport:
+    """The clients of a [`FederatedSimulation`]: one shared adapter model, client states swapped in and out.
+
+    Args:
+        config ([`FederatedConfig`]): the run.
+        model: the base model (wrapped here with the strategy's adapter).
+        tokenizer: its tokenizer.
+        clients (`list[ClientData]`): the clients' data, in partition order.
+    """
+
+    def __init__(self, config: FederatedConfig, model, tokenizer, clients: list) -> None:
+        from ..distributed import process_state
+
+        self.config = config
+        self.run_folder = RunFolder(config.output_dir)
+        # Under `accelerate launch --num_processes N` every process runs the coordinator in lockstep (same seed, same
+        # sampling, DDP keeps the adapters identical) and each client's training is data-parallel; only the main
+        # process writes files, and the others wait for it wherever they read what it wrote.
+        self._processes = process_state()
+        if len(clients) != config.num_clients:
+            raise ValueError(f"the data gives {len(clients)} clients but num_clients={config.num_clients}.")
+        self.clients = clients
+        self.tokenizer = tokenizer
+        self.train_sets, self.test_sets = tokenize_clients(clients, tokenizer, config)
+        self.model = build_client_model(model, config)
+        self.args = local_training_args(config)
+        self.init_tensors = self.model.get_adapter_state()[0]  # the seeded initial adapter, identical on resume
+        self._index = {c.client_id: i for i, c in enumerate(clients)}
+        self._budget_bytes = int(float(config.client_state_memory_mb) * 2**20)
+        self._cache: OrderedDict[str, Any] = OrderedDict()  # client -> state, least recently used first
+        self._cache_bytes = 0
+        self._disk: dict[str, Path] = {}  # client -> its accepted state's file
+        self._new: dict[str, tuple[Any, Path]] = {}  # this round's results, not accepted yet
+
+    # ------------------------------------------------------------------ Transport
+
+    @property
+    def is_main_process(self) -> bool:
+        return self._processes.is_main_process
+
+    def barrier(self) -> None:
+        self._processes.wait_for_everyone()
+
+    def start(self) -> Roster:
+        return Roster([c.client_id for c in self.clients], self.init_tensors, state_with_coordinator=True)
+
+    def fit(self, round_idx: int, jobs: Sequence[FitJob], on_result: Callable[[str, FitResult], None]):
+        for job in jobs:
+            args = (
+                self.args if job.local_steps is None else dataclasses.replace(self.args, local_steps=job.local_steps)
+            )
+            result = client_update(
+                self.model,
+                self.tokenizer,
+                self.train_sets[job.client_id],
+                job.instruction,
+                self.state(job.client_id),
+                args,
+                client_id=job.client_id,
+                initial_tensors=self.init_tensors,
+                uses_masks=job.uses_masks,
+                budget_multiplier=job.budget_multiplier,
+                seed=job.seed,
+            )
+            metrics: dict[str, Any] = {
+                "bytes_up": result.bytes_up,
+                "bytes_down": result.bytes_down,
+                "train_loss": result.train_loss,
+                "density": result.density,
+            }
+            if job.evaluate_local:  # the adapter exactly as trained, before the server folds it in
+                ev = evaluate_perplexity(
+                    self.model, self.tokenizer, self.test_sets[job.client_id], self.config.eval_batch_size
+                )
+                metrics["local_eval_loss"] = ev["eval_loss"]
+                metrics["local_perplexity"] = ev["perplexity"]
+            fit = FitResult(update=result.update, metrics=metrics, state=result.state)
+            self._new[job.client_id] = (result.state, self._pending_file(round_idx, job.client_id))
+            on_result(job.client_id, fit)
+        return {}
+
+    def adopt(self, round_idx: int, job: FitJob, result: FitResult) -> None:
+        self._new[job.client_id] = (result.state, self._pending_file(round_idx, job.client_id))
+
+    def accept(self, round_idx: int, accepted: Sequence[str], rejected: Sequence[str]) -> None:
+        for cid in accepted:
+            state, path = self._new.pop(cid)
+            self._disk[cid] = path
+            self._remember(cid, state)
+        for cid in rejected:
+            self._new.pop(cid, None)
+        self._new.clear()
+
+    def local_tensors(self, client_id: str) -> dict[str, torch.Tensor] | None:
+        state = self.state(client_id)
+        return None if state is None else state[0]
+
+    def evaluate(self, round_idx: int, jobs: Sequence[EvalJob]):
+        out = {}
+        for job in jobs:
+            cid = job.client_id
+            if job.base:
+                with self.model.disable_adapter():
+                    ev = evaluate_perplexity(
+                        self.model, self.tokenizer, self.test_sets[cid], self.config.eval_batch_size
+                    )
+            else:
+                self.load_adapter(cid, job.tensors, job.uses_masks)
+                ev = evaluate_perplexity(self.model, self.tokenizer, self.test_sets[cid], self.config.eval_batch_size)
+            metrics = {
+                "eval_loss": ev["eval_loss"],
+                "perplexity": ev["perplexity"],
+                "num_examples": len(self.train_sets[cid]),
+            }
+            if not job.base and job.uses_masks:
+                metrics["density"] = self.model.density()
+            out[cid] = metrics
+        return out, {}
+
+    def export(self, jobs: Sequence[EvalJob]) -> None:
+        from .run import crash_point
+
+        if self.is_main_process:
+            for job in jobs:
+                self.load_adapter(job.client_id, job.tensors, job.uses_masks)
+                self.model.save_pretrained(self.run_folder.adapter_dir(job.client_id))
+                crash_point(f"export.client{job.index}")
+
+    def write_state(self, folder: Path, previous: Path | None) -> None:
+        """Every accepted client state into `folder/clients/`, hard-linked from where it already is on disk (its
+        round result, or the previous checkpoint), so a checkpoint never rewrites a state."""
+        for cid, src in sorted(self._disk.items()):
+            dst = folder / CLIENTS_DIR / f"{cid}.safetensors"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(src, dst)
+
+    def committed(self, folder: Path) -> None:
+        for cid in self._disk:
+            self._disk[cid] = folder / CLIENTS_DIR / f"{cid}.safetensors"
+
+    def restore_state(self, folder: Path) -> None:
+        self._cache.clear()
+        self._cache_bytes = 0
+        self._new.clear()
+        clients = folder / CLIENTS_DIR
+        self._disk = {c.client_id: clients / f"{c.client_id}.safetensors" for c in self.clients}
+        self._disk = {cid: p for cid, p in self._disk.items() if p.is_file()}
+
+    # ------------------------------------------------------------------ client states
+
+    def state(self, client_id: str):
+        """The client's accepted state `(tensors, masks, meta)`, or `None` before its first round."""
+        if client_id in self._cache:
+            self._cache.move_to_end(client_id)
+            return self._cache[client_id]
+        path = self._disk.get(client_id)
+        if path is None:
+            return None
+        state = load_client_state(path)
+        self._remember(client_id, state)
+        return state
+
+    def _remember(self, client_id: str, state) -> None:
+        if client_id in self._cache:
+            self._cache_bytes -= _state_bytes(self._cache.pop(client_id))
+        size = _state_bytes(state)
+        if size > self._budget_bytes:
+            return
+        self._cache[client_id] = state
+        self._cache_bytes += size
+        while self._cache_bytes > self._budget_bytes:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= _state_bytes(old)
+
+    def _pending_file(self, round_idx: int, client_id: str) -> Path:
+        return self.run_folder.pending_dir(round_idx) / f"{client_id}.safetensors"
+
+    def load_adapter(self, client_id: str, tensors: dict[str, torch.Tensor] | None, uses_masks: bool) -> None:
+        """Load `tensors` into the shared model with the client's own masks and search progress."""
+        state = self.state(client_id)
+        _, masks, meta = state if state else (None, None, {})
+        if tensors is None:
+            raise ValueError(f"no adapter to load for client {client_id!r}.")
+        self.model.set_adapter_state(tensors, masks if uses_masks else None, meta)
 
 
-def _save_client_state(out: Path, cid: str, round_idx: int, tensors, masks, meta) -> None:
-    d = _client_dir(out, cid)
-    blob = {f"t/{k}": v.contiguous() for k, v in tensors.items()}
-    blob.update({f"m/{k}": m.to(torch.uint8).contiguous() for k, m in masks.items()})
-    tmp = d / f".round_{round_idx}.tmp"
-    d.mkdir(parents=True, exist_ok=True)
-    save_file(blob, str(tmp), metadata={"meta": json.dumps(meta)})
-    tmp.replace(d / f"round_{round_idx}.safetensors")
-    for old in sorted(d.glob("round_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))[:-2]:
-        old.unlink()  # keep the last two versions: enough to resume from the last completed round
+class FederatedSimulation(Coordinator):
+    """Runs a [`FederatedConfig`] in one process: the [`Coordinator`] over an [`InProcessTransport`].
 
-
-def _load_client_state(out: Path, cid: str, upto_round: int):
-    d = _client_dir(out, cid)
-    versions = [(int(p.stem.split("_")[1]), p) for p in d.glob("round_*.safetensors")] if d.is_dir() else []
-    versions = [v for v in versions if v[0] <= upto_round]
-    if not versions:
-        return None
-    path = max(versions)[1]
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-    blob = load_file(str(path))
-    tensors = {k[2:]: v for k, v in blob.items() if k.startswith("t/")}
-    masks = {k[2:]: v.bool() for k, v in blob.items() if k.startswith("m/")}
-    return tensors, masks, meta
-
-
-# ---------------------------------------------------------------------- the run
-
-
-class FederatedSimulation:
-    """Runs a [`FederatedConfig`] in one process.
+    Every check (output folder, model, data, config, resume compatibility) runs before anything is written or
+    deleted.
 
     Args:
         config: the run.
         model: a base model to use instead of loading `config.model_name_or_path` (tests pass tiny ones).
         tokenizer: its tokenizer.
         clients: a list of [`hf_perfit.data.ClientData`] instead of loading `config.dataset_name`.
+        callbacks (`list[RoundCallback]`, *optional*): round hooks.
     """
 
-    def __init__(self, config: FederatedConfig, model=None, tokenizer=None, clients=None) -> None:
-        self.config = config
-        self.out = Path(config.output_dir)
-        # Under `accelerate launch --num_processes N` every process runs this coordinator in lockstep (same seed, same
-        # sampling, DDP keeps the adapters identical) and each client's training is data-parallel; only the main
-        # process writes files, and the others wait for it wherever they read what it wrote.
-        from ..distributed import process_state
-
-        self._processes = process_state()
-        self._check_output_dir()
+    def __init__(
+        self,
+        config: FederatedConfig,
+        model=None,
+        tokenizer=None,
+        clients=None,
+        callbacks: Sequence[RoundCallback] = (),
+    ) -> None:
+        check_output_dir(config)  # before loading anything: the cheap refusals first
         if model is None or tokenizer is None:
             model, tokenizer = load_model(config)
-        self.tokenizer = tokenizer
         if clients is None:
             clients = load_clients(config)
-        if len(clients) != config.num_clients:
-            raise ValueError(f"the data gives {len(clients)} clients but num_clients={config.num_clients}.")
-        self.clients = clients
-        self.train_sets, self.test_sets = tokenize_clients(clients, tokenizer, config)
-        self.model = build_client_model(model, config)
-        self.strategy = get_strategy(config.strategy, **config.resolved_strategy_options())
-        self.args = local_training_args(config)
-        self.init_tensors = self.model.get_adapter_state()[0]  # the seeded initial adapter, identical on resume
-        self.completed_rounds, self.records = 0, []
-        if config.resume:
-            self._restore()
+        transport = InProcessTransport(config, model, tokenizer, clients)
+        super().__init__(config, transport, callbacks=callbacks, check=False)
+        self.prepare()
 
-    def _restore(self) -> None:
-        """Load the last completed round's server state and metrics (for `resume`)."""
-        ckpt = json.loads((self.out / STATE_DIR / CHECKPOINT_NAME).read_text())
-        self.completed_rounds = int(ckpt["completed_rounds"])
-        tensors = load_file(str(self.out / STATE_DIR / "strategy.safetensors"))
-        self.strategy.load_state_dict(tensors, ckpt["strategy_meta"])
-        records = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines() if line]
-        self.records = [r for r in records if r["round"] < self.completed_rounds]
+    # the in-process pieces, as before
+    @property
+    def model(self):
+        return self.transport.model
 
     @property
-    def is_main_process(self) -> bool:
-        """Whether this process writes the run's files (always, unless launched with several processes)."""
-        return self._processes.is_main_process
+    def tokenizer(self):
+        return self.transport.tokenizer
 
-    def _barrier(self) -> None:
-        self._processes.wait_for_everyone()
+    @property
+    def clients(self) -> list:
+        return self.transport.clients
 
-    def _check_output_dir(self) -> None:
-        ckpt = self.out / STATE_DIR / CHECKPOINT_NAME
-        if self.config.overwrite:
-            if self.is_main_process and self.out.exists():
-                shutil.rmtree(self.out)
-            self._barrier()
-        elif ckpt.exists() and not self.config.resume:
-            raise FileExistsError(
-                f"{self.out} holds another run's state; pass --resume to continue it or --overwrite to replace it."
-            )
-        elif self.config.resume and not ckpt.exists():
-            raise FileNotFoundError(f"--resume: {ckpt} does not exist; start the run without --resume.")
+    @property
+    def train_sets(self):
+        return self.transport.train_sets
 
-    def _budget(self, index: int) -> float:
-        return 1.0 if self.config.budget_multipliers is None else float(self.config.budget_multipliers[index])
+    @property
+    def test_sets(self):
+        return self.transport.test_sets
 
-    def run(self) -> dict[str, Any]:
-        """Run (or resume) all rounds; returns the final round summary."""
-        cfg = self.config
-        start_round, records = self.completed_rounds, self.records
-        init_tensors = self.init_tensors
-        if not cfg.resume and self.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.out / "config.json", cfg.to_dict())
-        if not cfg.resume:
-            self.strategy.initialize(init_tensors)
-            records = [self._eval_record(-1, c.client_id, base=True) for c in self.clients]
-            records.append(self._summary(-1, records, {}))
-        summary = records[-1]
-        bar = tqdm(
-            total=cfg.num_rounds * len(self.clients),
-            initial=start_round * len(self.clients),
-            desc="rounds",
-            disable=not self.is_main_process,
-        )
-        for r in range(start_round, cfg.num_rounds):
-            rng = random.Random(cfg.seed * 1000 + r)
-            k = max(1, round(cfg.fraction_clients * len(self.clients)))
-            sampled = sorted(rng.sample(range(len(self.clients)), k))
-            ids = [self.clients[i].client_id for i in sampled]
-            self.strategy.configure_round(r, ids)
-            updates, comm = [], {}
-            for i in sampled:
-                cid = self.clients[i].client_id
-                bar.set_postfix_str(f"round {r} client {cid}")
-                updates.append(self._client_round(r, i, cid, init_tensors, comm))
-                bar.update(1)
-            round_metrics = self.strategy.aggregate(r, updates)
-            round_records = []
-            for idx, c in enumerate(self.clients):
-                rec = self._eval_record(r, c.client_id)
-                rec.update(comm.get(c.client_id, {"bytes_up": 0, "bytes_down": 0, "trained": False}))
-                rec["budget_multiplier"] = self._budget(idx)
-                round_records.append(rec)
-            summary = self._summary(r, round_records, round_metrics)
-            records += round_records + [summary]
-            bar.update(len(self.clients) - len(sampled))
-            self._checkpoint(r + 1, records)
-        bar.close()
-        self._export()
-        if cfg.push_to_hub and self.is_main_process:
-            from ..hub import push_run
+    @property
+    def args(self):
+        return self.transport.args
 
-            push_run(self.out, cfg.hub_repo_prefix, private=cfg.hub_private)
-        return summary
+    @property
+    def init_tensors(self):
+        return self.transport.init_tensors
 
-    def _client_round(self, r: int, index: int, cid: str, init_tensors, comm: dict) -> ClientUpdate:
-        instr = self.strategy.configure_client(cid, r)
-        result = client_update(
-            self.model,
-            self.tokenizer,
-            self.train_sets[cid],
-            instr,
-            _load_client_state(self.out, cid, r - 1),
-            self.args,
-            client_id=cid,
-            initial_tensors=init_tensors,
-            uses_masks=self.strategy.uses_masks,
-            budget_multiplier=self._budget(index),
-            seed=self.config.seed * 100003 + r * 1009 + index,
-        )
-        if self.is_main_process:
-            _save_client_state(self.out, cid, r, *result.state)
-        self._barrier()
-        comm[cid] = {
-            "bytes_up": result.bytes_up,
-            "bytes_down": result.bytes_down,
-            "train_loss": result.train_loss,
-            "trained": True,
-            "density": result.density,
-        }
-        return result.update
-
-    def _personalize(self, cid: str, r: int) -> None:
-        state = _load_client_state(self.out, cid, r)
-        local_tensors, masks, meta = state if state else (self.strategy.global_tensors, None, {})
-        tensors = self.strategy.personalized_tensors(cid, local_tensors)
-        if not self.strategy.uses_masks:
-            masks = None
-        self.model.set_adapter_state(tensors, masks, meta)
-
-    def _eval_record(self, r: int, cid: str, base: bool = False) -> dict[str, Any]:
-        if base:
-            with self.model.disable_adapter():
-                ev = evaluate_perplexity(self.model, self.tokenizer, self.test_sets[cid], self.config.eval_batch_size)
-        else:
-            self._personalize(cid, r)
-            ev = evaluate_perplexity(self.model, self.tokenizer, self.test_sets[cid], self.config.eval_batch_size)
-        rec = {
-            "round": r,
-            "client": cid,
-            "strategy": "base" if base else self.config.strategy,
-            "eval_loss": ev["eval_loss"],
-            "perplexity": ev["perplexity"],
-            "num_examples": len(self.train_sets[cid]),
-            "train_loss": None,
-            "bytes_up": 0,
-            "bytes_down": 0,
-        }
-        if not base and self.strategy.uses_masks:
-            rec["density"] = self.model.density()
-        return rec
-
-    def _summary(self, r: int, recs: list[dict], round_metrics: dict) -> dict[str, Any]:
-        ppl = [x["perplexity"] for x in recs if x["round"] == r and "client" in x]
-        return {
-            "round": r,
-            "summary": True,
-            "strategy": "base" if r < 0 else self.config.strategy,
-            "mean_perplexity": float(np.mean(ppl)),
-            "bytes_up": sum(x.get("bytes_up", 0) for x in recs if x["round"] == r and "client" in x),
-            **{k: float(v) for k, v in round_metrics.items()},
-        }
-
-    def _checkpoint(self, completed: int, records: list[dict]) -> None:
-        if self.is_main_process:
-            self._write_checkpoint(completed, records)
-        self._barrier()
-
-    def _write_checkpoint(self, completed: int, records: list[dict]) -> None:
-        tensors, meta = self.strategy.state_dict()
-        tmp = self.out / STATE_DIR / ".strategy.tmp"
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(self.out / STATE_DIR / "strategy.safetensors")
-        atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(x) + "\n" for x in records))
-        # Written last: it is what --resume trusts.
-        atomic_write_json(
-            self.out / STATE_DIR / CHECKPOINT_NAME,
-            {"completed_rounds": completed, "strategy_meta": meta, "config": self.config.to_dict()},
-        )
-
-    def _export(self) -> None:
-        """Each client's final personalized adapter, loadable with plain `PeftModel.from_pretrained`."""
-        if self.is_main_process:
-            self._write_export()
-        self._barrier()
-
-    def _write_export(self) -> None:
-        last = self.config.num_rounds - 1
-        rows = []
-        records = [json.loads(x) for x in (self.out / "metrics.jsonl").read_text().splitlines() if x]
-        base = {x["client"]: x["perplexity"] for x in records if x["round"] == -1 and "client" in x}
-        final = {x["client"]: x for x in records if x["round"] == last and "client" in x}
-        for c in self.clients:
-            self._personalize(c.client_id, last)
-            self.model.save_pretrained(self.out / "clients" / c.client_id / "adapter")
-            f = final[c.client_id]
-            rows.append(
-                f"| {c.client_id} | {base[c.client_id]:.3f} | {f['perplexity']:.3f} | "
-                + (f"{f['density']:.3f} |" if "density" in f else "- |")
-            )
-        mean = float(np.mean([final[c.client_id]["perplexity"] for c in self.clients]))
-        text = (
-            f"# {self.config.strategy}: {self.config.num_rounds} rounds, {len(self.clients)} clients\n\n"
-            "| client | base perplexity | personalized perplexity | density |\n|---|---:|---:|---:|\n"
-            + "\n".join(rows)
-            + f"\n\nMean personalized perplexity: {mean:.3f}\n"
-        )
-        plots = plot_run(self.out)
-        text += "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
-        atomic_write_text(self.out / "results.md", text)
+    def _personalize(self, cid: str, r: int | None = None) -> None:
+        """Load client `cid`'s personalized adapter of the last completed round into `self.model`."""
+        self.transport.load_adapter(cid, self._personalized(cid), self.strategy.uses_masks)
 
 
 def run_federated(config: FederatedConfig, **kwargs: Any) -> dict[str, Any]:
@@ -312,4 +290,4 @@ def run_federated(config: FederatedConfig, **kwargs: Any) -> dict[str, Any]:
     return FederatedSimulation(config, **kwargs).run()
 
 
-__all__ = ["FederatedConfig", "FederatedSimulation", "run_federated"]
+__all__ = ["FederatedConfig", "FederatedSimulation", "InProcessTransport", "run_federated"]
