@@ -261,6 +261,43 @@ def test_zero_replies_stop_the_run_with_a_clear_error(tmp_path, assets, task_ide
     assert "boom" in reasons["client_0"] and "offline" in reasons["client_1"]
 
 
+class _Stop(Exception):
+    pass
+
+
+def test_a_flower_run_resumes_from_its_last_checkpoint(tmp_path, assets, task_identity):
+    """The Flower engine runs under the federated coordinator: a run stopped after round 0 (its checkpoint
+    committed) resumes with `resume=True` (the nodes keep their states and only round 1 is trained again) and ends
+    exactly like an uninterrupted run."""
+    from hf_perfit.federated.coordinator import RoundCallback
+
+    full = _config(assets, tmp_path / "full")
+    FlowerCoordinator(_LocalGrid(3), full, FlowerRunOptions(poll_interval=0.0)).run()
+
+    class StopAfterRound0(RoundCallback):
+        def on_round_end(self, coordinator, round_idx, summary):
+            if round_idx == 0:
+                raise _Stop
+
+    stopped = FlowerCoordinator(
+        _LocalGrid(3), _config(assets, tmp_path / "resumed"), FlowerRunOptions(poll_interval=0.0)
+    )
+    stopped.coordinator.callbacks.append(StopAfterRound0())
+    with pytest.raises(_Stop):
+        stopped.run()
+    assert json.loads((tmp_path / "resumed" / REPORT).read_text())["status"] == "failed"
+    assert max(r["round"] for r in _records(tmp_path / "resumed")) == 0
+
+    grid = _LocalGrid(3)  # new SuperNodes, same disks
+    resumed = _config(assets, tmp_path / "resumed", resume=True)
+    FlowerCoordinator(grid, resumed, FlowerRunOptions(poll_interval=0.0)).run()
+    trained = [m.metadata.group_id for m in grid.sent if m.metadata.message_type == "train"]
+    assert trained == ["1", "1", "1"]  # only round 1 ran again
+    _assert_same_run(tmp_path / "full", tmp_path / "resumed", CLIENTS)
+    with pytest.raises(FileExistsError, match="--resume to continue it or --overwrite"):
+        FlowerCoordinator(_LocalGrid(3), _config(assets, tmp_path / "full"), FlowerRunOptions(poll_interval=0.0))
+
+
 # ---------------------------------------------------------------------- Flower's simulation runtime
 
 

@@ -9,7 +9,8 @@ disk.
 Messages it answers (the `ServerApp` in [`hf_perfit.flower.server_app`] sends them):
 
 - `query` (once, at the start): who am I (client id, sizes), a fingerprint of the initial adapter (every node must
-  build the same one), the base model's perplexity on my test split, and, when asked, the initial adapter itself;
+  build the same one), the base model's perplexity on my test split, and, when asked, the initial adapter itself; a
+  new run forgets this node's stored states, a resumed one (`resume` in the message) keeps them;
 - `train`: one federated round, starting from the state of the last round the server accepted;
 - `evaluate`: the personalized perplexity of the adapter the server's strategy assigns to this client; in the last
   round it also exports that adapter (plain PEFT format) to `<output_dir>/clients/<client_id>/adapter`.
@@ -182,7 +183,8 @@ def hello(message: Message, context: Context) -> Message:
     the base model's perplexity on this client's test split; send the initial adapter when asked."""
     meta = message.content[META]
     rt, data, node = _runtime(meta, context)
-    _store(rt.config, data.client_id).reset()
+    if not bool(meta.get("resume", False)):  # a resumed run continues from the states this node kept
+        _store(rt.config, data.client_id).reset()
     with rt.model.disable_adapter():
         ev = evaluate_perplexity(rt.model, rt.tokenizer, data.test, rt.config.eval_batch_size)
     content = RecordDict()

@@ -1,11 +1,10 @@
 """The Flower `ServerApp`: the coordinator of a federated run whose clients are Flower SuperNodes.
 
-It runs [`HFPerFITStrategy`] ([`hf_perfit.flower.strategy`]): a strategy from hf_perfit's registry as a Flower
-`Strategy`, driven exactly as the in-process [`FederatedSimulation`] drives it (same client sampling, same seeds,
-`configure_round` / `configure_client` / `aggregate`, personalized evaluation of every client after every round
-through `Strategy.personalized_tensors`), writing the same `metrics.jsonl` records, so the two engines can be
-compared line by line. The client side is [`hf_perfit.flower.client_app`]. A user's own `ServerApp` can use
-[`HFPerFITStrategy`] directly (e.g. inside Flower's DP wrappers).
+It runs the federated [`Coordinator`] ([`hf_perfit.federated.coordinator`]: the in-process engine's round, records,
+checkpoint/resume, export and Hub push) over a [`FlowerTransport`] ([`hf_perfit.flower.transport`]), so the two
+engines share one round loop and write the same run folder; `resume` and `push_to_hub` work on Flower runs too. The
+client side is [`hf_perfit.flower.client_app`]. A user's own `ServerApp` can instead run hf_perfit's strategies as
+Flower `Strategy` objects ([`hf_perfit.flower.strategy.HFPerFITStrategy`], e.g. inside Flower's DP wrappers).
 
 Run config (`[tool.flwr.app.config]` of the Flower app, overridable with `flwr run --run-config`):
 
@@ -25,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,10 @@ import yaml
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from .._io import atomic_write_text
 from ..federated.config import FederatedConfig
-from .strategy import REPORT_NAME, FlowerRunOptions, HFPerFITStrategy
+from ..federated.coordinator import Coordinator, RoundCallback
+from .transport import REPORT_NAME, FlowerRunOptions, FlowerTransport
 
 __all__ = ["REPORT_NAME", "FlowerCoordinator", "FlowerRunOptions", "app", "load_run_config", "make_server_app"]
 
@@ -76,34 +78,79 @@ def load_run_config(run_config: Mapping[str, Any]) -> tuple[FederatedConfig, Flo
 
 
 class FlowerCoordinator:
-    """Runs a [`FederatedConfig`] over a Flower `Grid` with [`HFPerFITStrategy`]: what the `ServerApp` does.
+    """Runs a [`FederatedConfig`] over a Flower `Grid`: the federated [`Coordinator`] (the same round, records,
+    checkpoint/resume, export and Hub push as the in-process engine) with a [`FlowerTransport`].
+
+    Besides the run folder of every engine, it writes `flower_run.json` (status, clients and their nodes, failures,
+    round wall times) and adds a "Failures" table to `results.md` when a client failed.
 
     Args:
         grid (`flwr.serverapp.Grid`): the grid the `ServerApp` was given.
         config ([`FederatedConfig`]): the run (sent to every client with each message).
         options ([`FlowerRunOptions`], *optional*): timeouts.
+
+    Raises:
+        FileExistsError / ValueError / CheckpointError: the output folder checks of the coordinator (another run's
+            results without `overwrite`, `resume` without a checkpoint or with a changed config).
     """
 
     def __init__(self, grid: Grid, config: FederatedConfig, options: FlowerRunOptions | None = None) -> None:
-        if config.resume:
-            raise ValueError("resume is not supported by the Flower engine; start a new run (overwrite=True).")
-        if config.push_to_hub:
-            raise ValueError(
-                "push_to_hub is not supported by the Flower engine: the personalized adapters stay on the clients "
-                "(<output_dir>/clients/<client_id>/adapter on each node); push them from there with `perfit push`."
-            )
-        self.grid = grid
         self.config = config
-        self.strategy = HFPerFITStrategy(config, options=options)
+        self.out = Path(config.output_dir)
+        self.transport = FlowerTransport(grid, config, options)
+        self.wall: list[float] = []
+        self._clock = time.perf_counter()
+        self.coordinator = Coordinator(config, self.transport, callbacks=[_Timer(self)])
+
+    def _report(self, status: str, **extra: Any) -> None:
+        self.transport.report(self.out, status, round_wall_seconds=self.wall, **extra)
 
     def run(self) -> dict[str, Any]:
-        """Run every round; returns the last round's summary record.
+        """Run (or resume) every round; returns the last round's summary record.
 
         Raises:
             RuntimeError: the SuperNodes do not match the config, or a round gets no update at all.
         """
-        self.strategy.start(self.grid)
-        return dict(self.strategy.final_summary or {})
+        try:
+            self.coordinator.prepare()
+            self._report("running")
+            self._clock = time.perf_counter()
+            summary = self.coordinator.run()
+        except BaseException as err:
+            if self.out.is_dir():
+                self._report("failed", error=f"{type(err).__name__}: {err}")
+            logger.error("Flower run failed: %s", err)
+            raise
+        failures = self.transport.failures
+        if failures:
+            text = "\n## Failures\n\n| round | client | phase | reason |\n|---:|---|---|---|\n" + "".join(
+                f"| {f['round']} | {f['client']} | {f['phase']} | {f['reason'][:200].replace('|', '/')} |\n"
+                for f in failures
+            )
+            results = self.coordinator.run_folder.results
+            atomic_write_text(results, (results.read_text() if results.is_file() else "") + text)
+            logger.warning(
+                "Flower run finished with %d failure(s) (clients %s); see %s.",
+                len(failures),
+                sorted({f["client"] for f in failures}),
+                REPORT_NAME,
+            )
+        self._report("completed_with_failures" if failures else "completed", final_summary=summary)
+        return summary
+
+
+class _Timer(RoundCallback):
+    """Round wall times for `flower_run.json` (from the end of the previous round, or of the set-up, to the end of
+    this round's checkpoint)."""
+
+    def __init__(self, owner: FlowerCoordinator) -> None:
+        self.owner = owner
+
+    def on_round_end(self, coordinator: Coordinator, round_idx: int, summary: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        self.owner.wall.append(now - self.owner._clock)
+        self.owner._clock = now
+        self.owner._report("running", round=round_idx)
 
 
 # ---------------------------------------------------------------------- the apps

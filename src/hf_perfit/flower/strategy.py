@@ -84,75 +84,11 @@ from .records import (
     encode_tensors,
     tensors_to_arrays,
 )
+from .transport import REPORT_NAME, FlowerRunOptions, describe_error, send_and_receive
 
 __all__ = ["REPORT_NAME", "FlowerRunOptions", "HFPerFITStrategy"]
 
 logger = logging.getLogger(__name__)
-
-REPORT_NAME = "flower_run.json"
-_ERROR_NAMES = {
-    0: "unknown error",
-    1: "the ClientApp could not be loaded",
-    2: "the ClientApp raised an exception",
-    3: "the message is unavailable",
-    4: "the reply expired",
-    5: "the SuperNode is unavailable (missed heartbeats)",
-    6: "a mod refused the message",
-    7: "invalid app bundle",
-    8: "the ClientApp crashed",
-}
-
-
-@dataclass
-class FlowerRunOptions:
-    """How the `ServerApp` talks to the SuperNodes (not part of the algorithm, so not in [`FederatedConfig`]).
-
-    Args:
-        round_timeout (`float`, *optional*): seconds to wait for the replies of one phase of a round (training, then
-            evaluation); `None` waits until every client replied or Flower reported it unavailable.
-        node_wait_timeout (`float`, defaults to 300): seconds to wait at the start for `num_clients` SuperNodes.
-        poll_interval (`float`, defaults to 0.05): the longest wait between two pulls of replies (the wait starts at
-            10 ms and doubles up to it). The last reply of a phase is seen at most this late; a pull is one cheap
-            call in Flower's simulation and one small HTTP request to the SuperLink in a deployment.
-    """
-
-    round_timeout: float | None = None
-    node_wait_timeout: float = 300.0
-    poll_interval: float = 0.05
-
-
-def describe_error(message: Message) -> str:
-    """A readable reason for an error reply (Flower's error code, named, and its reason)."""
-    err = message.error
-    name = _ERROR_NAMES.get(int(err.code), f"error code {err.code}")
-    reason = (err.reason or "").strip()
-    return f"{name}: {reason}" if reason else name
-
-
-def send_and_receive(
-    grid: Grid, messages: Iterable[Message], timeout: float | None = None, poll_interval: float = 0.05
-) -> list[Message]:
-    """`Grid.send_and_receive` with a short first poll: push `messages`, then pull until every one has a reply or
-    `timeout` seconds passed.
-
-    Same contract as Flower's, but the wait between pulls starts at 10 ms and doubles up to `poll_interval`: Flower's
-    HTTP grid (deployment) waits a fixed 3 s between pulls, which would add up to 3 s to each phase of a round whose
-    clients answer in milliseconds.
-    """
-    messages = list(messages)
-    pending = set(grid.push_messages(messages)) if messages else set()
-    replies: list[Message] = []
-    deadline = None if timeout is None else time.monotonic() + timeout
-    delay = min(0.01, poll_interval)
-    while pending:
-        got = list(grid.pull_messages(list(pending)))
-        replies += got
-        pending -= {m.metadata.reply_to_message_id for m in got}
-        if not pending or (deadline is not None and time.monotonic() > deadline):
-            break
-        time.sleep(delay)
-        delay = min(2 * delay, poll_interval)
-    return replies
 
 
 @dataclass
