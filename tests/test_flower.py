@@ -306,7 +306,7 @@ def test_flower_simulation_matches_the_in_process_simulation(tmp_path, assets):
     the exported adapters agree (to float32 rounding; in practice bit for bit)."""
     run_federated(_config(assets, tmp_path / "in_process"))
     summary = run_flower_simulation(_config(assets, tmp_path / "flower"), num_cpus=2, client_num_cpus=1.0)
-    assert summary["round"] == 1 and summary["failed_clients"] == {}
+    assert summary["round"] == 1 and "failed_clients" not in summary  # only rounds with a failure have it
     _assert_same_run(tmp_path / "in_process", tmp_path / "flower", CLIENTS)
     report = json.loads((tmp_path / "flower" / REPORT).read_text())
     assert report["status"] == "completed" and report["failures"] == []
