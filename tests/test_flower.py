@@ -358,7 +358,7 @@ def test_a_users_server_app_wraps_fedit_in_flowers_client_side_dp(tmp_path, asse
     summaries = [r for r in _records(tmp_path / "dp") if r.get("summary") and r["round"] >= 0]
     assert [s["round"] for s in summaries] == [0, 1]
     for s in summaries:
-        assert s["failed_clients"] == {} and s["num_clients"] == 2.0
+        assert "failed_clients" not in s and s["num_clients"] == 2.0
         assert 0 < s["update_norm"] <= clip * (1 + 1e-4)  # the mean of clipped updates
     released = arrays_to_tensors(result.arrays)  # the wrapper's noised aggregate
     adopted = ours.strategy.global_tensors

@@ -151,6 +151,8 @@ class FlowerTransport:
         grid (`flwr.serverapp.Grid`): the grid the `ServerApp` was given.
         config ([`FederatedConfig`]): the run (sent to every client with each message).
         options ([`FlowerRunOptions`], *optional*): timeouts.
+        initial_tensors (`Mapping[str, Tensor]`, *optional*): the initial global adapter instead of the clients' own
+            (checked against their adapter's keys and shapes).
 
     Raises:
         ValueError: a config the Flower clients cannot run (`finetune_steps > 0`, `eval_local_model`).
@@ -158,7 +160,13 @@ class FlowerTransport:
 
     is_main_process = True
 
-    def __init__(self, grid: Grid, config: FederatedConfig, options: FlowerRunOptions | None = None) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        config: FederatedConfig,
+        options: FlowerRunOptions | None = None,
+        initial_tensors: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         if config.finetune_steps > 0:
             raise ValueError(
                 "finetune_steps > 0 is not supported by the Flower engine (the ClientApp trains config.local_steps); "
@@ -178,6 +186,10 @@ class FlowerTransport:
         self.pending: dict[str, _Upload] = {}
         self.failures: list[dict[str, Any]] = []
         self.exported = False
+        self.initial_tensors = None if initial_tensors is None else dict(initial_tensors)
+        self.prefetched: tuple[dict[str, dict[str, Any]], dict[str, str]] | None = None
+        """Evaluation replies already read ([`HFPerFITStrategy`] runs the phases in Flower's loop): the next
+        `evaluate()` returns them instead of sending messages."""
 
     # ------------------------------------------------------------------ helpers
 
@@ -284,6 +296,13 @@ class FlowerTransport:
             )
         initial = arrays_to_tensors(replies[str(nodes[0])].content["tensors"])
         self.shapes = {k: tuple(t.shape) for k, t in initial.items()}
+        if self.initial_tensors is not None:
+            if {k: tuple(t.shape) for k, t in self.initial_tensors.items()} != self.shapes:
+                raise ValueError(
+                    "the initial arrays do not fit the clients' adapter (keys or shapes differ); pass an empty "
+                    "ArrayRecord() to start from the clients' initial adapter."
+                )
+            initial = self.initial_tensors
         self.client_ids, self.nodes = [], {}
         for pid in sorted(by_partition):
             node, reply = by_partition[pid]
@@ -448,6 +467,9 @@ class FlowerTransport:
 
     def evaluate(self, round_idx: int, jobs: Sequence[EvalJob]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         """Evaluate every job on its node (the final evaluation also exports the clients' adapters there)."""
+        if self.prefetched is not None:
+            out, self.prefetched = self.prefetched, None
+            return out
         outbox = self.eval_messages(round_idx, jobs)
         replies = send_and_receive(
             self.grid, outbox.sendable(), self.options.round_timeout, self.options.poll_interval
