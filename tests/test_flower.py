@@ -163,6 +163,38 @@ def test_node_settings_own_data_and_refusals(tmp_path, assets):
     assert client.client_id == "client_2" and len(client.train) + len(client.test) == 8 and len(client.test) >= 1
 
 
+def test_strategy_warm_process_and_supernode_launcher_refuse_what_they_cannot_serve(tmp_path, assets):
+    import io
+    import zipfile
+
+    from hf_perfit.federated.strategies import get_strategy
+    from hf_perfit.flower.strategy import HFPerFITStrategy
+    from hf_perfit.flower.supernode import main as supernode_main
+    from hf_perfit.flower.warm import DEFAULT_APP, fab_clientapp, load_app
+
+    cfg = _config(assets, tmp_path / "run", strategy="fedit")
+    assert HFPerFITStrategy(cfg).strategy.name == "fedit"
+    with pytest.raises(ValueError, match="differs from the config's strategy 'fedit'"):
+        HFPerFITStrategy(cfg, "perfit")
+    with pytest.raises(ValueError, match="the strategy object is 'fedprox' but config.strategy is 'fedit'"):
+        HFPerFITStrategy(cfg, get_strategy("fedprox"))
+    with pytest.raises(ValueError, match="resume a Flower run with the stock ServerApp"):
+        HFPerFITStrategy(_config(assets, tmp_path / "run", strategy="fedit", resume=True))
+
+    bundle = io.BytesIO()  # a Flower app bundle names its ClientApp in its pyproject.toml
+    with zipfile.ZipFile(bundle, "w") as z:
+        z.writestr("pyproject.toml", (APP_DIR / "pyproject.toml").read_text())
+    assert fab_clientapp(bundle.getvalue()) == DEFAULT_APP == "hf_perfit.flower.client_app:app"
+    assert fab_clientapp(b"not a zip") is None
+    assert load_app(DEFAULT_APP) is client_app
+    with pytest.raises(ValueError, match="must be 'module:attribute'"):
+        load_app("hf_perfit.flower.client_app")
+    with pytest.raises(SystemExit, match="must be in \\(0, 3\\] seconds"):
+        supernode_main(["--poll-interval", "5"])
+    with pytest.raises(SystemExit, match="needs a number of seconds"):
+        supernode_main(["--poll-interval"])
+
+
 # ---------------------------------------------------------------------- failures, with an in-process grid
 
 
