@@ -94,7 +94,7 @@ def test_same_adapters_as_the_engine_before_the_coordinator(tmp_path, name, monk
 
 
 def _finished_run(tmp_path: Path, **kw) -> tuple[FederatedConfig, Path]:
-    cfg = _cfg(tmp_path / "run", strategy="fedit", num_rounds=1, **kw)
+    cfg = _cfg(tmp_path / "run", **{"strategy": "fedit", "num_rounds": 1, **kw})
     _sim(cfg).run()
     return cfg, tmp_path / "run"
 
