@@ -18,7 +18,6 @@ Goal (issue 3): PerFIT bytes up per client per round <= 1.15x FedIT.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import warnings
@@ -96,6 +95,7 @@ def measured_run() -> dict[str, dict[str, list[float]]]:
 
     from hf_perfit.data import ClientData
     from hf_perfit.federated import FederatedConfig, FederatedSimulation
+    from hf_perfit.federated.run import read_metrics
     from tests.conftest import build_tokenizer, tiny_llama
 
     out: dict[str, dict[str, list[float]]] = {}
@@ -125,7 +125,7 @@ def measured_run() -> dict[str, dict[str, list[float]]]:
                 output_dir=f"{tmp}/{strategy}",
             )
             FederatedSimulation(cfg, model=tiny_llama(), tokenizer=build_tokenizer(), clients=clients).run()
-            recs = [json.loads(x) for x in Path(f"{tmp}/{strategy}/metrics.jsonl").read_text().splitlines()]
+            recs = read_metrics(f"{tmp}/{strategy}")
             per_round = [r for r in recs if "client" in r and r["round"] >= 0]
             out[strategy] = {
                 "up": [sum(r["bytes_up"] for r in per_round if r["round"] == t) / 3 for t in range(3)],

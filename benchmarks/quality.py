@@ -469,10 +469,12 @@ def run_status(out: Path, config, client_ids: list[str]) -> str:
     Raises:
         SystemExit: `out` holds a run with other settings (it is never overwritten silently).
     """
-    ckpt = out / "state" / "checkpoint.json"
-    if not ckpt.is_file():
+    from hf_perfit.federated.run import RunFolder
+
+    run = RunFolder(out)
+    if not run.checkpoint.is_file():
         return "missing"
-    saved = json.loads(ckpt.read_text())
+    saved = json.loads(run.checkpoint.read_text())
     old, new = _comparable(saved["config"]), _comparable(config.to_dict())
     if old != new:
         diff = ", ".join(
@@ -484,11 +486,11 @@ def run_status(out: Path, config, client_ids: list[str]) -> str:
             f"{out} holds a run with other settings ({diff}); use another --output-root, or delete {out} to rerun."
         )
     adapters = all(
-        (out / "clients" / cid / "adapter" / name).is_file()
+        (run.adapter_dir(cid) / name).is_file()
         for cid in client_ids
         for name in ("adapter_config.json", "adapter_model.safetensors")
     )
-    done = int(saved["completed_rounds"]) >= config.num_rounds and (out / "results.md").is_file() and adapters
+    done = int(saved["completed_rounds"]) >= config.num_rounds and run.results.is_file() and adapters
     return "finished" if done else "partial"
 
 
@@ -690,12 +692,13 @@ def collect(root: Path, row: str) -> dict[str, Any] | None:
     rouge = json.loads((out / ROUGE_FILE).read_text()) if (out / ROUGE_FILE).is_file() else None
     if row == "base":
         return {"rouge": rouge} if rouge else None
-    if not (out / "metrics.jsonl").is_file() or not (out / "config.json").is_file():
-        return None
-    from hf_perfit.federated.plots import read_metrics
+    from hf_perfit.federated.run import RunFolder
 
-    config = json.loads((out / "config.json").read_text())
-    records = read_metrics(out)
+    run = RunFolder(out)
+    if not run.metrics.is_file() or not run.config.is_file():
+        return None
+    config = run.read_config()
+    records = run.read_metrics()
     clients = [r for r in records if "client" in r]
     rounds = sorted({int(r["round"]) for r in clients})
     last = rounds[-1]

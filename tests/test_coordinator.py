@@ -94,7 +94,7 @@ def test_same_adapters_as_the_engine_before_the_coordinator(tmp_path, name, monk
 
 
 def _finished_run(tmp_path: Path, **kw) -> tuple[FederatedConfig, Path]:
-    cfg = _cfg(tmp_path / "run", strategy="fedit", num_rounds=1, **kw)
+    cfg = _cfg(tmp_path / "run", **{"strategy": "fedit", "num_rounds": 1, **kw})
     _sim(cfg).run()
     return cfg, tmp_path / "run"
 
@@ -236,3 +236,55 @@ def test_eval_clients_and_local_model_evaluation(tmp_path):
     recs_all = _records(tmp_path / "all")
     assert len([r for r in recs_all if r["round"] == 0 and "client" in r]) == 3
     assert all("num_evaluated" not in r and "local_perplexity" not in r for r in recs_all)
+
+
+# ---------------------------------------------------------------------- the transport contract
+
+
+def test_a_failed_client_is_left_out_rolled_back_and_recorded(tmp_path):
+    """A transport that reports a client failure (as Flower does): the round aggregates the others, the failed client
+    trains next time from its last accepted state, and the failure is in its record and the round's summary."""
+    from hf_perfit.federated.coordinator import Coordinator
+    from hf_perfit.federated.simulation import InProcessTransport
+
+    jobs_seen = []
+
+    class Failing(InProcessTransport):
+        def fit(self, round_idx, jobs, on_result):
+            jobs_seen.extend((round_idx, j.client_id, j.state_round) for j in jobs)
+            ok = [j for j in jobs if not (round_idx == 0 and j.client_id == "client_1")]
+            super().fit(round_idx, ok, on_result)
+            return {"client_1": "the node went away"} if round_idx == 0 else {}
+
+    cfg = _cfg(tmp_path / "run", strategy="fedit")
+    transport = Failing(cfg, tiny_llama(), build_tokenizer(), _clients())
+    summary = Coordinator(cfg, transport).run()
+    assert summary["round"] == 1 and "failed_clients" not in summary
+    assert jobs_seen == [
+        (0, "client_0", None),
+        (0, "client_1", None),
+        (0, "client_2", None),
+        (1, "client_0", 0),
+        (1, "client_1", None),  # round 0 was not accepted: it starts from no state again
+        (1, "client_2", 0),
+    ]
+    records = _records(tmp_path / "run")
+    summary0 = next(r for r in records if r["round"] == 0 and r.get("summary"))
+    assert summary0["failed_clients"] == {"client_1": "train: the node went away"}
+    failed = next(r for r in records if r["round"] == 0 and r.get("client") == "client_1")
+    assert failed["failed"] == "train: the node went away" and failed["trained"] is False
+
+
+def test_client_ids_read_back_from_a_run_are_checked_before_becoming_paths(tmp_path):
+    from hf_perfit.federated.run import RunFolder, check_client_id
+
+    for bad in ("../../outside", "a/b", "..", ".hidden", "", "x" * 200, 3):
+        with pytest.raises(ValueError, match="cannot be used as a folder name"):
+            check_client_id(bad)
+    assert check_client_id("client_0") == "client_0"
+    run = RunFolder(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"round": -1, "client": "../../outside", "perplexity": 1}) + "\n"
+    )
+    with pytest.raises(ValueError, match="'../../outside' cannot be used as a folder name"):
+        run.client_ids()

@@ -64,7 +64,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .._io import atomic_write_json, atomic_write_text
-from .checkpoint import CheckpointError, begin_checkpoint, commit_checkpoint, read_checkpoint
+from .checkpoint import CheckpointError, begin_checkpoint, clean_state, commit_checkpoint, read_checkpoint
 from .config import FederatedConfig
 from .messages import ClientInstruction, ClientUpdate
 from .run import (
@@ -368,6 +368,7 @@ class Coordinator:
         self.transport.restore_state(folder)
         if self.is_main_process:  # the top-level copy may be a round behind (a kill before it was rewritten)
             atomic_write_text(self.run_folder.metrics, records_text(self.records))
+            clean_state(self.run_folder, keep=folder.name, completed=self.completed_rounds)  # a kill's leftovers
         self.transport.barrier()
 
     def _budget(self, index: int) -> float:
