@@ -163,6 +163,38 @@ def test_node_settings_own_data_and_refusals(tmp_path, assets):
     assert client.client_id == "client_2" and len(client.train) + len(client.test) == 8 and len(client.test) >= 1
 
 
+def test_strategy_warm_process_and_supernode_launcher_refuse_what_they_cannot_serve(tmp_path, assets):
+    import io
+    import zipfile
+
+    from hf_perfit.federated.strategies import get_strategy
+    from hf_perfit.flower.strategy import HFPerFITStrategy
+    from hf_perfit.flower.supernode import main as supernode_main
+    from hf_perfit.flower.warm import DEFAULT_APP, fab_clientapp, load_app
+
+    cfg = _config(assets, tmp_path / "run", strategy="fedit")
+    assert HFPerFITStrategy(cfg).strategy.name == "fedit"
+    with pytest.raises(ValueError, match="differs from the config's strategy 'fedit'"):
+        HFPerFITStrategy(cfg, "perfit")
+    with pytest.raises(ValueError, match="the strategy object is 'fedprox' but config.strategy is 'fedit'"):
+        HFPerFITStrategy(cfg, get_strategy("fedprox"))
+    with pytest.raises(ValueError, match="resume a Flower run with the stock ServerApp"):
+        HFPerFITStrategy(_config(assets, tmp_path / "run", strategy="fedit", resume=True))
+
+    bundle = io.BytesIO()  # a Flower app bundle names its ClientApp in its pyproject.toml
+    with zipfile.ZipFile(bundle, "w") as z:
+        z.writestr("pyproject.toml", (APP_DIR / "pyproject.toml").read_text())
+    assert fab_clientapp(bundle.getvalue()) == DEFAULT_APP == "hf_perfit.flower.client_app:app"
+    assert fab_clientapp(b"not a zip") is None
+    assert load_app(DEFAULT_APP) is client_app
+    with pytest.raises(ValueError, match="must be 'module:attribute'"):
+        load_app("hf_perfit.flower.client_app")
+    with pytest.raises(SystemExit, match="must be in \\(0, 3\\] seconds"):
+        supernode_main(["--poll-interval", "5"])
+    with pytest.raises(SystemExit, match="needs a number of seconds"):
+        supernode_main(["--poll-interval"])
+
+
 # ---------------------------------------------------------------------- failures, with an in-process grid
 
 
@@ -261,6 +293,43 @@ def test_zero_replies_stop_the_run_with_a_clear_error(tmp_path, assets, task_ide
     assert "boom" in reasons["client_0"] and "offline" in reasons["client_1"]
 
 
+class _Stop(Exception):
+    pass
+
+
+def test_a_flower_run_resumes_from_its_last_checkpoint(tmp_path, assets, task_identity):
+    """The Flower engine runs under the federated coordinator: a run stopped after round 0 (its checkpoint
+    committed) resumes with `resume=True` (the nodes keep their states and only round 1 is trained again) and ends
+    exactly like an uninterrupted run."""
+    from hf_perfit.federated.coordinator import RoundCallback
+
+    full = _config(assets, tmp_path / "full")
+    FlowerCoordinator(_LocalGrid(3), full, FlowerRunOptions(poll_interval=0.0)).run()
+
+    class StopAfterRound0(RoundCallback):
+        def on_round_end(self, coordinator, round_idx, summary):
+            if round_idx == 0:
+                raise _Stop
+
+    stopped = FlowerCoordinator(
+        _LocalGrid(3), _config(assets, tmp_path / "resumed"), FlowerRunOptions(poll_interval=0.0)
+    )
+    stopped.coordinator.callbacks.append(StopAfterRound0())
+    with pytest.raises(_Stop):
+        stopped.run()
+    assert json.loads((tmp_path / "resumed" / REPORT).read_text())["status"] == "failed"
+    assert max(r["round"] for r in _records(tmp_path / "resumed")) == 0
+
+    grid = _LocalGrid(3)  # new SuperNodes, same disks
+    resumed = _config(assets, tmp_path / "resumed", resume=True)
+    FlowerCoordinator(grid, resumed, FlowerRunOptions(poll_interval=0.0)).run()
+    trained = [m.metadata.group_id for m in grid.sent if m.metadata.message_type == "train"]
+    assert trained == ["1", "1", "1"]  # only round 1 ran again
+    _assert_same_run(tmp_path / "full", tmp_path / "resumed", CLIENTS)
+    with pytest.raises(FileExistsError, match="--resume to continue it or --overwrite"):
+        FlowerCoordinator(_LocalGrid(3), _config(assets, tmp_path / "full"), FlowerRunOptions(poll_interval=0.0))
+
+
 # ---------------------------------------------------------------------- Flower's simulation runtime
 
 
@@ -269,7 +338,7 @@ def test_flower_simulation_matches_the_in_process_simulation(tmp_path, assets):
     the exported adapters agree (to float32 rounding; in practice bit for bit)."""
     run_federated(_config(assets, tmp_path / "in_process"))
     summary = run_flower_simulation(_config(assets, tmp_path / "flower"), num_cpus=2, client_num_cpus=1.0)
-    assert summary["round"] == 1 and summary["failed_clients"] == {}
+    assert summary["round"] == 1 and "failed_clients" not in summary  # only rounds with a failure have it
     _assert_same_run(tmp_path / "in_process", tmp_path / "flower", CLIENTS)
     report = json.loads((tmp_path / "flower" / REPORT).read_text())
     assert report["status"] == "completed" and report["failures"] == []
@@ -277,6 +346,59 @@ def test_flower_simulation_matches_the_in_process_simulation(tmp_path, assets):
     for r in _records(tmp_path / "flower"):
         if r.get("client") and r["round"] == 1:
             assert r["bytes_up"] <= r["wire_bytes_up"] <= r["bytes_up"] + 8 * 256
+
+
+def test_a_users_server_app_wraps_fedit_in_flowers_client_side_dp(tmp_path, assets):
+    """A user's own ServerApp: HFPerFITStrategy (FedIT) inside Flower's DifferentialPrivacyClientSideFixedClipping,
+    the ClientApp with Flower's fixedclipping_mod, in Flower's simulation runtime (Flower's own `Strategy.start`
+    loop and `Grid.send_and_receive`). Every client's update is clipped to the norm, so each round moves θ_g by at
+    most that norm; the noised aggregate the wrapper releases is what the clients are evaluated on and export."""
+    from flwr.app import ArrayRecord
+    from flwr.clientapp.mod import fixedclipping_mod
+    from flwr.serverapp import ServerApp
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+    from flwr.simulation import run_simulation
+
+    from hf_perfit.flower.client_app import make_client_app
+    from hf_perfit.flower.records import arrays_to_tensors
+    from hf_perfit.flower.strategy import HFPerFITStrategy
+
+    clip = 1e-5  # far below an unclipped update of 4 steps at lr 5e-3
+    config = _config(assets, tmp_path / "dp", strategy="fedit", num_clients=2, num_rounds=2)
+    out: dict = {}
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context):
+        ours = HFPerFITStrategy(config)
+        dp = DifferentialPrivacyClientSideFixedClipping(
+            ours, noise_multiplier=1.0, clipping_norm=clip, num_sampled_clients=config.num_clients
+        )
+        out["result"] = dp.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=config.num_rounds)
+        out["strategy"] = ours
+
+    run_simulation(
+        server_app=server,
+        client_app=make_client_app(train_mods=[fixedclipping_mod]),
+        num_supernodes=config.num_clients,
+        backend_config={
+            "client_resources": {"num_cpus": 1.0},
+            "init_args": {"num_cpus": 2, "include_dashboard": False},
+        },
+    )
+    ours, result = out["strategy"], out["result"]
+    summaries = [r for r in _records(tmp_path / "dp") if r.get("summary") and r["round"] >= 0]
+    assert [s["round"] for s in summaries] == [0, 1]
+    for s in summaries:
+        assert "failed_clients" not in s and s["num_clients"] == 2.0
+        assert 0 < s["update_norm"] <= clip * (1 + 1e-4)  # the mean of clipped updates
+    released = arrays_to_tensors(result.arrays)  # the wrapper's noised aggregate
+    adopted = ours.strategy.global_tensors
+    assert released.keys() == adopted.keys() and all(torch.equal(released[k], adopted[k]) for k in adopted)
+    for cid in ("client_0", "client_1"):  # fedit: every client exports θ_g, the released one
+        exported = load_file(str(tmp_path / "dp" / "clients" / cid / "adapter" / "adapter_model.safetensors"))
+        for key, value in released.items():
+            torch.testing.assert_close(exported[key], value, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------- a real deployment on 127.0.0.1

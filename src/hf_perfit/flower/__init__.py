@@ -1,7 +1,8 @@
 """Flower (`flwr`) as the engine for federations that span machines.
 
 The same strategies and the same client update as the in-process simulation, as a Flower `ServerApp`
-([`hf_perfit.flower.server_app`]) and `ClientApp` ([`hf_perfit.flower.client_app`]). They run in Flower's simulation
+([`hf_perfit.flower.server_app`]) and `ClientApp` ([`hf_perfit.flower.client_app`]); the strategies also as Flower
+`Strategy` objects for a user's own `ServerApp` ([`HFPerFITStrategy`]). They run in Flower's simulation
 runtime ([`run_flower_simulation`], or `flwr run` against a SuperLink started with `--simulation`) and in a real
 deployment (a SuperLink on the server, one SuperNode per data owner). See `docs/flower.md`.
 
@@ -21,10 +22,12 @@ if importlib.util.find_spec("flwr") is None:  # pragma: no cover - exercised onl
 from .localhost import LocalFederation  # noqa: E402
 from .server_app import FlowerCoordinator, FlowerRunOptions, load_run_config, make_server_app  # noqa: E402
 from .simulation import run_flower_simulation  # noqa: E402
+from .strategy import HFPerFITStrategy  # noqa: E402
 
 __all__ = [
     "FlowerCoordinator",
     "FlowerRunOptions",
+    "HFPerFITStrategy",
     "LocalFederation",
     "load_run_config",
     "make_server_app",

@@ -9,7 +9,8 @@ disk.
 Messages it answers (the `ServerApp` in [`hf_perfit.flower.server_app`] sends them):
 
 - `query` (once, at the start): who am I (client id, sizes), a fingerprint of the initial adapter (every node must
-  build the same one), the base model's perplexity on my test split, and, when asked, the initial adapter itself;
+  build the same one), the base model's perplexity on my test split, and, when asked, the initial adapter itself; a
+  new run forgets this node's stored states, a resumed one (`resume` in the message) keeps them;
 - `train`: one federated round, starting from the state of the last round the server accepted;
 - `evaluate`: the personalized perplexity of the adapter the server's strategy assigns to this client; in the last
   round it also exports that adapter (plain PEFT format) to `<output_dir>/clients/<client_id>/adapter`.
@@ -45,7 +46,7 @@ from .records import META, METRICS, OWN, TENSORS, decode_instruction, decode_ten
 from .records import tensors_to_arrays as _tensors_to_arrays
 from .state import ClientStateStore
 
-__all__ = ["NodeSettings", "app"]
+__all__ = ["NodeSettings", "app", "make_client_app"]
 
 STATE_DIR = "flower_state"
 
@@ -177,17 +178,13 @@ def _reply(message: Message, content: RecordDict) -> Message:
     return Message(content, reply_to=message)
 
 
-app = ClientApp()
-"""The `ClientApp` (`clientapp = "hf_perfit.flower.client_app:app"` in a Flower app's `pyproject.toml`)."""
-
-
-@app.query()
 def hello(message: Message, context: Context) -> Message:
     """Start of a run: forget any earlier state, report identity and sizes, the initial adapter's fingerprint and
     the base model's perplexity on this client's test split; send the initial adapter when asked."""
     meta = message.content[META]
     rt, data, node = _runtime(meta, context)
-    _store(rt.config, data.client_id).reset()
+    if not bool(meta.get("resume", False)):  # a resumed run continues from the states this node kept
+        _store(rt.config, data.client_id).reset()
     with rt.model.disable_adapter():
         ev = evaluate_perplexity(rt.model, rt.tokenizer, data.test, rt.config.eval_batch_size)
     content = RecordDict()
@@ -212,7 +209,6 @@ def hello(message: Message, context: Context) -> Message:
     return _reply(message, content)
 
 
-@app.train()
 def train(message: Message, context: Context) -> Message:
     """One federated round: [`client_update`] from the last accepted state and the server's instruction."""
     meta = message.content[META]
@@ -248,7 +244,6 @@ def train(message: Message, context: Context) -> Message:
     return _reply(message, content)
 
 
-@app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Personalized perplexity of the adapter the server assigns to this client (its own tensors when the message
     says `own`), with this client's own masks and search progress; exported in the last round."""
@@ -282,3 +277,23 @@ def evaluate(message: Message, context: Context) -> Message:
     content[META] = ConfigRecord({"client-id": data.client_id})
     content[METRICS] = MetricRecord(metrics)
     return _reply(message, content)
+
+
+def make_client_app(train_mods: list | None = None, mods: list | None = None) -> ClientApp:
+    """The hf_perfit `ClientApp`, with Flower mods.
+
+    Args:
+        train_mods (`list`, *optional*): mods around the `train` handler only, e.g. `[fixedclipping_mod]` next to
+            Flower's `DifferentialPrivacyClientSideFixedClipping` on the server (see `docs/flower.md` for which
+            strategies it fits).
+        mods (`list`, *optional*): mods around every handler (`query`, `train`, `evaluate`).
+    """
+    client_app = ClientApp(mods=list(mods or []))
+    client_app.query()(hello)
+    client_app.train(mods=list(train_mods or []))(train)
+    client_app.evaluate()(evaluate)
+    return client_app
+
+
+app = make_client_app()
+"""The `ClientApp` (`clientapp = "hf_perfit.flower.client_app:app"` in a Flower app's `pyproject.toml`)."""

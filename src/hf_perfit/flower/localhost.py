@@ -50,6 +50,12 @@ class LocalFederation:
             Python interpreter).
         threads_per_node (`int`, *optional*): torch threads of each process (`OMP_NUM_THREADS`), so that N nodes
             sharing this machine do not oversubscribe its cores; default: torch's own choice.
+        warm (`bool`, defaults to `True`): start each SuperNode with `--isolation process` next to a long-running
+            ClientApp process (`python -m hf_perfit.flower.warm`, named `warm<k>`) that keeps the model loaded
+            across messages; `False`: Flower's default, a fresh `flwr-clientapp` process per message.
+        node_poll_interval (`float`, *optional*): start the SuperNodes with `python -m hf_perfit.flower.supernode
+            --poll-interval <s>` (Flower's SuperNode with its 3 s / 0.5 s message polls capped at `s`); default:
+            plain `flower-supernode`.
     """
 
     CONNECTION = "localhost"
@@ -60,11 +66,15 @@ class LocalFederation:
         num_nodes: int,
         bin_dir: str | os.PathLike | None = None,
         threads_per_node: int | None = None,
+        warm: bool = True,
+        node_poll_interval: float | None = None,
     ) -> None:
         self.root = Path(workdir)
         self.num_nodes = int(num_nodes)
         self.bin = Path(bin_dir) if bin_dir is not None else Path(sys.executable).parent
         self.port = free_port()
+        self.warm = bool(warm)
+        self.node_poll_interval = node_poll_interval
         self.home = self.root / "flwr_home"
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(
@@ -121,19 +131,38 @@ class LocalFederation:
                 raise TimeoutError(f"the SuperLink did not answer within {timeout}s; see {self.log('superlink')}.")
             time.sleep(0.5)
         for k in range(self.num_nodes):
+            runtime_port = free_port()  # this node's Runtime API, where its ClientApp processes connect
+            if self.node_poll_interval is None:
+                supernode = [str(self.bin / "flower-supernode")]
+            else:
+                supernode = [sys.executable, "-m", "hf_perfit.flower.supernode"]
+                supernode += ["--poll-interval", str(self.node_poll_interval)]
             self._spawn(
                 f"node{k}",
                 [
-                    str(self.bin / "flower-supernode"),
+                    *supernode,
                     "--insecure",
                     "--superlink",
                     f"127.0.0.1:{self.port}",
                     "--port",
-                    str(free_port()),  # this node's Runtime API, where its ClientApp processes connect
+                    str(runtime_port),
                     "--node-config",
                     f"partition-id={k} num-partitions={self.num_nodes}",
+                    *(["--isolation", "process"] if self.warm else []),
                 ],
             )
+            if self.warm:
+                self._spawn(
+                    f"warm{k}",
+                    [
+                        sys.executable,
+                        "-m",
+                        "hf_perfit.flower.warm",
+                        "--runtime-api-address",
+                        f"127.0.0.1:{runtime_port}",
+                        "--insecure",
+                    ],
+                )
         return self
 
     def check_alive(self, *names: str) -> None:
@@ -144,7 +173,13 @@ class LocalFederation:
                 raise RuntimeError(f"{name} exited with {code}:\n{self.log(name).read_text()[-3000:]}")
 
     def kill(self, name: str) -> None:
-        """SIGKILL process `name`, its process group and every process it started."""
+        """SIGKILL process `name` (with SuperNode `node<k>`, also its long-running ClientApp process `warm<k>`), its
+        process group and every process it started."""
+        if name.startswith("node") and f"warm{name[4:]}" in self.procs:
+            self._kill(f"warm{name[4:]}")
+        self._kill(name)
+
+    def _kill(self, name: str) -> None:
         import psutil
 
         proc = self.procs[name]
@@ -166,7 +201,7 @@ class LocalFederation:
     def close(self) -> None:
         """Kill every process (SuperNodes first)."""
         for name in reversed(list(self.procs)):
-            self.kill(name)
+            self._kill(name)
 
     def __enter__(self) -> LocalFederation:
         return self.start()
