@@ -10,7 +10,9 @@ across the N processes (each batch split N ways), the coordinator runs in lockst
 main process writes files. To train one PerFIT adapter without a federation, see recipes/perfit_single.py.
 """
 
-from hf_perfit.cli import federate_parser
+import sys
+
+from hf_perfit.cli import check_yaml_config, federate_parser
 from hf_perfit.distributed import process_state, relaunch_cpu_data_parallel
 from hf_perfit.federated import FederatedConfig, run_federated
 
@@ -30,5 +32,9 @@ def make_parser():
 
 if __name__ == "__main__":
     relaunch_cpu_data_parallel()  # `accelerate launch --cpu --num_processes N` without MPI: start the N processes
+    try:
+        check_yaml_config(sys.argv[1:])  # a malformed YAML: file, line, column and the fix, not PyYAML's traceback
+    except (OSError, ValueError) as err:
+        sys.exit(f"perfit_sft.py: error: {err}")
     (config,) = make_parser().parse_args_and_config()
     main(config)

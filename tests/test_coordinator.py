@@ -288,3 +288,21 @@ def test_client_ids_read_back_from_a_run_are_checked_before_becoming_paths(tmp_p
     )
     with pytest.raises(ValueError, match="'../../outside' cannot be used as a folder name"):
         run.client_ids()
+
+
+def test_a_client_state_whose_mask_is_not_0_or_1_is_refused(tmp_path):
+    """A keep-mask read back from a run's client state must be boolean: a 7 would keep elements past the budget."""
+    from safetensors.torch import save_file
+
+    from hf_perfit.federated.run import load_client_state, save_client_state
+
+    good = save_client_state(
+        tmp_path / "good.safetensors", ({"a": torch.ones(2, 2)}, {"a": torch.tensor([[1, 0], [0, 1]])}, {})
+    )
+    tensors, masks, _ = load_client_state(good)
+    assert masks["a"].dtype == torch.bool and masks["a"].tolist() == [[True, False], [False, True]]
+    save_file(
+        {"t/a": torch.ones(2, 2), "m/a": torch.full((2, 2), 7, dtype=torch.uint8)}, str(tmp_path / "bad.safetensors")
+    )
+    with pytest.raises(ValueError, match="keep-mask 'a' holds values other than 0/1"):
+        load_client_state(tmp_path / "bad.safetensors")

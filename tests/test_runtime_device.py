@@ -56,9 +56,11 @@ def test_local_training_args_bf16():
     assert local_training_args(FederatedConfig(bf16="false")).bf16 is False
 
 
-def test_load_model_places_the_model_once(monkeypatch):
+def test_load_model_places_the_model_once(monkeypatch, tmp_path):
     import transformers
 
+    tiny_llama().save_pretrained(tmp_path / "model")  # a real folder: load_model checks the path before loading
+    path = str(tmp_path / "model")
     seen = []
 
     def fake(path, **kwargs):
@@ -67,9 +69,9 @@ def test_load_model_places_the_model_once(monkeypatch):
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
-    model, _ = load_model(FederatedConfig(model_name_or_path="some/model", device="cpu"))
+    model, _ = load_model(FederatedConfig(model_name_or_path=path, device="cpu"))
     assert next(model.parameters()).device.type == "cpu" and seen[1]["dtype"] == torch.float32
-    cfg = FederatedConfig(model_name_or_path="some/model")
+    cfg = FederatedConfig(model_name_or_path=path)
     model, _ = load_model(cfg)
     device = resolve_device(cfg)
     assert next(model.parameters()).device == device

@@ -9,12 +9,12 @@ package files from outside the run folder."""
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .run import RunFolder, read_metrics
+from .run import check_client_id as run_check_client_id
 
 
 def run_summary(run_dir: str | os.PathLike) -> dict:
@@ -75,8 +75,6 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 """The files plain PEFT needs; pushed exactly as the run wrote them."""
 PERFIT_FILES = ("perfit_config.json", "perfit_masks.safetensors")
 """PerFIT's extras (ignored by PEFT): `perfit push` publishes them so `PerFITModel.from_pretrained` can continue."""
-CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-"""What `perfit federate` writes (`client_0`, category names slugged): one path component, usable in a repo name."""
 COMPARABLE_KEYS = tuple(
     "model_name_or_path dataset_name num_clients partition partition_column dirichlet_alpha test_fraction "
     "max_eval_examples max_length seed".split()
@@ -100,22 +98,30 @@ class FinishedRun:
     def mean_ppl(self) -> dict[int, float]:
         return {int(r["round"]): float(r["mean_perplexity"]) for r in self.records if r.get("summary")}
 
+    @property
+    def final_round(self) -> int:
+        """The round of the exported adapters: `num_rounds - 1`, or `num_rounds` when the run ended with
+        `finetune_steps` of local fine-tuning (those records carry `"finetune": true`)."""
+        tuned = any(r.get("finetune") for r in self.records if "client" in r)
+        return self.num_rounds if tuned else self.num_rounds - 1
+
     def final_ppl(self, client_id: str) -> float | None:
-        return self.ppl.get(client_id, {}).get(self.num_rounds - 1)
+        return self.ppl.get(client_id, {}).get(self.final_round)
 
     def adapter_dir(self, client_id: str) -> Path:
         return self.path / "clients" / client_id / "adapter"
 
 
 def check_client_id(client_id: Any, source: Path) -> str:
-    """Return `client_id` if it is one safe path component, else raise a `ValueError` naming the file it came from."""
-    if not isinstance(client_id, str) or not CLIENT_ID_RE.match(client_id) or ".." in client_id:
+    """Return `client_id` if it is one safe path component (the rule of [`hf_perfit.federated.run.check_client_id`]),
+    else raise a `ValueError` naming the file it came from."""
+    try:
+        return run_check_client_id(client_id)
+    except ValueError as err:
         raise ValueError(
-            f"{source} names the client {client_id!r}, which is not a valid client id (1-64 letters, digits, '.', "
-            "'_' or '-', starting with a letter or digit, no '..'); the file was edited or is not from `perfit "
-            "federate`. Restore the run's metrics.jsonl; nothing was read or pushed."
-        )
-    return client_id
+            f"{source} names the client {client_id!r}, which is not a valid client id: {err} The file was edited or is not from `perfit federate`. "
+            "Restore the run's metrics.jsonl; nothing was read or pushed."
+        ) from None
 
 
 def load_finished_run(run_dir: str | Path) -> FinishedRun:
@@ -151,7 +157,7 @@ def load_finished_run(run_dir: str | Path) -> FinishedRun:
     if unfinished or missing:
         first = next(iter(missing), None)
         what = (
-            f"no metrics for round {run.num_rounds - 1} (clients {unfinished})"
+            f"no metrics for round {run.final_round} (clients {unfinished})"
             if unfinished
             else f"no exported adapter for {sorted(missing)} ({run.adapter_dir(first)} lacks {missing[first]})"
         )

@@ -227,7 +227,17 @@ def load_client_state(path: str | os.PathLike, with_extra: bool = False):
         metadata = f.metadata() or {}
     blob = load_file(str(path))
     tensors = {k[2:]: v for k, v in blob.items() if k.startswith("t/")}
-    masks = {k[2:]: v.bool() for k, v in blob.items() if k.startswith("m/")}
+    masks = {}
+    for k, v in blob.items():
+        if k.startswith("m/"):
+            # a keep-mask is 0/1 (uint8 or bool); anything else was not written by save_client_state
+            if v.dtype not in (torch.uint8, torch.bool) or bool((v.to(torch.uint8) > 1).any()):
+                raise ValueError(
+                    f"{path}: the keep-mask {k[2:]!r} holds values other than 0/1 ({v.dtype}); the client state "
+                    "was edited or damaged. Restore it, or resume from a checkpoint that verifies (see "
+                    "docs/federated.md, Resume)."
+                )
+            masks[k[2:]] = v.bool()
     state = (tensors, masks, json.loads(metadata.get("meta", "{}")))
     if not with_extra:
         return state

@@ -85,8 +85,15 @@ def method_name(strategy: str) -> str:
     return STRATEGY_NAMES.get(strategy, strategy)
 
 
+def when(run: FinishedRun) -> str:
+    """When the exported adapters were evaluated: after the last round, or after the local fine-tuning that follows
+    it (`finetune_steps`)."""
+    last = f"after round {run.num_rounds - 1}"
+    return last + " + local fine-tuning" if run.final_round == run.num_rounds else last
+
+
 def compare_label(other: FinishedRun, compare: list[FinishedRun]) -> str:
-    label = f"{method_name(other.strategy)} (compare run, after round {other.num_rounds - 1})"
+    label = f"{method_name(other.strategy)} (compare run, {when(other)})"
     return label + (f" `{other.path.name}`" if sum(o.strategy == other.strategy for o in compare) > 1 else "")
 
 
@@ -147,7 +154,7 @@ class CardWriter:
         perfit_path = folder / "perfit_config.json"
         perfit = json.loads(perfit_path.read_bytes()) if perfit_path.is_file() else {}
         mole = mole_architecture(adapter_cfg)
-        this = f"this adapter ({method_name(run.strategy)}, after round {run.num_rounds - 1})"
+        this = f"this adapter ({method_name(run.strategy)}, {when(run)})"
         rows = [("base model (no adapter)", run.ppl[cid].get(-1)), (this, run.final_ppl(cid))] + [
             (compare_label(other, compare), other.final_ppl(cid)) for other in compare
         ]
@@ -158,7 +165,7 @@ class CardWriter:
             "client_number": run.client_ids.index(cid) + 1,
             "base_model_load": self.base.hub_id or "<base model id or folder>",
             "perplexity_rows": rows,
-            "per_round": [(r, v) for r, v in sorted(run.ppl[cid].items()) if 0 <= r < run.num_rounds],
+            "per_round": [(r, v) for r, v in sorted(run.ppl[cid].items()) if 0 <= r <= run.final_round],
             "lora_rank": adapter_cfg.get("r"),
             "lora_alpha": f"{alpha:g}" if isinstance(alpha, float) else alpha,  # 16.0 -> 16
             "target_modules": ", ".join(f"`{m}`" for m in targets),
@@ -177,7 +184,7 @@ class CardWriter:
         ctx = self._context(repo_id, files, False) | {
             "columns": ["base model", method_name(run.strategy)] + [compare_label(o, compare) for o in compare],
             "rows": [(c, self.links[c], [run.ppl[c].get(-1)] + [r.final_ppl(c) for r in runs]) for c in configs],
-            "means": [run.mean_ppl.get(-1)] + [r.mean_ppl.get(r.num_rounds - 1) for r in runs],
+            "means": [run.mean_ppl.get(-1)] + [r.mean_ppl.get(r.final_round) for r in runs],
             "has_density": "density.png" in files,
             "experts": archs if all(archs.values()) else None,
         }
