@@ -468,7 +468,10 @@ class Coordinator:
         self.transport.barrier()
         return results, dict(failures)
 
-    def _round(self, r: int) -> dict[str, Any]:
+    def plan_round(self, r: int) -> tuple[list[int], list[str], list[FitJob]]:
+        """Sample round `r`'s clients, let the strategy configure the round, and build one [`FitJob`] per sampled
+        client: `(sampled indices, their ids, jobs)`. Shared by [`_round`] and Flower's `HFPerFITStrategy`, whose
+        `configure_train` is the first half of a round."""
         sampled = self.sample(r)
         ids = [self.client_ids[i] for i in sampled]
         self.strategy.configure_round(r, ids)
@@ -486,6 +489,10 @@ class Coordinator:
             )
             for i in sampled
         ]
+        return sampled, ids, jobs
+
+    def _round(self, r: int) -> dict[str, Any]:
+        sampled, ids, jobs = self.plan_round(r)
         results, failures = self._fit(r, jobs)
         accepted = [cid for cid in ids if cid in results]
         if not accepted:

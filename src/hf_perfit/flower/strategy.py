@@ -63,7 +63,7 @@ from flwr.serverapp.strategy import Result
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from ..federated.config import FederatedConfig
-from ..federated.coordinator import Coordinator, FitJob, save_fit_result
+from ..federated.coordinator import Coordinator, save_fit_result
 from ..federated.strategies import Strategy, get_strategy
 from ..federated.strategies.base import GLOBAL_PREFIX
 from .records import arrays_to_tensors, tensors_to_arrays
@@ -191,24 +191,8 @@ class HFPerFITStrategy(FlowerStrategy):
         self.setup(grid, arrays)
         self._adopt(arrays)
         r = self._round_idx(server_round, check=False)
-        coord, transport = self.coordinator, self.transport
-        sampled = coord.sample(r)
-        ids = [coord.client_ids[i] for i in sampled]
-        self.strategy.configure_round(r, ids)
-        jobs = [  # as Coordinator._round builds them
-            FitJob(
-                client_id=coord.client_ids[i],
-                index=i,
-                round_idx=r,
-                instruction=self.strategy.configure_client(coord.client_ids[i], r),
-                seed=coord._seed(r, i),
-                budget_multiplier=coord._budget(i),
-                uses_masks=self.strategy.uses_masks,
-                state_round=coord.client_rounds.get(coord.client_ids[i]),
-                evaluate_local=coord.evaluate_local_model,
-            )
-            for i in sampled
-        ]
+        transport = self.transport
+        sampled, ids, jobs = self.coordinator.plan_round(r)  # sampling, seeds and instructions as in-process
         outbox = transport.train_messages(r, jobs, extra=config)
         self._phase = {"round": r, "sampled": sampled, "ids": ids, "jobs": jobs, "outbox": outbox, "metrics": None}
         return outbox.sendable()
