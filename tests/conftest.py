@@ -91,3 +91,30 @@ def gpt2() -> GPT2LMHeadModel:
 def batch() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(3, 128, (4, 12), generator=g)
+
+
+REPO_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+def pythonpath() -> str:
+    """PYTHONPATH for a subprocess: the repo's src/ first, then the one the tests run with (on some machines the
+    packages come through it, so replacing it would lose them)."""
+    return os.pathsep.join(filter(None, [REPO_SRC, os.environ.get("PYTHONPATH")]))
+
+
+def save_run_assets(root, per_category: int):
+    """A tiny Llama + tokenizer saved like a Hub checkpoint in `root/model`, and `root/data.jsonl`: 3 categories of
+    `per_category` echo instructions each (what the subprocess tests run `perfit federate` on)."""
+    import json
+    from pathlib import Path
+
+    root = Path(root)
+    tiny_llama().save_pretrained(root / "model")
+    build_tokenizer().save_pretrained(root / "model")
+    rows = [
+        {"instruction": f"Task {k}: echo {i}", "response": f"{k}{i}{k}", "category": f"c{k}"}
+        for k in range(3)
+        for i in range(per_category)
+    ]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root

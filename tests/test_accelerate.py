@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from .test_cli import _config, _pythonpath, assets  # noqa: F401  (the module-scoped fixture with a saved tiny model and data)
+from .conftest import pythonpath
+from .test_cli import _config, assets  # noqa: F401  (the module-scoped fixture with a saved tiny model and data)
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -22,7 +23,7 @@ def _run(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "TQDM_DISABLE": "1",
-        "PYTHONPATH": _pythonpath(),
+        "PYTHONPATH": pythonpath(),
         "MASTER_PORT": str(29500 + os.getpid() % 1000),
     }
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)

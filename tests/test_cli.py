@@ -18,30 +18,15 @@ from safetensors.torch import load_file
 
 from hf_perfit.cli import main, parse_federate_args
 
-from .conftest import build_tokenizer, tiny_llama
+from .conftest import pythonpath, save_run_assets
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _pythonpath() -> str:
-    """The repo's src/ first, then whatever PYTHONPATH the tests run with (packages come through it on some
-    machines, so replacing it would lose them)."""
-    return os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny Llama + tokenizer saved like a Hub checkpoint, and a 3-category instruction file."""
-    root = tmp_path_factory.mktemp("assets")
-    tiny_llama().save_pretrained(root / "model")
-    build_tokenizer().save_pretrained(root / "model")
-    rows = [
-        {"instruction": f"Task {k}: echo {i}", "response": f"{k}{i}{k}", "category": f"c{k}"}
-        for k in range(3)
-        for i in range(12)
-    ]
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return save_run_assets(tmp_path_factory.mktemp("assets"), per_category=12)
 
 
 def _config(assets: Path, out: Path, **overrides) -> Path:
@@ -194,7 +179,7 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path, assets, ca
     killed = tmp_path / "killed"
     config = _config(assets, killed, device="cpu")
     ready = tmp_path / "ready"
-    env = {**os.environ, "HANG_AFTER_CALL": "8", "READY_FILE": str(ready), "PYTHONPATH": _pythonpath()}
+    env = {**os.environ, "HANG_AFTER_CALL": "8", "READY_FILE": str(ready), "PYTHONPATH": pythonpath()}
     proc = subprocess.Popen(
         [sys.executable, "-c", _HANG_SCRIPT, "federate", "--config", str(config)],
         env=env,
@@ -237,7 +222,7 @@ def test_identical_runs_write_identical_bytes_under_different_hash_seeds(tmp_pat
     the first assertion shows) write byte-identical adapters, masks, configs and metrics: `cmp` can compare runs."""
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     seeds = ("1", "2")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": pythonpath()}
     orders = [
         subprocess.run(
             [sys.executable, "-c", f"print(list(set({targets!r})))"],

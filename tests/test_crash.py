@@ -5,7 +5,6 @@ tests set."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from safetensors.torch import load_file
 
 from hf_perfit.cli import main
 
-from .conftest import build_tokenizer, tiny_llama
+from .conftest import pythonpath, save_run_assets
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS = ("client_0", "client_1", "client_2")
@@ -48,16 +47,7 @@ STRATEGY_KEYS = {
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny Llama + tokenizer saved like a Hub checkpoint, and a 3-category instruction file."""
-    root = tmp_path_factory.mktemp("crash_assets")
-    tiny_llama().save_pretrained(root / "model")
-    build_tokenizer().save_pretrained(root / "model")
-    rows = [
-        {"instruction": f"Task {k}: echo {i}", "response": f"{k}{i}{k}", "category": f"c{k}"}
-        for k in range(3)
-        for i in range(8)
-    ]
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return save_run_assets(tmp_path_factory.mktemp("crash_assets"), per_category=8)
 
 
 def _config(assets: Path, out: Path, strategy: str) -> Path:
@@ -95,9 +85,7 @@ def references(assets, tmp_path_factory):
 
 
 def _killed_run(config: Path, point: str) -> None:
-    src = str(REPO / "src")
-    pythonpath = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "HF_PERFIT_CRASH_AT": point, "PYTHONPATH": pythonpath}
+    env = {**os.environ, "HF_PERFIT_CRASH_AT": point, "PYTHONPATH": pythonpath()}
     proc = subprocess.run(
         [sys.executable, "-m", "hf_perfit.cli", "federate", "--config", str(config)],
         env=env,

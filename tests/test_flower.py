@@ -34,7 +34,7 @@ from hf_perfit.flower.records import (  # noqa: E402
     payload_bytes,
 )
 
-from .conftest import build_tokenizer, tiny_llama  # noqa: E402
+from .conftest import save_run_assets, tiny_llama  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "recipes" / "flower"
@@ -54,16 +54,7 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny Llama + tokenizer saved like a Hub checkpoint, and a 3-category instruction file."""
-    root = tmp_path_factory.mktemp("flower_assets")
-    tiny_llama().save_pretrained(root / "model")
-    build_tokenizer().save_pretrained(root / "model")
-    rows = [
-        {"instruction": f"Task {k}: echo {i}", "response": f"{k}{i}{k}", "category": f"c{k}"}
-        for k in range(3)
-        for i in range(12)
-    ]
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return save_run_assets(tmp_path_factory.mktemp("flower_assets"), per_category=12)
 
 
 def _config(assets: Path, out: Path, **overrides) -> FederatedConfig:

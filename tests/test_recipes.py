@@ -14,7 +14,7 @@ import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from .conftest import build_tokenizer, tiny_llama
+from .conftest import build_tokenizer, pythonpath, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,10 +50,7 @@ def test_perfit_single_recipe_searches_to_the_budget_and_saves_a_plain_peft_adap
         "use_cpu": True,
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
-    }
+    env = {**os.environ, "PYTHONPATH": pythonpath()}
     proc = subprocess.run(
         [sys.executable, str(REPO / "recipes" / "perfit_single.py"), "--config", "config.yaml", "--max_steps", "6"],
         cwd=tmp_path,
