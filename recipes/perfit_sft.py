@@ -5,16 +5,19 @@
     python recipes/perfit_sft.py --config ... --num_rounds 5 --strategy fedit
 
 Every key of `hf_perfit.federated.FederatedConfig` works in the YAML and as a `--key value` flag (flags win), exactly
-as for `perfit federate`. Under `accelerate launch --num_processes N` each client's local training is data-parallel
-across the N processes (each batch split N ways), the coordinator runs in lockstep in every process, and only the
-main process writes files. To train one PerFIT adapter without a federation, see recipes/perfit_single.py.
+as for `perfit federate`: `trl.TrlParser` over one dataclass whose keys are TRL's (`trl.ModelConfig`: model and LoRA;
+`trl.SFTConfig`: learning rate, batch, length, seed, output_dir), PerFIT's (`PerFITLoraConfig`), FedAMoLE's
+(`MoLEConfig`) and the federation's own (`FederatedArguments`); docs/federated.md § Config keys.
+
+Under `accelerate launch --num_processes N` each client's local training is data-parallel across the N processes (each
+batch split N ways), the coordinator runs in lockstep in every process, and only the main process writes files. To train one PerFIT adapter without a federation, see recipes/perfit_single.py.
 """
 
 import sys
 
-from hf_perfit.cli import check_yaml_config, federate_parser
 from hf_perfit.distributed import process_state, relaunch_cpu_data_parallel
 from hf_perfit.federated import FederatedConfig, run_federated
+from hf_perfit.federated.config import ConfigParser, federated_parser
 
 
 def main(config: FederatedConfig) -> None:
@@ -26,15 +29,14 @@ def main(config: FederatedConfig) -> None:
         )
 
 
-def make_parser():
-    return federate_parser(prog="perfit_sft.py")
+def make_parser() -> ConfigParser:
+    return federated_parser(prog="perfit_sft.py")
 
 
 if __name__ == "__main__":
     relaunch_cpu_data_parallel()  # `accelerate launch --cpu --num_processes N` without MPI: start the N processes
-    try:
-        check_yaml_config(sys.argv[1:])  # a malformed YAML: file, line, column and the fix, not PyYAML's traceback
+    try:  # a malformed YAML, an unknown key or a bad value: one line naming it and the fix, not a traceback
+        (config,) = make_parser().parse_args_and_config()
     except (OSError, ValueError) as err:
         sys.exit(f"perfit_sft.py: error: {err}")
-    (config,) = make_parser().parse_args_and_config()
     main(config)

@@ -1,12 +1,22 @@
-"""PerFITLoraConfig: every bad value is a ValueError naming the field and what is allowed."""
+"""PerFITLoraConfig and FederatedConfig: every bad value is a ValueError naming the field and what is allowed;
+FederatedConfig's keys are declared once (TRL's, PerFIT's, MoLE's or the federation's own) and read like TRL's."""
+
+import dataclasses
+import pickle
+import typing
+from pathlib import Path
 
 import peft
 import pytest
 import trl
+import yaml
 from datasets import Dataset
 from peft import LoraConfig
 
 from hf_perfit import PerFITLoraConfig, get_perfit_model
+from hf_perfit.mole import MoLEConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -154,3 +164,202 @@ def test_mole_config_refuses_top_k_above_the_pool():
     with pytest.raises(ValueError, match=r"top_k=5 > num_experts=3; set top_k <= num_experts."):
         MoLEConfig(target_modules=["q_proj"], num_experts=3, top_k=5)
     assert MoLEConfig(target_modules=["q_proj"], num_experts=3, top_k=3).top_k == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FederatedConfig composed from TRL's, PerFIT's and MoLE's dataclasses (one declaration per setting)
+
+# `FederatedConfig().to_dict()` as written by c71495f, the commit before the config was composed: every saved run's
+# config.json / checkpoint.json holds this shape, so a new run must give the same dict (same keys, order and values).
+SAVED_DEFAULTS = {
+    "model_name_or_path": "smollm2-135m-instruct",
+    "dataset_name": "",
+    "strategy": "perfit",
+    "num_clients": 8,
+    "num_rounds": 3,
+    "fraction_clients": 1.0,
+    "local_steps": 10,
+    "learning_rate": 0.0002,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "gradient_checkpointing": False,
+    "device": "auto",
+    "bf16": "auto",
+    "max_length": 512,
+    "output_dir": "outputs/federated",
+    "seed": 0,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "lora_target_modules": ["q_proj", "v_proj"],
+    "expansion_factor": 4,
+    "search_steps": 10,
+    "prune_iterations": 4,
+    "importance": "taylor1",
+    "budget_multipliers": None,
+    "research_every": 0,
+    "proximal_mu": 0.01,
+    "num_experts": 30,
+    "experts_per_client_min": 2,
+    "experts_per_client_max": 8,
+    "clients_per_expert": 2,
+    "mole_top_k": 2,
+    "balance_loss_coef": 0.001,
+    "partition": "category",
+    "partition_column": "category",
+    "dirichlet_alpha": 0.5,
+    "test_fraction": 0.1,
+    "max_eval_examples": None,
+    "eval_batch_size": 8,
+    "strategy_options": {},
+    "trust_remote_code": False,
+    "push_to_hub": False,
+    "hub_repo_prefix": None,
+    "hub_private": False,
+    "resume": False,
+    "overwrite": False,
+    "lr_decay_per_round": 1.0,
+    "search_mode": "foresight",
+    "search_batches": 8,
+    "client_state_memory_mb": 2048.0,
+    "finetune_steps": 0,
+    "eval_clients": "auto",
+    "eval_local_model": False,
+}
+
+# FederatedArguments fields whose name a library dataclass also has, for another setting
+SAME_NAME_OTHER_SETTING = {
+    "bf16": "SFTConfig.bf16 is a bool for autocast; ours is auto/true/false and also loads the base weights in bf16"
+}
+
+
+def test_to_dict_is_the_saved_runs_dict():
+    from hf_perfit.federated.config import FederatedConfig
+    from hf_perfit.federated.coordinator import config_changes
+
+    assert FederatedConfig().to_dict() == SAVED_DEFAULTS
+    assert list(FederatedConfig().to_dict()) == list(SAVED_DEFAULTS)  # the key order of saved config.json files
+    saved = {
+        **SAVED_DEFAULTS,
+        "strategy": "fedprox",
+        "num_rounds": 5,
+        "learning_rate": 1e-3,
+        "lora_target_modules": ["q_proj"],
+    }
+    again = FederatedConfig.from_dict(saved)
+    assert again.to_dict() == saved and config_changes(saved, again.to_dict()) == []  # --resume accepts it
+    assert pickle.loads(pickle.dumps(again)) == again  # Ray / multiprocessing ship it by reference to the class
+
+
+def test_every_key_is_declared_once_with_its_source_default_or_a_stated_override():
+    from hf_perfit.federated.config import DEFAULT_OVERRIDES, FIELD_SOURCES, FederatedArguments, FederatedConfig
+
+    fields = {f.name: f for f in dataclasses.fields(FederatedConfig)}
+    assert list(fields) == list(FIELD_SOURCES)
+    libraries = (trl.SFTConfig, trl.ModelConfig, PerFITLoraConfig, MoLEConfig)
+    for key, (source, name) in FIELD_SOURCES.items():
+        declared = source.__dataclass_fields__[name]
+        assert fields[key].type == typing.get_type_hints(source)[name], key
+        assert fields[key].metadata["help"] == declared.metadata["help"], key
+        default = fields[key].default_factory() if fields[key].default is dataclasses.MISSING else fields[key].default
+        library_default = declared.default_factory() if declared.default is dataclasses.MISSING else declared.default
+        if key in DEFAULT_OVERRIDES:
+            # an override states why and differs from the library's (no stale entry)
+            assert default == DEFAULT_OVERRIDES[key][0] and default != library_default, key
+            assert DEFAULT_OVERRIDES[key][1].startswith(("SFTConfig:", "TrainingArguments:", "ModelConfig:")), key
+        else:
+            assert default == library_default, key
+        if source is FederatedArguments:  # a federation-only setting no library dataclass declares under that name
+            twins = [lib.__name__ for lib in libraries if name in lib.__dataclass_fields__]
+            assert not twins or key in SAME_NAME_OTHER_SETTING, (key, twins)
+        else:  # a library's setting is not declared again by FederatedArguments
+            assert key not in FederatedArguments.__dataclass_fields__, key
+    assert set(FederatedArguments.__dataclass_fields__) <= set(FIELD_SOURCES)  # no unused declaration
+    assert set(DEFAULT_OVERRIDES) <= set(FIELD_SOURCES)
+
+
+def test_strategy_defaults_are_the_strategies_own():
+    from hf_perfit.federated.config import FederatedConfig
+    from hf_perfit.federated.strategies import FedProxStrategy, PerFITStrategy
+    from hf_perfit.federated.strategies.fedamole import FedAMoLEStrategy
+
+    config = FederatedConfig()
+    assert config.proximal_mu == FedProxStrategy.default_options["proximal_mu"]
+    assert config.research_every == PerFITStrategy.default_options["research_every"]
+    for name in ("clients_per_expert", "experts_per_client_min", "experts_per_client_max"):
+        assert getattr(config, name) == FedAMoLEStrategy.default_options[name]
+
+
+def _yaml(path, **keys):
+    path.write_text(yaml.safe_dump(keys))
+    return path
+
+
+def test_load_config_yaml_then_dict_overrides_then_flags(tmp_path):
+    from hf_perfit.cli import parse_federate_args
+    from hf_perfit.federated import FederatedConfig, load_config
+
+    path = _yaml(
+        tmp_path / "run.yaml", num_rounds=4, local_steps=6, learning_rate="1e-3", lora_target_modules=["q_proj"]
+    )
+    config = load_config(path)
+    assert (config.num_rounds, config.local_steps, config.learning_rate) == (4, 6, 1e-3)  # YAML over the defaults
+    assert config.lora_target_modules == ["q_proj"] and config.lora_r == 8
+    config = load_config(path, {"local_steps": 2, "strategy_options": {"proximal_mu": 0.5}, "strategy": "fedprox"})
+    assert (config.num_rounds, config.local_steps) == (4, 2)  # a dict override over the YAML
+    assert config.resolved_strategy_options() == {"proximal_mu": 0.5}
+    flags = ["--local_steps", "3", "--strategy_options", '{"proximal_mu": 0.5}', "--strategy", "fedprox"]
+    assert load_config(path, flags) == parse_federate_args(["--config", str(path), *flags])  # perfit federate's
+    assert load_config(path, flags).local_steps == 3
+    assert load_config(None, {"num_rounds": 7}) == FederatedConfig(num_rounds=7)
+    assert load_config() == FederatedConfig()
+    with pytest.raises(ValueError, match="must be a list of flags"):
+        load_config(path, "--num_rounds 5")
+    with pytest.raises(ValueError, match=r"argument --num_rounds/--num-rounds: invalid int value: 'x'"):
+        load_config(path, ["--num_rounds", "x"])  # a ValueError, not argparse's usage and SystemExit
+
+
+@pytest.mark.parametrize(
+    "path", sorted(REPO.glob("recipes/smollm2-135m/*/config_*.yaml")), ids=lambda p: p.parent.name + "/" + p.name
+)
+def test_every_recipe_parses_to_the_config_of_its_yaml(path):
+    from hf_perfit.federated import FederatedConfig, load_config
+
+    keys = yaml.safe_load(path.read_text())
+    if path.name == "config_single.yaml":  # recipes/perfit_single.py's keys (TRL's sft), not a federation
+        with pytest.raises(ValueError, match="'dataset_category': did you mean 'dataset_name'"):
+            load_config(path)
+        return
+    assert load_config(path) == FederatedConfig.from_dict(keys)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("top_k", 3, "'top_k': use mole_top_k (MoLEConfig.top_k) instead"),
+        ("r", 4, "'r': use lora_r"),
+        ("max_steps", 40, "'max_steps': use local_steps (optimizer steps per client and round) and num_rounds"),
+        ("max_seq_length", 256, "'max_seq_length': use max_length"),
+        ("activation_checkpointing", True, "'activation_checkpointing': use gradient_checkpointing instead"),
+        ("hub_private_repo", True, "'hub_private_repo': use hub_private instead"),
+        (
+            "lr_scheduler_type",
+            "cosine",
+            "'lr_scheduler_type': a field of trl.SFTConfig that a federated run does not read",
+        ),
+        ("lora_dropout", 0.1, "'lora_dropout': a field of trl.ModelConfig that a federated run does not read"),
+        ("lora_rank", 4, "'lora_rank': did you mean 'lora_r'?"),
+        ("num_round", 4, "'num_round': did you mean 'num_rounds'?"),
+    ],
+)
+def test_library_and_misspelled_keys_name_the_key_to_use(tmp_path, key, value, message):
+    from hf_perfit.federated import FederatedConfig, load_config
+
+    with pytest.raises(ValueError) as err:
+        load_config(_yaml(tmp_path / "bad.yaml", num_rounds=2, **{key: value}))
+    assert f"unknown config keys ['{key}'] ({message}" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        FederatedConfig.from_dict({key: value})  # a saved config.json or a Flower message
+    assert f"unknown config keys ['{key}'] ({message}" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        load_config(None, [f"--{key}", str(value)])
+    assert f"unknown flags ['{key}'] ({message}" in str(err.value)

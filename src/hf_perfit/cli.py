@@ -7,19 +7,17 @@ perfit plot --run outputs/perfit
 perfit compare --runs outputs/demo/fedit outputs/demo/perfit [--output outputs/demo/comparison.md]
 ```
 
-`federate` parses [`~hf_perfit.federated.simulation.FederatedConfig`] the way TRL's scripts parse their configs
-(`trl.TrlParser`): YAML keys are the dataclass fields, command-line flags override them, and an unknown key in either
-place is an error. Every user error (bad value, missing file, output folder of another run) ends with a one-line
+`federate` parses [`~hf_perfit.federated.config.FederatedConfig`] the way TRL's scripts parse their configs
+(`trl.TrlParser`): YAML keys are the dataclass fields (TRL's own for the settings TRL declares), command-line flags
+override them, and an unknown key in either place is an error naming the key to use. Every user error (bad value, missing file, output folder of another run) ends with a one-line
 message and exit status 2 instead of a traceback; `--debug` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 COMMANDS = ("federate", "push", "plot", "compare")
 USAGE = (
@@ -33,35 +31,18 @@ USAGE = (
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 
 
-def _json_dict(text: str) -> dict[str, Any]:
-    """argparse type for dict-valued fields given on the command line as JSON (`--strategy_options '{"a": 1}'`)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(
-            f"expected a JSON object such as '{{\"proximal_mu\": 0.1}}', got {text!r} ({err})"
-        ) from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
-
-
 def _parser(dataclass_type: type, prog: str):
-    from trl import TrlParser
+    from .federated.config import ConfigParser
 
-    parser = TrlParser(dataclass_types=[dataclass_type], prog=prog)
-    # HfArgumentParser gives dict fields `type=dict`, which cannot parse a string; accept JSON instead.
-    for action in parser._actions:
-        if getattr(action.type, "__origin__", action.type) is dict:
-            action.type = _json_dict
-    return parser
+    return ConfigParser([dataclass_type], prog=prog)
 
 
 def federate_parser(prog: str = "perfit federate"):
-    """The `trl.TrlParser` of `perfit federate` (and of `recipes/perfit_sft.py`): `FederatedConfig`'s fields."""
-    from .federated.simulation import FederatedConfig
+    """The `trl.TrlParser` of `perfit federate` (and of `recipes/perfit_sft.py`): `FederatedConfig`'s fields
+    ([`hf_perfit.federated.config.federated_parser`])."""
+    from .federated.config import federated_parser
 
-    return _parser(FederatedConfig, prog)
+    return federated_parser(prog)
 
 
 def check_yaml_config(argv: Sequence[str]) -> None:
@@ -105,7 +86,6 @@ def check_yaml_config(argv: Sequence[str]) -> None:
 
 def parse_federate_args(argv: Sequence[str]):
     """Parse `perfit federate` arguments into a `FederatedConfig` (YAML from `--config`, then flags)."""
-    check_yaml_config(argv)
     (config,) = federate_parser().parse_args_and_config(list(argv))
     return config
 
@@ -125,7 +105,6 @@ def federate(argv: Sequence[str]) -> int:
 def push(argv: Sequence[str]) -> int:
     from .hub import PushConfig, push_main
 
-    check_yaml_config(argv)
     (config,) = _parser(PushConfig, "perfit push").parse_args_and_config(list(argv))
     return int(push_main(config) or 0)
 

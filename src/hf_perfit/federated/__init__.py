@@ -8,7 +8,7 @@ run_federated(FederatedConfig(strategy="perfit", dataset_name="builtin:stdlib", 
 """
 
 from .client import client_update, evaluate_perplexity, train_client
-from .config import FederatedConfig
+from .config import FederatedArguments, FederatedConfig, load_config
 from .messages import ClientInstruction, ClientUpdate
 from .simulation import FederatedSimulation, run_federated
 from .strategies import STRATEGIES, Strategy, get_strategy, register_strategy
@@ -17,12 +17,14 @@ __all__ = [
     "STRATEGIES",
     "ClientInstruction",
     "ClientUpdate",
+    "FederatedArguments",
     "FederatedConfig",
     "FederatedSimulation",
     "Strategy",
     "client_update",
     "evaluate_perplexity",
     "get_strategy",
+    "load_config",
     "register_strategy",
     "run_federated",
     "train_client",
