@@ -230,6 +230,9 @@ def test_repush_unchanged_makes_no_commit(run_dir, hub, caplog):
     assert {repo: hub.repos[repo].head.oid for repo in heads} == heads
     # huggingface_hub compares each file's oid with the remote one (pre-upload) and makes no empty commit
     assert not [r for r in new if "/commit/" in r.path or r.path == "/api/repos/create"]
+    # 4 requests a repo: our model_info (parent commit, files), and upload_folder's README check, pre-upload and
+    # head lookup; no tree listing (nothing to delete: delete_patterns is None)
+    assert len(new) == 4 * 4 and not [r for r in new if "/tree/" in r.path], [(r.method, r.path) for r in new]
     assert {r.path.split("/")[4] for r in new if r.path.startswith("/api/models/")} == {
         f"fed-{n}" for n in (*CLIENTS, "federation")
     }

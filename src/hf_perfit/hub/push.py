@@ -6,9 +6,11 @@ the searched architecture (`density.png`, `perfit_config.json`, `perfit_masks.sa
 `<namespace>/<prefix>-federation` holds `results.md`, the plots and a summary card. See docs/hub.md.
 
 Each repo is rendered into a folder first (every repo before the first request), then pushed with
-`HfApi.upload_folder(..., delete_patterns=...)`: `huggingface_hub` skips files whose remote oid equals the local one
-and makes no empty commit, so re-pushing an unchanged run commits nothing; it retries the tree listing, the
-pre-upload and the commit with its own backoff (HTTP 408/429/5xx, network errors, `Retry-After` honoured). The
+`HfApi.upload_folder(..., delete_patterns=...)` (the names of our files the repo holds and this push did not render):
+`huggingface_hub` skips files whose remote oid equals the local one and makes no empty commit, so re-pushing an
+unchanged run commits nothing; it retries the pre-upload and the commit with its own backoff (HTTP 408/429/5xx,
+network errors, `Retry-After` honoured). `create_repo` and `model_info` are single requests in huggingface_hub 2.4 (no
+backoff): a failure there stops the push with "try again later", and pushing again goes on where it stopped. The
 commit names its parent, so a commit whose answer was lost and that the library re-sends is refused (HTTP 412)
 rather than applied twice; the repo is then compared once more against its new head. The token comes from
 `huggingface_hub`'s usual sources and is never logged, written into a file, or shown in an error.
@@ -262,24 +264,39 @@ def _render_federation(writer: cards.CardWriter, repo_id: str, folder: Path) -> 
 
 
 def _push_folder(api: Any, repo: _Repo, folder: Path, private: bool) -> RepoResult:
-    """Create the repo if needed and upload the folder; `huggingface_hub` drops unchanged files and empty commits."""
+    """Create the repo if needed and upload the folder; `huggingface_hub` drops unchanged files and empty commits.
+
+    `upload_folder` lists the repo's tree only to find the files `delete_patterns` match; the `model_info` that gives
+    the parent commit already lists them, so it gets the names of our files to delete, and none (no listing) when
+    there are none: a re-push of an unchanged repo makes 4 requests, not 5 (docs/hub.md)."""
     try:
         before = api.model_info(repo.repo_id, files_metadata=True)
         created = False
     except RepositoryNotFoundError:
+        # `create_repo` posts once, without huggingface_hub's backoff (docs/hub.md § Failures): a 429/5xx here stops
+        # the push, and pushing again goes on from this repo
         api.create_repo(repo.repo_id, private=private, exist_ok=True, repo_type="model")
         before, created = api.model_info(repo.repo_id, files_metadata=True), True
-    managed, message = list(repo.managed), repo.message
-    upload = partial(api.upload_folder, repo_id=repo.repo_id, folder_path=folder, delete_patterns=managed)
-    upload = partial(upload, commit_message=message)
+    rendered = set(_names(folder))
+
+    def upload(head: Any) -> Any:
+        stale = sorted(set(_remote_ids(head)) & set(repo.managed) - rendered)
+        return api.upload_folder(
+            repo_id=repo.repo_id,
+            folder_path=folder,
+            delete_patterns=stale or None,
+            commit_message=repo.message,
+            parent_commit=head.sha,
+        )
+
     try:
-        info = upload(parent_commit=before.sha)
+        info = upload(before)
     except HfHubHTTPError as err:
         if getattr(err.response, "status_code", None) != 412:
             raise
         # main moved since `before` (our own commit whose answer was lost and that the library re-sent, or another
         # writer): compare once more against the new head; unchanged files are again skipped
-        info = upload(parent_commit=api.model_info(repo.repo_id).sha)
+        info = upload(api.model_info(repo.repo_id, files_metadata=True))
     if info.oid == before.sha:
         return RepoResult(repo.repo_id, repo.client_id, "created" if created else "unchanged")
     after = api.model_info(repo.repo_id, files_metadata=True)
