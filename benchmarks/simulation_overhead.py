@@ -10,6 +10,11 @@
 
     python benchmarks/simulation_overhead.py                 # writes its section of docs/benchmarks.md
     python benchmarks/simulation_overhead.py --tiny --no-write
+    python benchmarks/simulation_overhead.py --no-write --config my.yaml --num_rounds 3 --fraction_clients 1.0
+
+The run's settings are a `FederatedConfig` read by `hf_perfit.federated.load_config`: this benchmark's defaults
+([`DEFAULTS`]), then the YAML of `--config`, then any `--<FederatedConfig key> value` flag (`output_dir` is always a
+temporary folder).
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ def _tiny():
 def overhead(args: argparse.Namespace) -> dict:
     import hf_perfit.federated.client as client_mod
     import hf_perfit.federated.simulation as sim_mod
-    from hf_perfit.federated import FederatedConfig, FederatedSimulation
+    from hf_perfit.federated import FederatedSimulation
     from hf_perfit.presets import is_preset_available
 
     timers = {"train": 0.0, "eval": 0.0}
@@ -85,26 +90,10 @@ def overhead(args: argparse.Namespace) -> dict:
     if not real:
         model, tok = _tiny()
         kwargs = {"model": model, "tokenizer": tok}
-    if not use_flan:
-        kwargs["clients"] = _synthetic_clients(args.clients)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = FederatedConfig(
-            model_name_or_path=PRESET,
-            dataset_name=str(FLAN8) if use_flan else "",
-            strategy="perfit",
-            num_clients=8 if use_flan else args.clients,
-            num_rounds=args.rounds,
-            fraction_clients=args.fraction,
-            local_steps=args.local_steps,
-            search_steps=args.local_steps,
-            prune_iterations=2,
-            per_device_train_batch_size=2,
-            max_length=args.max_length,
-            lora_r=8 if real else 2,
-            lora_alpha=16 if real else 4,
-            max_eval_examples=args.eval_examples,
-            output_dir=f"{tmp}/run",
-        )
+        cfg = settings(args, real, use_flan, f"{tmp}/run")
+        if not use_flan:
+            kwargs["clients"] = _synthetic_clients(cfg.num_clients)
         t_setup = time.perf_counter()
         sim = FederatedSimulation(cfg, **kwargs)
         setup = time.perf_counter() - t_setup
@@ -130,10 +119,10 @@ def overhead(args: argparse.Namespace) -> dict:
     evaluation = sum(p["eval"] for p in parts)
     return {
         "model": "SmolLM2-135M-Instruct" if real else "tiny random Llama (hidden 16, 2 layers)",
-        "data": f"FLAN-8 ({FLAN8})" if use_flan else f"{args.clients} synthetic clients",
+        "data": f"FLAN-8 ({FLAN8})" if use_flan else f"{cfg.num_clients} synthetic clients",
         "clients": cfg.num_clients,
         "sampled": max(1, round(cfg.fraction_clients * cfg.num_clients)),
-        "rounds": args.rounds,
+        "rounds": cfg.num_rounds,
         "setup_s": setup,
         "wall_s": wall,
         "train_s": train,
@@ -143,11 +132,38 @@ def overhead(args: argparse.Namespace) -> dict:
             {"wall": w, "train": p["train"], "eval": p["eval"]} for w, p in zip(round_times, parts, strict=True)
         ],
         "settings": (
-            f"perfit, {args.rounds} rounds, fraction {args.fraction}, {args.local_steps} local steps of batch 2, "
-            f"max_length {args.max_length}, eval on {args.eval_examples} test examples per client, every client "
-            "every round"
+            f"{cfg.strategy}, {cfg.num_rounds} rounds, fraction {cfg.fraction_clients}, {cfg.local_steps} local steps "
+            f"of batch {cfg.per_device_train_batch_size}, max_length {cfg.max_length}, eval on "
+            f"{cfg.max_eval_examples} test examples per client ({cfg.resolved_eval_clients()} clients every round)"
         ),
     }
+
+
+DEFAULTS: dict = {
+    "model_name_or_path": PRESET,
+    "strategy": "perfit",
+    "num_clients": 4,  # synthetic clients; FLAN-8 has 8
+    "num_rounds": 2,
+    "fraction_clients": 0.5,
+    "local_steps": 5,
+    "search_steps": 5,
+    "prune_iterations": 2,
+    "per_device_train_batch_size": 2,
+    "max_length": 128,
+    "max_eval_examples": 8,
+}
+"""This benchmark's settings (FederatedConfig keys), under `--config` and the flags."""
+
+
+def settings(args: argparse.Namespace, real: bool, use_flan: bool, output_dir: str):
+    """The measured run's `FederatedConfig`: [`DEFAULTS`] (FLAN-8's folder and 8 clients when it is used, a rank-2
+    LoRA on the tiny model), then `--config`, then the FederatedConfig flags; `output_dir` is always `output_dir`."""
+    from hf_perfit.federated import load_config
+
+    defaults = {**DEFAULTS, "lora_r": 8 if real else 2, "lora_alpha": 16 if real else 4}
+    if use_flan:
+        defaults.update(dataset_name=str(FLAN8), num_clients=8)
+    return load_config(args.config, [*args.overrides, "--output_dir", output_dir], defaults=defaults)
 
 
 def rss_child(n: int) -> None:
@@ -237,18 +253,14 @@ def render(ov: dict | None, mem: list[dict] | None) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny random model and synthetic clients")
-    p.add_argument("--clients", type=int, default=4, help="clients when FLAN-8 is not used")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--fraction", type=float, default=0.5)
-    p.add_argument("--local-steps", type=int, default=5)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--eval-examples", type=int, default=8)
+    p.add_argument("--config", help="a FederatedConfig YAML applied over this benchmark's DEFAULTS")
     p.add_argument("--rss-counts", type=int, nargs="+", default=[10, 100])
     p.add_argument("--skip-overhead", action="store_true")
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    p.epilog = "Any other `--<FederatedConfig key> value` sets the measured run's key (docs/federated.md)."
+    args, args.overrides = p.parse_known_args(argv)
     if args.rss_child:
         rss_child(args.rss_child)
         return

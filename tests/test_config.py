@@ -312,6 +312,12 @@ def test_load_config_yaml_then_dict_overrides_then_flags(tmp_path):
     assert load_config(path, flags) == parse_federate_args(["--config", str(path), *flags])  # perfit federate's
     assert load_config(path, flags).local_steps == 3
     assert load_config(None, {"num_rounds": 7}) == FederatedConfig(num_rounds=7)
+    # a script's own defaults go under the YAML, the dict and the flags
+    script = {"num_rounds": 9, "local_steps": 9, "seed": 9, "max_length": 99}
+    config = load_config(path, ["--max_length", "77"], defaults=script)
+    assert (config.num_rounds, config.local_steps, config.seed, config.max_length) == (4, 6, 9, 77)
+    config = load_config(None, {"seed": 1}, defaults=script)
+    assert (config.num_rounds, config.seed) == (9, 1)
     assert load_config() == FederatedConfig()
     with pytest.raises(ValueError, match="must be a list of flags"):
         load_config(path, "--num_rounds 5")

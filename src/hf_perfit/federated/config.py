@@ -657,14 +657,20 @@ def federated_parser(prog: str = "perfit federate", overrides: Mapping[str, Any]
 
 
 def load_config(
-    path: str | os.PathLike | None = None, overrides: Sequence[str] | Mapping[str, Any] | None = None
+    path: str | os.PathLike | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] | None = None,
+    *,
+    defaults: Mapping[str, Any] | None = None,
 ) -> FederatedConfig:
     """A [`FederatedConfig`] from a recipe YAML plus overrides, exactly as `perfit federate --config path ...` reads it.
+
+    Precedence, lowest first: the dataclass defaults, `defaults`, the YAML, a dict `overrides`, flag `overrides`.
 
     Args:
         path (`str` or `os.PathLike`, *optional*): a YAML file of [`FederatedConfig`] keys (`None`: defaults only).
         overrides (`list[str]` or `dict`, *optional*): command-line flags (`["--num_rounds", "5"]`, parsed as the
             command line is) or a dict of typed values (`{"num_rounds": 5}`, applied over the YAML like YAML values).
+        defaults (`dict`, *optional*): a script's own defaults (typed values), under the YAML and the overrides.
 
     Raises:
         ValueError: a YAML syntax error, an unknown key (named, with the key to use) or a bad value.
@@ -682,7 +688,10 @@ def load_config(
     mapping = dict(overrides) if isinstance(overrides, Mapping) else {}
     flags = [] if isinstance(overrides, Mapping) else [str(arg) for arg in overrides or ()]
     argv = (["--config", os.fspath(path)] if path is not None else []) + flags
-    (config,) = federated_parser(prog="load_config", overrides=mapping).parse_args_and_config(argv)
+    parser = federated_parser(prog="load_config", overrides=mapping)
+    if defaults:
+        parser.set_defaults_with_config(**defaults)  # first: the YAML's values, then `overrides`, replace them
+    (config,) = parser.parse_args_and_config(argv)
     return config
 
 
