@@ -20,10 +20,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 from hf_perfit import PerFITLoraConfig, PerFITPruningCallback, get_perfit_model
+from hf_perfit._compose import compose
 from hf_perfit.data import format_for_tokenizer, load_instruction_dataset
 from hf_perfit.presets import resolve_model_path
 
-_PERFIT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PerFITLoraConfig)}
+PERFIT_KEYS = ("expansion_factor", "importance", "search_steps", "prune_iterations", "budget_multiplier")
 
 
 @dataclass
@@ -40,15 +41,9 @@ class ScriptArguments:
     max_train_examples: int | None = field(default=None, metadata={"help": "Keep at most this many examples."})
 
 
-@dataclass
+@compose({name: (PerFITLoraConfig, name) for name in PERFIT_KEYS})
 class PerFITArguments:
-    """PerFIT's search; the defaults are `PerFITLoraConfig`'s (see docs/perfit.md)."""
-
-    expansion_factor: int = field(default=_PERFIT_DEFAULTS["expansion_factor"], metadata={"help": "γ: rank γ·r."})
-    importance: str = field(default=_PERFIT_DEFAULTS["importance"], metadata={"help": "'taylor1' or 'taylor2'."})
-    search_steps: int = field(default=_PERFIT_DEFAULTS["search_steps"], metadata={"help": "Optimizer steps searched."})
-    prune_iterations: int = field(default=_PERFIT_DEFAULTS["prune_iterations"], metadata={"help": "Pruning rounds."})
-    budget_multiplier: float = field(default=_PERFIT_DEFAULTS["budget_multiplier"], metadata={"help": "× budget."})
+    """PerFIT's search: these fields are `PerFITLoraConfig`'s (type, default, help; docs/perfit.md)."""
 
 
 def main(

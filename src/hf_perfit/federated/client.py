@@ -21,32 +21,43 @@ import torch
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
+from .._compose import compose
 from ..callbacks import PerFITPruningCallback
 from ..model import PerFITModel
 from .comm import downlink_bytes, uplink_bytes
+from .config import FederatedConfig
 from .messages import ClientInstruction, ClientUpdate
 
 IGNORE_INDEX = -100
 
 
-@dataclass
+@compose(
+    {
+        **{
+            name: (FederatedConfig, name)
+            for name in (
+                "local_steps",
+                "learning_rate",
+                "per_device_train_batch_size",
+                "gradient_accumulation_steps",
+            )
+        },
+        "weight_decay": (SFTConfig, "weight_decay"),
+        "max_grad_norm": (SFTConfig, "max_grad_norm"),
+        **{
+            name: (FederatedConfig, name)
+            for name in ("max_length", "eval_batch_size", "seed", "gradient_checkpointing", "lr_decay_per_round")
+        },
+    }
+)
 class LocalTrainingArgs:
-    """What a client's local update needs to know (the same for every client of a run)."""
+    """What a client's local update needs to know (the same for every client of a run): `FederatedConfig`'s fields
+    of the same names (their types and defaults, declared once), SFTConfig's `weight_decay` and `max_grad_norm`, and
+    `bf16` resolved to a bool or `None`."""
 
-    local_steps: int = 10
-    learning_rate: float = 2e-4
-    per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    eval_batch_size: int = 8
-    seed: int = 0
-    gradient_checkpointing: bool = False
     bf16: bool | None = False
     """bf16 autocast (mixed precision; the adapter stays fp32) in training; `None`: on when the model is on a CUDA
     device that supports bf16 (`bf16: auto`). fp32 is the reference."""
-    lr_decay_per_round: float = 1.0  # round t trains with learning_rate * lr_decay_per_round ** t
 
 
 def round_learning_rate(args: LocalTrainingArgs, round_idx: int) -> float:

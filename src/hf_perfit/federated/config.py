@@ -24,7 +24,6 @@ instead ([`RENAMED_KEYS`]). [`load_config`] reads a YAML file plus overrides the
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import json
@@ -37,6 +36,7 @@ from typing import Any
 
 from trl import ModelConfig, SFTConfig, TrlParser
 
+from .._compose import compose
 from ..config import SEARCH_MODES, PerFITLoraConfig
 from ..mole.config import MoLEConfig
 from .strategies import STRATEGIES
@@ -239,31 +239,7 @@ RENAMED_KEYS: dict[str, str] = {
 """Keys of the libraries' configs that a federated config spells differently: `key -> "new key (why)"`."""
 
 
-def _compose(cls: type) -> type:
-    """Make `cls` a dataclass whose fields are [`FIELD_SOURCES`]'s, each with its source's type, help and default
-    (or [`DEFAULT_OVERRIDES`]'s)."""
-    annotations = {}
-    for key, (source, name) in FIELD_SOURCES.items():
-        declared = source.__dataclass_fields__[name]
-        annotations[key] = typing.get_type_hints(source)[name]
-        metadata = dict(declared.metadata)  # HfArgumentParser passes every entry to argparse: only its own keys
-        if key in DEFAULT_OVERRIDES:
-            value = DEFAULT_OVERRIDES[key][0]
-            kwargs = (
-                {"default_factory": lambda v=value: copy.deepcopy(v)}
-                if isinstance(value, list)
-                else {"default": value}
-            )
-        elif declared.default_factory is not dataclasses.MISSING:
-            kwargs = {"default_factory": declared.default_factory}
-        else:
-            kwargs = {"default": declared.default}
-        setattr(cls, key, field(metadata=metadata, **kwargs))
-    cls.__annotations__ = annotations
-    return dataclass(cls)
-
-
-@_compose
+@compose(FIELD_SOURCES, {key: default for key, (default, _) in DEFAULT_OVERRIDES.items()})
 class FederatedConfig:
     """A federated run. YAML keys and command-line flags are these field names; [`FIELD_SOURCES`] says which
     dataclass declares each (`trl.ModelConfig`, `trl.SFTConfig`, [`PerFITLoraConfig`], [`MoLEConfig`] or
