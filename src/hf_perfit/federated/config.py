@@ -192,10 +192,13 @@ FIELD_SOURCES: dict[str, tuple[type, str]] = {
 DEFAULT_OVERRIDES: dict[str, tuple[Any, str]] = {
     # key: (our default, the library's and why ours differs). Each is also the default every saved run and recipe
     # was made with, so changing one changes what a run without that key does.
-    "model_name_or_path": ("smollm2-135m-instruct", "ModelConfig: None; the preset runs offline (docs/data.md)"),
+    "model_name_or_path": (
+        "smollm2-135m-instruct",
+        "ModelConfig: None; the preset is converted locally, nothing is downloaded (README)",
+    ),
     "learning_rate": (
         2e-4,
-        "SFTConfig: 2e-5, a full fine-tuning rate; LoRA adapters train at 10x that in every recipe",
+        "SFTConfig: 2e-5, a full fine-tuning rate; the FLAN-8 recipes train their LoRA at 10x that",
     ),
     "per_device_train_batch_size": (4, "TrainingArguments: 8; the FLAN-8 recipes' batch per local step"),
     "gradient_checkpointing": (
@@ -203,10 +206,10 @@ DEFAULT_OVERRIDES: dict[str, tuple[Any, str]] = {
         "SFTConfig: True, which recomputes activations (TRL: ~20% slower training) to save memory a 135M model does "
         "not need; opt in for big models",
     ),
-    "max_length": (512, "SFTConfig: 1024; the recipes' length, half the activation memory per example"),
+    "max_length": (512, "SFTConfig: 1024; the FLAN-8 recipes' length, half the activation memory per example"),
     "output_dir": ("outputs/federated", "TrainingArguments: None; a run folder under outputs/"),
     "seed": (0, "TrainingArguments: 42; every recipe and saved run uses 0"),
-    "lora_r": (8, "ModelConfig: 16; rank 8 is the budget every method is compared at (docs/perfit.md)"),
+    "lora_r": (8, "ModelConfig: 16; rank 8 is the budget the benchmark compares every method at (docs/perfit.md)"),
     "lora_alpha": (16, "ModelConfig: 32; the scale lora_alpha / r = 2 at r = 8"),
     "lora_target_modules": (
         ["q_proj", "v_proj"],
