@@ -227,3 +227,19 @@ def test_bf16_base_trains_and_evaluates_on_its_device(tokenizer, device):
     assert {p.dtype for p in model.lora_parameters().values()} == {torch.float32}
     assert base.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
     assert not hasattr(model.forward, "__wrapped__")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_trainer_arguments_raise_no_deprecation_warning(tmp_path, checkpointing):
+    """A client round must not warn (transformers 5.24 renamed gradient checkpointing; its old name, which TRL
+    sets by default, warns every round): the setting reaches the trainer under the installed name."""
+    import warnings
+
+    from hf_perfit.federated.client import LocalTrainingArgs, _sft_config
+
+    args = LocalTrainingArgs(local_steps=2, gradient_checkpointing=checkpointing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        sft = _sft_config(args, str(tmp_path), seed=0, processes=1, device=torch.device("cpu"))
+    assert sft.gradient_checkpointing is checkpointing
+    assert sft.activation_checkpointing is checkpointing

@@ -28,6 +28,13 @@ from .comm import downlink_bytes, uplink_bytes
 from .config import FederatedConfig
 from .messages import ClientInstruction, ClientUpdate
 
+# The TrainingArguments name of activation checkpointing in the installed transformers (renamed in 5.24).
+_CHECKPOINTING_ARG = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(SFTConfig)}
+    else "gradient_checkpointing"
+)
+
 IGNORE_INDEX = -100
 
 
@@ -163,7 +170,9 @@ def _sft_config(
         bf16=bf16_supported(device) if args.bf16 is None else args.bf16,
         # TRL defaults to activation checkpointing: a second forward per step (~30% more compute) to save
         # activation memory that a 135M model on 2 cores does not need. Opt in for big models.
-        gradient_checkpointing=args.gradient_checkpointing,
+        # (transformers >= 5.24 calls it `activation_checkpointing`; its old name is an alias that warns at every
+        # client round because TRL's default for the old name is set)
+        **{_CHECKPOINTING_ARG: args.gradient_checkpointing},
         # train where the model is: `load_model` places it (`device: auto|cpu|cuda`), the Trainer never moves it
         use_cpu=device.type == "cpu",
         seed=seed,
