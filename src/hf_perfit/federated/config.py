@@ -15,6 +15,8 @@ from ..mole.config import MoLEConfig
 from .strategies import STRATEGIES
 
 _PERFIT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PerFITLoraConfig)}
+PERFIT_INITS = ("symmetric", "zero")
+"""`perfit_init` values: PerFIT's symmetric init, or PEFT's standard LoRA init (`B = 0`: the "zero" ablation)."""
 
 
 @dataclass
@@ -75,6 +77,8 @@ class FederatedConfig:
     finetune_steps: int = 0  # after the last round, every client fine-tunes its personalized adapter this many steps
     eval_clients: str = "auto"  # "all", "sampled" (the round's sampled clients; all in the last round), "auto"
     eval_local_model: bool = False  # also evaluate each trained client's local adapter before aggregation
+    # ------------------------------------------------------------------ ablations (issue 18, docs/perfit.md)
+    perfit_init: str = "symmetric"  # PerFIT's expanded adapter: "symmetric" (the paper's) or "zero" (PEFT's, B = 0)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -135,6 +139,11 @@ class FederatedConfig:
                 "FedAMoLE's authors use 0.99)."
             )
         self._check_engine()
+        if self.perfit_init not in PERFIT_INITS:
+            raise ValueError(
+                f"perfit_init={self.perfit_init!r} is unknown; allowed values: {list(PERFIT_INITS)} ('symmetric' is "
+                "the paper's; 'zero' is PEFT's standard LoRA init, B = 0, with which every Taylor score is 0)."
+            )
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other; choose one.")
         if isinstance(self.strategy_options, str):  # from the command line: --strategy_options '{"mu": 0.1}'
@@ -260,6 +269,7 @@ class FederatedConfig:
                 research_every=self.research_every,
                 search_mode=self.search_mode,
                 search_batches=self.search_batches,
+                init_lora_weights="symmetric" if self.perfit_init == "symmetric" else True,
             )
         return PerFITLoraConfig(
             **common, expansion_factor=1, init_lora_weights=True, search_steps=1, prune_iterations=1
