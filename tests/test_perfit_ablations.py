@@ -75,7 +75,9 @@ def test_state_saved_before_the_aggregation_option_resumes_with_its_default():
 def test_perfit_init_field():
     assert FederatedConfig(strategy="perfit").adapter_config().init_lora_weights == "symmetric"
     assert FederatedConfig(strategy="perfit", perfit_init="zero").adapter_config().init_lora_weights is True
-    with pytest.raises(ValueError, match=r"perfit_init='gaussian' is unknown; allowed values: \['symmetric', 'zero'\]"):
+    with pytest.raises(
+        ValueError, match=r"perfit_init='gaussian' is unknown; allowed values: \['symmetric', 'zero'\]"
+    ):
         FederatedConfig(strategy="perfit", perfit_init="gaussian")
 
 
