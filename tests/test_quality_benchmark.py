@@ -27,9 +27,9 @@ def test_two_methods_two_seeds_then_reused(tmp_path, capsys):
     assert list(results) == ["flan8_recipe"]
     assert sorted(results["flan8_recipe"]) == ["local", "perfit"]
     rounds = q.TINY_DEFAULTS["rounds"]
-    for method, seeds in results["flan8_recipe"].items():
+    for seeds in results["flan8_recipe"].values():
         assert sorted(seeds) == ["0", "1"]
-        for seed, clients in seeds.items():
+        for clients in seeds.values():
             assert sorted(clients) == ["client_0", "client_1", "client_2"]
             for values in clients.values():
                 # [base model, after round 1, ..., after round T]: every client evaluated every round here
