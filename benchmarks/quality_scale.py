@@ -50,6 +50,8 @@ from quality_partition import PARTITION_FILE, write_partition  # noqa: E402
 
 SECTION = "## Personalized quality at scale (benchmarks/quality_scale.py)"
 RESULTS_PATH = REPO_ROOT / "docs" / "results" / "quality.json"
+# The human reading of the tables, kept in its own file so that rebuilding the generated section never loses it.
+ANALYSIS_PATH = REPO_ROOT / "docs" / "quality_scale_analysis.md"
 DEFAULT_ROOT = REPO_ROOT / "outputs" / "quality"
 TINY_ROOT = REPO_ROOT / "outputs" / "quality-scale-tiny"
 GOAL_RATIO = q.GOAL_RATIO  # PerFIT's geometric mean at most 0.77 x FedIT's
@@ -886,10 +888,11 @@ def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: lis
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(8, 4.6))
     drawn = False
+    drawn_values: list[float] = []
     for m in [*setting.methods, *(a for a in setting.ablations if a not in setting.methods)]:
         seeds = cells.get(m, {})
         fin = [c for c in seeds.values() if c["finished"]]
@@ -913,6 +916,7 @@ def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: lis
                 mean.append(_mean(vals))
                 lo.append(min(vals))
                 hi.append(max(vals))
+                drawn_values += vals
         style = {"lw": 2.6, "color": "black", "zorder": 3} if m == "perfit" else {"lw": 1.3}
         label = f"{m} ({len(use)} seed{'s' if len(use) > 1 else ''}{', partial' if partial else ''})"
         (line,) = ax.plot(xs, mean, ls="--" if partial else "-", marker="o", ms=2.5, label=label, **style)
@@ -922,7 +926,10 @@ def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: lis
     if not drawn:
         plt.close(fig)
         return False
-    ax.set_yscale("log")
+    if drawn_values and max(drawn_values) > 3 * min(drawn_values):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     sampled = setting.fraction < 1
     ax.set_xlabel(
@@ -987,6 +994,16 @@ def report(args, root: Path) -> dict[str, Any]:
         plot_name = f"quality_scale_{name}.png"
         drawn = plot_setting(setting, cells, [doc_dir / plot_name], args.tiny)
         lines += render_setting(setting, cells, plot_name if drawn else None, args.tiny, root)
+    lines += ["### Reading", ""]
+    if ANALYSIS_PATH.is_file() and not args.tiny:
+        text = ANALYSIS_PATH.read_text().splitlines()
+        lines += [x for x in text if not x.startswith("<!--")] + [""]
+    else:
+        lines += [
+            "_Where PerFIT wins, where not, and why (mask overlap, shared vs exclusive elements): written by hand in "
+            f"`{q._rel(ANALYSIS_PATH)}` once the cells above are finished, and included here verbatim._",
+            "",
+        ]
     section = "\n".join(lines)
     if args.tiny or args.no_write:
         from hf_perfit._io import atomic_write_text
