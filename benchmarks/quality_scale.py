@@ -57,8 +57,13 @@ TINY_ROOT = REPO_ROOT / "outputs" / "quality-scale-tiny"
 GOAL_RATIO = q.GOAL_RATIO  # PerFIT's geometric mean at most 0.77 x FedIT's
 TIE = 0.01  # a client's perplexities within 1% of each other are a tie
 HETERO_CYCLE = (0.5, 1.0, 1.0, 1.5)  # perfit_hetero: b_k by client index, mean 1 (the rank-r budget on average)
-SEC_PER_STEP = 2.2  # measured here: a SmolLM2 step of batch 4 x <=128 tokens, 1 thread, load ~1-3
-SEC_PER_EVAL = 10.0  # perplexity of 50 test examples of one client (80 s for FLAN-8's 8 clients)
+# Rough rates for the plan's estimates, measured on this 2-core machine at load 3-5 with 1 thread (flan8_recipe seed 0,
+# local, round 1, 2026-11-28): 8 clients x 10 steps of batch 4 trained in 419 s (5.2 s per step, the per-client
+# trainer setup included), 8 clients x 50 test examples evaluated in 174 s (22 s per client). ROUGE-L: 50 greedy
+# answers of <= 32 tokens per client, ~2.5 min for 8 clients at low load (benchmarks/quality.py), doubled for load.
+SEC_PER_STEP = 5.2
+SEC_PER_EVAL = 22.0
+SEC_PER_ROUGE = 40.0
 BUSY_S = 15 * 60  # a cell written to this recently, not by us, is taken to be running elsewhere
 TINY_PARTITION_CLIENTS = 4
 
@@ -353,6 +358,26 @@ def estimate_s(config, done: int) -> float:
     return steps * SEC_PER_STEP + evals * SEC_PER_EVAL * min(1.0, config.max_eval_examples / 50)
 
 
+def table_cost_h(setting: Setting, methods: tuple[str, ...], seeds: int = 3) -> float:
+    """Rough CPU hours of a whole table from scratch (`estimate_s` per cell, plus ROUGE-L where the setting has it)."""
+    from types import SimpleNamespace
+
+    total = 0.0
+    for m in methods:
+        ft = setting.local_steps if METHODS[m].config.get("finetune_steps") else 0
+        config = SimpleNamespace(
+            num_clients=setting.num_clients,
+            fraction_clients=setting.fraction,
+            num_rounds=setting.rounds,
+            local_steps=setting.local_steps,
+            finetune_steps=ft,
+            max_eval_examples=setting.eval_examples,
+        )
+        rouge = setting.num_clients * SEC_PER_ROUGE if setting.rouge_examples else 0.0
+        total += seeds * (estimate_s(config, 0) + rouge)
+    return total / 3600
+
+
 def newest_write(folder: Path) -> float:
     """The newest modification time of the run's progress files (0 when none)."""
     paths = [folder / "metrics.jsonl", folder / "state" / "checkpoint.json", folder / q.WALL_FILE]
@@ -418,6 +443,7 @@ def plan(args, settings: list[Setting], root: Path) -> list[dict[str, Any]]:
     """Every asked-for cell with its status (`finished`, `partial`, `missing`, or why it cannot run) and the rough
     CPU seconds it still needs."""
     cells = []
+    seen: set[Path] = set()  # alpha0.5's cells are dirichlet40_f20's: plan each folder once
     for setting in settings:
         data = data_for(setting, root, args.flan8, args.tiny)
         from hf_perfit.data import load_client_folder
@@ -426,6 +452,9 @@ def plan(args, settings: list[Setting], root: Path) -> list[dict[str, Any]]:
         for seed in args.seeds:
             for order, method in enumerate(methods_of(setting, args.methods)):
                 folder = cell_dir(root, setting, seed, method)
+                if folder in seen:
+                    continue
+                seen.add(folder)
                 cell = {"setting": setting, "seed": seed, "method": method, "folder": folder, "order": order}
                 try:
                     config, s, budget = cell_config(setting, method, seed, root, data, args.tiny)
@@ -584,7 +613,11 @@ def collect_all(root: Path, names: list[str]) -> dict[str, dict[str, dict[int, d
         cells: dict[str, dict[int, dict]] = {}
         for seed in seeds_on_disk(root, setting):
             for method in METHODS:
-                cell = read_cell(cell_dir(root, setting, seed, method))
+                try:
+                    cell = read_cell(cell_dir(root, setting, seed, method))
+                except (OSError, ValueError) as err:  # a running cell rewrote a file meanwhile
+                    print(f"{cell_dir(root, setting, seed, method)}: not read ({err}); rerun the report")
+                    cell = None
                 if cell is not None:
                     cells.setdefault(method, {})[seed] = cell
         out[name] = cells
@@ -708,7 +741,9 @@ def _fmt_mb(n: float) -> str:
 
 def commands(setting: Setting, tiny: bool, root: Path) -> list[str]:
     extra = ["--tiny"] if tiny else []
-    if root.resolve() != (TINY_ROOT if tiny else DEFAULT_ROOT).resolve():
+    canonical = root.parent.name == "outputs" and root.name == (TINY_ROOT if tiny else DEFAULT_ROOT).name
+    # a checkout's own outputs/quality (e.g. the main checkout's, reported from a worktree) is the default root
+    if not canonical:
         extra += ["--root", q._rel(root)]
     base = ["python", "benchmarks/quality_scale.py", "run", "--setting", setting.name, "--seeds", "0", "1", "2"]
     out = [shlex.join(base + extra)]
@@ -723,6 +758,17 @@ def render_setting(setting: Setting, cells: dict[str, dict[int, dict]], plot: st
     if setting.same_as:
         lines += [f"Its cells are those of `{setting.same_as}` (same data and schedule).", ""]
     lines += ["```bash", *commands(setting, tiny, root), "```", ""]
+    if not setting.same_as:
+        main_h = table_cost_h(setting, setting.methods)
+        abl = tuple(m for m in setting.ablations if m not in setting.methods)
+        lines += [
+            f"Cost from scratch, 3 seeds (rough, at the rates measured on this 2-core machine under load: "
+            f"{SEC_PER_STEP} s per step, {SEC_PER_EVAL:.0f} s per client evaluation): ~{main_h:.0f} CPU h for the "
+            f"{len(setting.methods)} methods"
+            + (f", ~{table_cost_h(setting, abl):.0f} CPU h more for the {len(abl)} ablations" if abl else "")
+            + "; `plan` prints what is left.",
+            "",
+        ]
     data = root / storage(setting).name / "data" / PARTITION_FILE
     if data.is_file():
         part = json.loads(data.read_text())
@@ -858,7 +904,11 @@ def _overlap_lines(cells) -> list[str]:
         if not (m == "perfit" or m.startswith("perfit_")):
             continue
         for seed, cell in sorted(seeds.items()):
-            ov = mask_overlap(cell)
+            try:
+                ov = mask_overlap(cell)
+            except (OSError, KeyError, ValueError) as err:  # a running cell replaced its checkpoint meanwhile
+                print(f"mask overlap of {cell['folder']}: not read ({err}); rerun the report")
+                ov = None
             if ov is None:
                 continue
             rows.append(
@@ -888,7 +938,7 @@ def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: lis
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
     fig, ax = plt.subplots(figsize=(8, 4.6))
     drawn = False
@@ -928,8 +978,8 @@ def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: lis
         return False
     if drawn_values and max(drawn_values) > 3 * min(drawn_values):
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))  # within a decade the minor ticks carry the labels
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     sampled = setting.fraction < 1
     ax.set_xlabel(
@@ -981,6 +1031,30 @@ def report(args, root: Path) -> dict[str, Any]:
         "3 pruning iterations of foresight search on 8 batches (benchmarks/quality.py's defaults). Methods: "
         + "; ".join(f"`{m}`: {spec.about}" for m, spec in METHODS.items())
         + ".",
+        "",
+        "Decisions:",
+        "",
+        "- **Paper's regime.** FLAN-8's 2,400 training rows are pooled and dealt to 40 clients by a Dirichlet(α) "
+        "draw per category (benchmarks/quality_partition.py); each category's 200 test rows are dealt with the *same* "
+        "proportions, so a client is tested on its own share of each category's test split and its test label mix "
+        "follows its training mix, without evaluating every client on all 1,600 test rows (40× the cost). The "
+        "partition is drawn once (seed 0) for every run seed, so per-client comparisons stay paired across seeds; a "
+        "draw is repeated until every client has ≥ 4 training and ≥ 2 test rows (α = 0.1 took 51 draws; α = 0.5, 1.0 "
+        "and IID the first). 20% sampled: 20 rounds; 5%: 80 rounds: both 160 client-rounds, each client training in "
+        "~4 rounds (40 steps of batch 4, ~2.7 epochs of its ~60 rows), so the two differ in how many clients one "
+        "aggregation sees (8 or 2), not in how much a client trains. Only the round's sampled clients are evaluated "
+        "(every client before training and after the last round), which keeps a round's cost proportional to the "
+        "sampled clients; the per-round curves of these settings are over the evaluated clients.",
+        "- **Concurrency**: `run` holds a lock per cell against other `run` calls and skips a partial cell written to "
+        "in the last 15 minutes (`--force` takes it), but it cannot see a cell that another program will start later: "
+        "while an old `benchmarks/quality.py` job computes cells (e.g. flan8_recipe seed 0's local, fedit, perfit), "
+        "run the other seeds or methods.",
+        "- **Heterogeneity sweep** (α = 0.1, 0.5, 1.0, IID; local, FedIT, PerFIT): the 40-client, 20% schedule; "
+        "`alpha0.5` is `dirichlet40_f20` itself.",
+        "- **FedIT-FT**: FedIT's run, then every client fine-tunes the final global adapter for one round's local "
+        "steps (10; `finetune_steps`), which is evaluated and exported.",
+        f"- **Ties**: a client's perplexities within {TIE:.0%} of each other. **Heterogeneous budgets**: client k "
+        f"gets b_k = {', '.join(f'{b:g}' for b in HETERO_CYCLE)} (k mod 4), mean 1.",
         "",
         f"This section was written by `{command_line()}`.",
         "",
@@ -1074,7 +1148,7 @@ def main(argv: list[str] | None = None) -> int:
         left = sum(c["left_s"] for c in cells)
         print(
             f"{len(cells)} cells, ~{left / 3600:.1f} CPU h left (rough: {SEC_PER_STEP} s per step, "
-            f"{SEC_PER_EVAL:.0f} s per client evaluation):"
+            f"{SEC_PER_EVAL:.0f} s per client evaluation, ROUGE-L not counted; 2 cores at load 3-5):"
         )
         for c in cells:
             print("  " + _describe(c))
