@@ -335,6 +335,49 @@ def cell_config(setting: Setting, method: str, seed: int, root: Path, data: Path
     return config, s, budget
 
 
+def fork_source(folder: Path, config) -> Path | None:
+    """For a cell with `finetune_steps > 0` (`fedit_ft`): the finished cell of the same seed whose config differs
+    only in `finetune_steps` (FedIT's), else `None`. Its rounds are exactly this cell's first `num_rounds` rounds:
+    `finetune_steps` changes nothing before the fine-tuning phase (same sampling, seeds, strategy and evaluation)."""
+    if not config.finetune_steps or not folder.parent.is_dir():
+        return None
+    for other in sorted(folder.parent.iterdir()):
+        if (
+            other == folder
+            or not (other / "state" / "checkpoint.json").is_file()
+            or not (other / "results.md").is_file()
+        ):
+            continue
+        saved = json.loads((other / "state" / "checkpoint.json").read_text())
+        old = q._comparable({**q.config_defaults(), **saved["config"]})
+        new = q._comparable(config.to_dict())
+        if {**old, "finetune_steps": config.finetune_steps} == new and int(
+            saved["completed_rounds"]
+        ) == config.num_rounds:
+            return other
+    return None
+
+
+def fork_finetune(source: Path, folder: Path, config) -> None:
+    """Start `folder` as a copy of the finished run `source` after its last round (state, records, wall time),
+    with this cell's config, so that resuming it runs only the fine-tuning phase: what a run of this config killed
+    right after its last round would resume from. The wall time keeps the source's rounds (what the cell cost)."""
+    import shutil
+
+    from hf_perfit._io import atomic_directory, atomic_write_json
+
+    with atomic_directory(folder) as tmp:
+        shutil.copytree(source / "state", tmp / "state")
+        for name in ("metrics.jsonl", q.WALL_FILE, q.SETTINGS_FILE):
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
+        config_dict = {**config.to_dict(), "resume": False, "overwrite": False}
+        atomic_write_json(tmp / "config.json", config_dict)
+        pointer = json.loads((tmp / "state" / "checkpoint.json").read_text())
+        pointer["config"] = config_dict
+        atomic_write_json(tmp / "state" / "checkpoint.json", pointer)
+
+
 def completed_rounds(folder: Path) -> int:
     path = folder / "state" / "checkpoint.json"
     return int(json.loads(path.read_text())["completed_rounds"]) if path.is_file() else 0
@@ -374,7 +417,8 @@ def table_cost_h(setting: Setting, methods: tuple[str, ...], seeds: int = 3) -> 
             max_eval_examples=setting.eval_examples,
         )
         rouge = setting.num_clients * SEC_PER_ROUGE if setting.rouge_examples else 0.0
-        total += seeds * (estimate_s(config, 0) + rouge)
+        done = setting.rounds if ft and "fedit" in methods else 0  # forked from FedIT's run (`fork_finetune`)
+        total += seeds * (estimate_s(config, done) + rouge)
     return total / 3600
 
 
@@ -465,6 +509,8 @@ def plan(args, settings: list[Setting], root: Path) -> list[dict[str, Any]]:
                     cells.append(cell)
                     continue
                 done = completed_rounds(folder)
+                if status == "missing" and not args.no_fork and fork_source(folder, config):
+                    done = config.num_rounds  # only the fine-tuning is left (see `fork_finetune`)
                 cell.update(status=status, done=done, left_s=0.0 if status == "finished" else estimate_s(config, done))
                 cells.append(cell)
     # partial cells first (their work is half done), then the cheapest, then by seed and the table's order
@@ -508,6 +554,11 @@ def run_cells(args, cells: list[dict[str, Any]]) -> dict[str, int]:
                 print(f"  skipped: written to {age:.0f} s ago, apparently running elsewhere (--force to take it)")
                 counts["skipped"] += 1
                 continue
+            if cell["status"] == "missing" and not args.no_fork:
+                source = fork_source(folder, cell["config"])
+                if source is not None:
+                    fork_finetune(source, folder, cell["config"])
+                    print(f"  forked the finished run {source} (its {cell['config'].num_rounds} rounds); fine-tuning")
             status = q.run_config(
                 cell["method"], cell["config"], cell["settings"], folder, cell["client_ids"], cell["budget"]
             )
@@ -1052,7 +1103,9 @@ def report(args, root: Path) -> dict[str, Any]:
         "- **Heterogeneity sweep** (α = 0.1, 0.5, 1.0, IID; local, FedIT, PerFIT): the 40-client, 20% schedule; "
         "`alpha0.5` is `dirichlet40_f20` itself.",
         "- **FedIT-FT**: FedIT's run, then every client fine-tunes the final global adapter for one round's local "
-        "steps (10; `finetune_steps`), which is evaluated and exported.",
+        "steps (10; `finetune_steps`), which is evaluated and exported. Its first rounds are FedIT's exactly, so "
+        "`run` starts it as a copy of the same seed's finished `fedit` cell and runs only the fine-tuning "
+        "(`--no-fork`: from scratch; a test checks that both give the same records and adapters).",
         f"- **Ties**: a client's perplexities within {TIE:.0%} of each other. **Heterogeneous budgets**: client k "
         f"gets b_k = {', '.join(f'{b:g}' for b in HETERO_CYCLE)} (k mod 4), mean 1.",
         "",
@@ -1115,6 +1168,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny random Llama + synthetic clients (smoke test)")
     p.add_argument("--force", action="store_true", help="run a cell even if it was written to in the last 15 min")
     p.add_argument("--no-report", action="store_true", help="run: do not rebuild the report afterwards")
+    p.add_argument(
+        "--no-fork",
+        action="store_true",
+        help="train fedit_ft from scratch instead of continuing the same seed's finished fedit run",
+    )
     p.add_argument("--no-write", action="store_true", help="report: leave docs/benchmarks.md alone")
     p.add_argument("--results", type=Path, help="quality.json path (default: docs/results/quality.json)")
     args = p.parse_args(argv)

@@ -87,3 +87,20 @@ def test_flan8_recipe_cells_match_the_background_command():
     assert s == expected
     assert qs.storage(qs.SETTINGS["alpha0.5"]).name == "dirichlet40_f20"
     assert qs.methods_of(setting, ["ablations"])[0] == "perfit" and "perfit_fedavg" in qs.methods_of(setting, ["all"])
+
+
+def test_fedit_ft_forked_from_fedit_equals_fedit_ft_from_scratch(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    common = ["run", "--tiny", "--setting", "flan8_recipe", "--seeds", "0", "--no-report", "--threads", "1"]
+    assert qs.main([*common, "--methods", "fedit", "fedit_ft", "--root", str(tmp_path / "fork")]) == 0
+    assert "forked the finished run" in capsys.readouterr().out
+    assert qs.main([*common, "--methods", "fedit_ft", "--no-fork", "--root", str(tmp_path / "scratch")]) == 0
+    assert "forked the finished run" not in capsys.readouterr().out
+    runs = {k: tmp_path / k / "flan8_recipe" / "seed0" / "fedit_ft" for k in ("fork", "scratch")}
+    records = {k: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()] for k, p in runs.items()}
+    assert records["fork"] == records["scratch"]  # every round's and the fine-tuning's evaluation, exactly
+    assert any(r.get("finetune") for r in records["fork"])
+    for cid in ("client_0", "client_1", "client_2"):
+        a, b = (load_file(str(p / "clients" / cid / "adapter" / "adapter_model.safetensors")) for p in runs.values())
+        assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
