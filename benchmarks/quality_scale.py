@@ -432,6 +432,32 @@ def newest_write(folder: Path) -> float:
     return max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
 
 
+def quality_py_jobs() -> dict[Path, tuple[int, set[str]]]:
+    """The running `benchmarks/quality.py` processes of this machine: `{output root: (pid, methods)}` (read from
+    /proc; empty where there is none). Such a job computes its methods' runs in `<output root>/<method>` without
+    taking [`CellLock`], so `run` leaves those cells alone."""
+    jobs: dict[Path, tuple[int, set[str]]] = {}
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not any(a.endswith("benchmarks/quality.py") or a == "quality.py" for a in argv):
+            continue
+        try:
+            args, _ = q.parse_args([a for a in argv[[a.endswith("quality.py") for a in argv].index(True) + 1 :] if a])
+        except SystemExit:
+            continue
+        if args.output_root is not None:
+            try:
+                cwd = Path(os.readlink(cmdline.parent / "cwd"))
+            except OSError:  # another user's process: a relative --output-root cannot be resolved
+                cwd = Path("/")
+            out = args.output_root if args.output_root.is_absolute() else cwd / args.output_root
+            jobs[out.resolve()] = (int(cmdline.parent.name), set(args.methods))
+    return jobs
+
+
 class CellLock:
     """`<cell>.lock` next to a cell's folder, held while this process computes the cell; a lock whose process is
     gone (same host) is taken over."""
@@ -535,12 +561,18 @@ def run_cells(args, cells: list[dict[str, Any]]) -> dict[str, int]:
     todo = [c for c in cells if c["status"] != "refused"]
     base_cache: dict[str, Any] = {}
     rouge_base_done: set[str] = set()
+    jobs = quality_py_jobs()
     t_start = time.perf_counter()
     for i, cell in enumerate(todo, 1):
         setting, folder = cell["setting"], cell["folder"]
         print(f"[{i}/{len(todo)}] {_describe(cell)}  ({(time.perf_counter() - t_start) / 60:.0f} min into this call)")
         if cell["status"] == "finished" and not (cell["settings"].rouge_examples and _rouge_missing(cell)):
             counts["reused"] += 1
+            continue
+        job = jobs.get(folder.parent.resolve())
+        if job and cell["method"] in job[1]:
+            print(f"  skipped: benchmarks/quality.py (pid {job[0]}) computes this run")
+            counts["skipped"] += 1
             continue
         lock = CellLock(folder)
         holder = lock.acquire()
@@ -1096,10 +1128,10 @@ def report(args, root: Path) -> dict[str, Any]:
         "aggregation sees (8 or 2), not in how much a client trains. Only the round's sampled clients are evaluated "
         "(every client before training and after the last round), which keeps a round's cost proportional to the "
         "sampled clients; the per-round curves of these settings are over the evaluated clients.",
-        "- **Concurrency**: `run` holds a lock per cell against other `run` calls and skips a partial cell written to "
-        "in the last 15 minutes (`--force` takes it), but it cannot see a cell that another program will start later: "
-        "while an old `benchmarks/quality.py` job computes cells (e.g. flan8_recipe seed 0's local, fedit, perfit), "
-        "run the other seeds or methods.",
+        "- **Concurrency**: `run` holds a lock per cell against other `run` calls, skips a partial cell written to "
+        "in the last 15 minutes (`--force` takes it) and the cells a running `benchmarks/quality.py` process of the "
+        "same machine computes (its `--output-root` and `--methods`, read from /proc; e.g. flan8_recipe seed 0's "
+        "local, fedit, perfit).",
         "- **Heterogeneity sweep** (α = 0.1, 0.5, 1.0, IID; local, FedIT, PerFIT): the 40-client, 20% schedule; "
         "`alpha0.5` is `dirichlet40_f20` itself.",
         "- **FedIT-FT**: FedIT's run, then every client fine-tunes the final global adapter for one round's local "

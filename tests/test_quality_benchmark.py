@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -104,3 +105,26 @@ def test_fedit_ft_forked_from_fedit_equals_fedit_ft_from_scratch(tmp_path, capsy
     for cid in ("client_0", "client_1", "client_2"):
         a, b = (load_file(str(p / "clients" / cid / "adapter" / "adapter_model.safetensors")) for p in runs.values())
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_run_leaves_the_cells_of_a_running_quality_py_alone(tmp_path, capsys):
+    import subprocess
+
+    seed_root = tmp_path / "flan8_recipe" / "seed0"
+    fake = [sys.executable, "-c", "import time; time.sleep(120)", "benchmarks/quality.py", "--methods", "fedit"]
+    proc = subprocess.Popen([*fake, "--tiny", "--output-root", str(seed_root)])
+    try:
+        for _ in range(100):  # until /proc shows its command line
+            if seed_root.resolve() in qs.quality_py_jobs():
+                break
+            time.sleep(0.05)
+        assert qs.quality_py_jobs()[seed_root.resolve()] == (proc.pid, {"fedit"})
+        argv = ["run", "--tiny", "--setting", "flan8_recipe", "--seeds", "0", "--methods", "fedit", "--no-report"]
+        assert qs.main([*argv, "--root", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert f"skipped: benchmarks/quality.py (pid {proc.pid}) computes this run" in out
+        assert "cells: trained 0, reused 0, skipped 1, failed 0" in out
+        assert not (seed_root / "fedit").exists()
+    finally:
+        proc.kill()
+        proc.wait()
