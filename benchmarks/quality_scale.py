@@ -556,9 +556,10 @@ def _describe(cell: dict[str, Any]) -> str:
 
 
 def run_cells(args, cells: list[dict[str, Any]]) -> dict[str, int]:
-    """Compute the cells in order (each resumable); returns counts of `trained`, `reused`, `skipped`, `failed`."""
-    counts = {"trained": 0, "reused": 0, "skipped": 0, "failed": 0}
+    """Compute the cells in order (each resumable); returns counts of `trained`, `reused`, `skipped`, `failed` and
+    `refused` (a cached run with other settings in the cell's folder: see the plan's line)."""
     todo = [c for c in cells if c["status"] != "refused"]
+    counts = {"trained": 0, "reused": 0, "skipped": 0, "failed": 0, "refused": len(cells) - len(todo)}
     base_cache: dict[str, Any] = {}
     rouge_base_done: set[str] = set()
     jobs = quality_py_jobs()
@@ -586,7 +587,7 @@ def run_cells(args, cells: list[dict[str, Any]]) -> dict[str, int]:
                 print(f"  skipped: written to {age:.0f} s ago, apparently running elsewhere (--force to take it)")
                 counts["skipped"] += 1
                 continue
-            if cell["status"] == "missing" and not args.no_fork:
+            if cell["status"] == "missing" and not args.no_fork and not folder.exists():  # never over a run
                 source = fork_source(folder, cell["config"])
                 if source is not None:
                     fork_finetune(source, folder, cell["config"])

@@ -23,7 +23,7 @@ def test_two_methods_two_seeds_then_reused(tmp_path, capsys):
     argv = ["run", "--tiny", "--setting", "flan8_recipe", "--seeds", "0", "1", "--methods", "local", "perfit"]
     argv += ["--root", str(tmp_path), "--threads", "1"]
     assert qs.main(argv) == 0
-    assert "cells: trained 4, reused 0, skipped 0, failed 0" in capsys.readouterr().out
+    assert "cells: trained 4, reused 0, skipped 0, failed 0, refused 0" in capsys.readouterr().out
     results = json.loads((tmp_path / "quality.json").read_text())
     assert list(results) == ["flan8_recipe"]
     assert sorted(results["flan8_recipe"]) == ["local", "perfit"]
@@ -43,7 +43,7 @@ def test_two_methods_two_seeds_then_reused(tmp_path, capsys):
     assert "| fedit | – | pending |" in section and "| perfit | 0, 1 | **" in section
 
     assert qs.main(argv) == 0
-    assert "cells: trained 0, reused 4, skipped 0, failed 0" in capsys.readouterr().out
+    assert "cells: trained 0, reused 4, skipped 0, failed 0, refused 0" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing retrained, nothing rewritten
     assert json.loads((tmp_path / "quality.json").read_text()) == results
 
@@ -123,7 +123,7 @@ def test_run_leaves_the_cells_of_a_running_quality_py_alone(tmp_path, capsys):
         assert qs.main([*argv, "--root", str(tmp_path)]) == 0
         out = capsys.readouterr().out
         assert f"skipped: benchmarks/quality.py (pid {proc.pid}) computes this run" in out
-        assert "cells: trained 0, reused 0, skipped 1, failed 0" in out
+        assert "cells: trained 0, reused 0, skipped 1, failed 0, refused 0" in out
         assert not (seed_root / "fedit").exists()
     finally:
         proc.kill()
