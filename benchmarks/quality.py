@@ -542,6 +542,14 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _device() -> str:
+    """Where a run's base model lives (`device: auto`): `cuda (<name>)` when CUDA is visible, else `cpu`; on CUDA
+    `bf16: auto` also means bf16 weights, so a table mixing the two says so."""
+    import torch
+
+    return f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -573,6 +581,7 @@ class WallClock:
                 "load_start": os.getloadavg()[0],
                 "load_end": None,
                 "threads": _threads(),
+                "device": _device(),
             }
         )
         self._save()

@@ -670,6 +670,7 @@ def read_cell(folder: Path) -> dict[str, Any] | None:
         "bytes_up": up,
         "bytes_down": down,
         "wall_s": q.wall_seconds(wall) if wall else None,
+        "sessions": wall.get("sessions", []),
         "rouge": rouge,
         "budget": budget,
         "folder": folder,
@@ -922,6 +923,17 @@ def render_setting(setting: Setting, cells: dict[str, dict[int, dict]], plot: st
                 + " |"
             )
         lines.append("")
+    devices: dict[str, int] = {}
+    for seeds in cells.values():
+        for c in seeds.values():
+            for d in {x.get("device", "cpu (not recorded)") for x in c["sessions"]}:
+                devices[d] = devices.get(d, 0) + 1
+    if devices:
+        lines += [
+            "Cells by device (`device: auto`, `bf16: auto`: bf16 on CUDA, fp32 on CPU; a cell resumed on another "
+            "device counts for both): " + ", ".join(f"{d} {n}" for d, n in sorted(devices.items())) + ".",
+            "",
+        ]
     lines += _standing(setting, cells, stats, geo)
     fa = next((c for c in cells.get("fedamole", {}).values() if c.get("budget")), None)
     if fa:
