@@ -411,21 +411,22 @@ def _recipe(method: str) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def method_config(method: str, s: Settings, data: Path, out: Path, budget: dict | None = None):
+def method_config(method: str, s: Settings, data: Path, out: Path, budget: dict | None = None, fraction: float = 1.0):
     """The `FederatedConfig` of one method's run: the common settings, plus what the method's FLAN-8 recipe sets
     for it (FedProx's μ, FedMut/FedQP's mutation options with β decaying over the first half of the rounds,
     FedAMoLE's routing), plus FedAMoLE's expert pool (`budget`, from [`fedamole_pool`]). The `perfit-hetero` row is
-    PerFIT with `budget_multipliers`."""
+    PerFIT with `budget_multipliers`. `fraction` is the fraction of clients sampled per round (this benchmark: 1;
+    benchmarks/quality_scale.py's sampled settings: less)."""
     from hf_perfit.federated import FederatedConfig
 
-    num_clients = TINY_CLIENTS if s.tiny else len(list(data.glob("local_training_*.json*")))
+    num_clients = len(list(data.glob("local_training_*.json*")))
     kw: dict[str, Any] = dict(
         model_name_or_path="tiny-random-llama" if s.tiny else PRESET,
         dataset_name=str(data),
         strategy=STRATEGY_OF.get(method, method),
         num_clients=num_clients,
         num_rounds=s.rounds,
-        fraction_clients=1.0,
+        fraction_clients=fraction,
         local_steps=s.local_steps,
         learning_rate=s.learning_rate,
         per_device_train_batch_size=s.batch_size,
@@ -485,6 +486,19 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in IGNORED_CONFIG_KEYS}
 
 
+def config_defaults() -> dict[str, Any]:
+    """Every `FederatedConfig` key's default (a `default_factory` called), JSON-normalized."""
+    from hf_perfit.federated import FederatedConfig
+
+    out = {}
+    for f in dataclasses.fields(FederatedConfig):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(json.dumps(out))
+
+
 def run_status(out: Path, config, client_ids: list[str]) -> str:
     """`"missing"` (nothing to resume), `"partial"` (resume it) or `"finished"` (results.md and every client's
     adapter exported).
@@ -498,7 +512,9 @@ def run_status(out: Path, config, client_ids: list[str]) -> str:
     if not run.checkpoint.is_file():
         return "missing"
     saved = json.loads(run.checkpoint.read_text())
-    old, new = _comparable(saved["config"]), _comparable(config.to_dict())
+    # A key added to FederatedConfig after the run was saved is absent there: the run had that key's default.
+    old = _comparable({**config_defaults(), **saved["config"]})
+    new = _comparable(config.to_dict())
     if old != new:
         diff = ", ".join(
             f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
@@ -524,6 +540,14 @@ def _threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def _device() -> str:
+    """Where a run's base model lives (`device: auto`): `cuda (<name>)` when CUDA is visible, else `cpu`; on CUDA
+    `bf16: auto` also means bf16 weights, so a table mixing the two says so."""
+    import torch
+
+    return f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
 
 
 def _now() -> str:
@@ -557,6 +581,7 @@ class WallClock:
                 "load_start": os.getloadavg()[0],
                 "load_end": None,
                 "threads": _threads(),
+                "device": _device(),
             }
         )
         self._save()
@@ -588,8 +613,6 @@ def wall_seconds(data: dict[str, Any]) -> float:
 
 def run_method(method: str, s: Settings, root: Path, data: Path, client_ids: list[str]) -> str:
     """Run (or resume, or reuse) one method's federated run; returns its status before this call."""
-    from hf_perfit.federated import FederatedSimulation
-
     out = root / method
     budget = None
     if method == "fedamole":
@@ -602,6 +625,14 @@ def run_method(method: str, s: Settings, root: Path, data: Path, client_ids: lis
             num_experts=s.fedamole_experts,
         )
     config = method_config(method, s, data, out, budget)
+    return run_config(method, config, s, out, client_ids, budget)
+
+
+def run_config(method: str, config, s: Settings, out: Path, client_ids: list[str], budget: dict | None = None) -> str:
+    """Run (or resume, or reuse) the federated run of `config` in `out` (`method` names it in the prints), with
+    [`WallClock`] timing and the settings file; returns its status before this call (see [`run_status`])."""
+    from hf_perfit.federated import FederatedSimulation
+
     status = run_status(out, config, client_ids)
     if status == "finished":
         _write_json(out / SETTINGS_FILE, dataclasses.asdict(s))  # same run config; ROUGE-L follows these settings

@@ -224,6 +224,7 @@ SAVED_DEFAULTS = {
     "finetune_steps": 0,
     "eval_clients": "auto",
     "eval_local_model": False,
+    "perfit_init": "symmetric",  # added after c71495f (issue 18's ablation): runs saved without it still resume
 }
 
 # FederatedArguments fields whose name a library dataclass also has, for another setting
@@ -247,6 +248,9 @@ def test_to_dict_is_the_saved_runs_dict():
     }
     again = FederatedConfig.from_dict(saved)
     assert again.to_dict() == saved and config_changes(saved, again.to_dict()) == []  # --resume accepts it
+    older = {k: v for k, v in saved.items() if k != "perfit_init"}  # a run saved by c71495f
+    assert config_changes(older, again.to_dict()) == []
+    assert config_changes(older, {**again.to_dict(), "perfit_init": "zero"}) == ["perfit_init"]
     assert pickle.loads(pickle.dumps(again)) == again  # Ray / multiprocessing ship it by reference to the class
 
 

@@ -82,6 +82,7 @@ SUPPORTED_EXTENSIONS: dict[str, str] = {".json": "json", ".jsonl": "json", ".par
 """File extension -> `datasets` packaged builder used to read it."""
 
 CLIENT_FILE_PATTERN = re.compile(r"^local_training_(\d+)\.jsonl?$")
+CLIENT_TEST_PATTERN = re.compile(r"^test_(\d+)\.jsonl?$")
 DEFAULT_TEST_FILES: tuple[str, ...] = ("test.jsonl", "test.json")
 MIN_CLIENT_ROWS = 2  # one row to train on, one to test on
 
@@ -379,6 +380,27 @@ def _client_files(path: Path) -> dict[int, Path]:
     return files
 
 
+def _client_test_files(path: Path, files: dict[int, Path]) -> dict[int, Path] | None:
+    """Client `k`'s own `test_{k}.json(l)` for every client, or `None` when the folder has none."""
+    tests: dict[int, Path] = {}
+    for p in sorted(path.iterdir()):
+        m = CLIENT_TEST_PATTERN.match(p.name)
+        if m is None or not p.is_file():
+            continue
+        k = int(m.group(1))
+        if k in tests:
+            raise ValueError(f"Client {k} has two test files in {path}: {tests[k].name} and {p.name}.")
+        tests[k] = p
+    if not tests:
+        return None
+    if set(tests) != set(files):
+        raise ValueError(
+            f"{path} has per-client test files for clients {sorted(tests)} but training files for {sorted(files)}: "
+            "give every client its own test_{k}.jsonl, or none (then test.jsonl is split by category)."
+        )
+    return tests
+
+
 def detect_client_folder(path: str | Path) -> bool:
     """Whether `path` is a folder in the Shepherd/FedDPA client layout (has `local_training_{k}.json` files).
 
@@ -409,6 +431,11 @@ def load_client_folder(
     column. Client `k`'s categories are the categories of its training rows, most frequent first (one per client
     in FedDPA's data); its test split is every test row whose category is one of them.
 
+    Per-client test files: when the folder holds `test_{k}.json(l)` for every client `k` (and `test_file` is not
+    given), client `k`'s test split is exactly that file, and no category column is needed (e.g. a Dirichlet or IID
+    partition whose test rows follow each client's own label mix, benchmarks/quality_scale.py). Some clients with
+    such a file and others without is an error.
+
     Args:
         path (`str` or `Path`): the folder.
         column_map (`Mapping[str, str]`, *optional*): explicit `{canonical: source}` column names, applied to
@@ -437,6 +464,15 @@ def load_client_folder(
             f"missing local_training_{{k}}.json for k in {missing}."
         )
 
+    own_tests = _client_test_files(path, files) if test_file is None else None
+    if own_tests is not None:
+        own: list[ClientData] = []
+        for k in sorted(files):
+            train = normalize_columns(_read_local_file(files[k]), column_map, source=str(files[k]))
+            test = normalize_columns(_read_local_file(own_tests[k]), column_map, source=str(own_tests[k]))
+            cats = _categories_by_frequency(list(train["category"])) if "category" in train.column_names else []
+            own.append(ClientData(f"client_{k}", train, test, cats))
+        return own
     if test_file is not None:
         candidates = [Path(test_file).expanduser(), path / test_file]
     else:

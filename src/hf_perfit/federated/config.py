@@ -44,6 +44,8 @@ from .strategies.fedamole import FedAMoLEStrategy
 from .strategies.fedprox import FedProxStrategy
 
 _FEDAMOLE_OPTIONS = FedAMoLEStrategy.default_options
+PERFIT_INITS = ("symmetric", "zero")
+"""`perfit_init` values: PerFIT's symmetric init, or PEFT's standard LoRA init (`B = 0`: the "zero" ablation)."""
 
 
 @dataclass
@@ -129,6 +131,14 @@ class FederatedArguments:
     eval_local_model: bool = field(
         default=False, metadata={"help": "Also evaluate each trained client's local adapter before aggregation."}
     )
+    # An ablation (docs/perfit.md): PerFITLoraConfig's `init_lora_weights` takes PEFT's values too, but only these two
+    # are meaningful for a searched adapter, so the federation names them.
+    perfit_init: str = field(
+        default="symmetric",
+        metadata={
+            "help": "PerFIT's expanded adapter init: symmetric (the paper's) or zero (PEFT's, B = 0: an ablation)."
+        },
+    )
 
 
 FIELD_SOURCES: dict[str, tuple[type, str]] = {
@@ -186,6 +196,7 @@ FIELD_SOURCES: dict[str, tuple[type, str]] = {
     "finetune_steps": (FederatedArguments, "finetune_steps"),
     "eval_clients": (FederatedArguments, "eval_clients"),
     "eval_local_model": (FederatedArguments, "eval_local_model"),
+    "perfit_init": (FederatedArguments, "perfit_init"),
 }
 """Where each key of [`FederatedConfig`] is declared (type, default, help): one dataclass per key."""
 
@@ -308,6 +319,11 @@ class FederatedConfig:
                 "FedAMoLE's authors use 0.99)."
             )
         self._check_engine()
+        if self.perfit_init not in PERFIT_INITS:
+            raise ValueError(
+                f"perfit_init={self.perfit_init!r} is unknown; allowed values: {list(PERFIT_INITS)} ('symmetric' is "
+                "the paper's; 'zero' is PEFT's standard LoRA init, B = 0, with which every Taylor score is 0)."
+            )
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other; choose one.")
         if isinstance(self.strategy_options, str):  # from the command line: --strategy_options '{"mu": 0.1}'
@@ -434,6 +450,7 @@ class FederatedConfig:
                 research_every=self.research_every,
                 search_mode=self.search_mode,
                 search_batches=self.search_batches,
+                init_lora_weights="symmetric" if self.perfit_init == "symmetric" else True,
             )
         return PerFITLoraConfig(
             **common, expansion_factor=1, init_lora_weights=True, search_steps=1, prune_iterations=1

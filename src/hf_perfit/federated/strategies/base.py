@@ -226,8 +226,8 @@ class Strategy(ABC):
 
         Raises:
             ValueError: if the state belongs to another strategy, another format version, was saved with other
-                options (build the strategy with `get_strategy(meta["strategy"], **meta["options"])`), or misses
-                tensors.
+                options (an option the saved state lacks counts as its default; build the strategy with
+                `get_strategy(meta["strategy"], **meta["options"])`), or misses tensors.
         """
         if meta.get("strategy") != self.name:
             raise ValueError(f"this state was saved by strategy {meta.get('strategy')!r}, not {self.name!r}.")
@@ -236,7 +236,8 @@ class Strategy(ABC):
                 f"unsupported strategy state format_version={meta.get('format_version')!r} "
                 f"(expected {STATE_FORMAT_VERSION})."
             )
-        if dict(meta.get("options", {})) != self._options:
+        # An option added to the strategy after the state was saved ran with its default (e.g. PerFIT's aggregation).
+        if {**self.default_options, **dict(meta.get("options", {}))} != self._options:
             raise ValueError(
                 f"this state was saved with options {meta.get('options')}, but this {self.name!r} strategy has "
                 f"{self._options}; build it with the saved options to resume."

@@ -15,6 +15,8 @@ MASK_PREFIX = "mask/"
 SEEDED_INIT = "seeded_init"
 """`ClientInstruction.config` flag: the tensors are the run's seeded initial adapter, which the client rebuilds
 locally (`client_update` uses its `initial_tensors`), so they are not sent (`downlink_bytes` counts 0)."""
+AGGREGATIONS = ("masked", "fedavg")
+"""PerFIT's aggregation rules: per element over the clients that kept it (the paper's), or plain FedAvg."""
 _GRAM_CHUNK = 1 << 22  # columns per float32 matmul chunk: counts stay < 2**24, hence exact
 
 
@@ -47,14 +49,23 @@ class PerFITStrategy(Strategy):
         research_every (`int`, *optional*, defaults to 0): when > 0, rounds `round_idx > 0` with
             `round_idx % research_every == 0` ask the sampled clients to run the architecture search again. 0: the
             mask found in a client's first round stays fixed.
+        aggregation (`str`, *optional*, defaults to `"masked"`): `"masked"` is the per-element aggregation above
+            (the paper's). `"fedavg"` is the ablation that plain-averages the masked adapters over all of the round's
+            clients, `θ_g[p] = Σ_k n_k m_k[p] θ_k[p] / Σ_k n_k`: an element kept by few clients is pulled towards 0
+            by the others' zeros, and one kept by none becomes 0 (docs/perfit.md, "Aggregation").
     """
 
     name = "perfit"
-    default_options = {"research_every": 0}
+    default_options = {"research_every": 0, "aggregation": "masked"}
     uses_masks = True
 
     def _check_options(self) -> None:
         self._options["research_every"] = check_nonnegative_int("research_every", self._options["research_every"])
+        if self._options["aggregation"] not in AGGREGATIONS:
+            raise ValueError(
+                f"aggregation={self._options['aggregation']!r} is not supported by perfit; allowed values: "
+                f"{list(AGGREGATIONS)} ('masked' is the paper's per-element aggregation, 'fedavg' the ablation)."
+            )
 
     def __init__(self, **options: Any) -> None:
         self._masks: dict[str, dict[str, Tensor]] = {}
@@ -119,6 +130,7 @@ class PerFITStrategy(Strategy):
         client_masks = [self._resolve_mask(u) for u in updates]
 
         num_clients = len(updates)
+        fedavg = self._options["aggregation"] == "fedavg"
         weights = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
         new: dict[str, Tensor] = {}
         shared = exclusive = total = 0
@@ -129,9 +141,12 @@ class PerFITStrategy(Strategy):
             values = torch.stack([t[key] for t in client_tensors]).to(torch.float64)
             w = weights.view(-1, *([1] * old.dim()))
             num = torch.where(masks, values, 0.0).mul_(w).sum(0)
-            den = masks.to(torch.float64).mul_(w).sum(0)
             old64 = old.to(torch.float64)
-            agg = torch.where(den > 0, num / den, old64).to(torch.float32)
+            if fedavg:  # every client's weight, whether it kept the element or not (its value there is 0)
+                agg = (num / weights.sum()).to(torch.float32)
+            else:
+                den = masks.to(torch.float64).mul_(w).sum(0)
+                agg = torch.where(den > 0, num / den, old64).to(torch.float32)
             sq_change += float((agg.to(torch.float64) - old64).square().sum())
             new[key] = agg
 
