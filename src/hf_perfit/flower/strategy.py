@@ -51,6 +51,7 @@ evaluated on what the wrapper released.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -85,6 +86,10 @@ class HFPerFITStrategy(FlowerStrategy):
             or a strategy object (not yet initialized; its `name` must be `config.strategy`, since the clients build
             their adapter for it). Default: `get_strategy(config.strategy, **config.resolved_strategy_options())`.
         options ([`FlowerRunOptions`], *optional*): timeouts.
+        pack_arrays (`bool`, defaults to `False`): send each message's tensors as one packed array
+            ([`FlowerRunOptions.pack_arrays`], what the stock ServerApp does). Off by default because Flower's mods
+            and strategy wrappers (`fixedclipping_mod`, the DP wrappers) read a message's arrays key by key; turn it
+            on when nothing around this strategy reads the arrays (fewer HTTP requests per message in a deployment).
 
     Raises:
         ValueError: a strategy whose name differs from `config.strategy`, one already initialized, or
@@ -97,6 +102,7 @@ class HFPerFITStrategy(FlowerStrategy):
         strategy: str | Strategy | None = None,
         *,
         options: FlowerRunOptions | None = None,
+        pack_arrays: bool = False,
     ) -> None:
         if strategy is None or isinstance(strategy, str):
             name = config.strategy if strategy is None else strategy
@@ -122,7 +128,7 @@ class HFPerFITStrategy(FlowerStrategy):
             )
         self.config = config
         self.strategy: Strategy = strategy
-        self.options = options or FlowerRunOptions()
+        self.options = dataclasses.replace(options or FlowerRunOptions(), pack_arrays=bool(pack_arrays))
         self.transport: FlowerTransport | None = None
         self.coordinator: Coordinator | None = None
         self._phase: dict[str, Any] = {}
