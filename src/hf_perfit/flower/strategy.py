@@ -64,7 +64,7 @@ from flwr.serverapp.strategy import Result
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from ..federated.config import FederatedConfig
-from ..federated.coordinator import Coordinator, save_fit_result
+from ..federated.coordinator import Coordinator
 from ..federated.strategies import Strategy, get_strategy
 from ..federated.strategies.base import GLOBAL_PREFIX
 from .records import arrays_to_tensors, tensors_to_arrays
@@ -214,19 +214,9 @@ class HFPerFITStrategy(FlowerStrategy):
         r = self._round_idx(server_round)
         phase, coord = self._phase, self.coordinator
         results, failures = self.transport.read_train_replies(r, phase["jobs"], phase["outbox"], replies)
-        pending = coord.run_folder.pending_dir(r)
         for cid, result in results.items():  # persisted like the coordinator's own rounds
-            save_fit_result(pending / f"{cid}.safetensors", result)
-        accepted = [cid for cid in phase["ids"] if cid in results]
-        if not accepted:
-            detail = "; ".join(f"{c}: {w}" for c, w in failures.items()) or "no reply"
-            raise RuntimeError(
-                f"round {r}: none of the {len(phase['ids'])} sampled clients returned an update ({detail})."
-            )
-        metrics = self.strategy.aggregate(r, [results[cid].update for cid in accepted])
-        self.transport.accept(r, accepted, [cid for cid in phase["ids"] if cid not in results])
-        for cid in accepted:
-            coord.client_rounds[cid] = r
+            coord.save_result(r, cid, result)
+        metrics = coord.aggregate_round(r, phase["ids"], results, failures)
         phase.update(results=results, failures=failures, metrics=metrics)
         return tensors_to_arrays(self.strategy.global_tensors), MetricRecord({k: float(v) for k, v in metrics.items()})
 
@@ -242,8 +232,7 @@ class HFPerFITStrategy(FlowerStrategy):
             self.transport.accept(r, [], phase["ids"])
             phase.update(results={}, failures=skipped, metrics={})
         self._adopt(arrays)
-        final = r == coord.total_rounds - 1
-        jobs = [coord._eval_job(r, coord.client_ids[i], final=final) for i in coord.eval_clients(r, phase["sampled"])]
+        jobs = coord.eval_jobs(r, phase["sampled"])
         outbox = self.transport.eval_messages(r, jobs, extra=config)
         phase.update(eval_jobs=jobs, eval_outbox=outbox)
         return outbox.sendable()
@@ -256,18 +245,10 @@ class HFPerFITStrategy(FlowerStrategy):
         self.transport.prefetched = self.transport.read_eval_replies(
             r, phase["eval_jobs"], phase["eval_outbox"], replies
         )
-        summary = coord._finish_round(r, phase["eval_jobs"], phase["results"], phase["failures"], phase["metrics"])
-        coord._checkpoint(r + 1, coord.records)
-        for cb in coord.callbacks:
-            cb.on_round_end(coord, r, summary)
+        summary = coord.finish_round(r, phase["eval_jobs"], phase["results"], phase["failures"], phase["metrics"])
+        coord.commit_round(r, summary)
         if r == self.config.num_rounds - 1:
-            coord._export()
-            if self.config.push_to_hub:
-                from ..hub import push_run
-
-                push_run(coord.out, self.config.hub_repo_prefix, private=self.config.hub_private)
-            for cb in coord.callbacks:
-                cb.on_run_end(coord, summary)
+            coord.finish_run(summary)
         evaluated = len([x for x in coord.records if x.get("round") == r and "client" in x])
         return MetricRecord({"mean_perplexity": float(summary["mean_perplexity"]), "num_evaluated": evaluated})
 
