@@ -206,6 +206,30 @@ def test_packed_messages_round_trip_bit_for_bit():
         unpack_arrays(bad)
 
 
+def test_supernode_launcher_waits_wake_on_the_nodes_state_and_cap_the_idle_poll(monkeypatch):
+    """The launcher's stand-in `time.sleep` for Flower's SuperNode loop: a wait for the node's own ClientApp (Flower
+    sleeps 0.5 s) returns once the node stores a message or an object; the idle poll of the SuperLink (Flower
+    sleeps 3 s) sleeps the cap."""
+    import threading
+
+    from hf_perfit.flower import supernode
+
+    changed = threading.Condition()
+    stand_in = supernode.capped_time(3600.0, changed)  # a missed wake-up would hang here, not pass
+    store = {"messages": []}
+    stored = supernode.notify_after(lambda m: store["messages"].append(m), changed)
+    threading.Timer(0.05, stored, args=("reply",)).start()
+    while not store["messages"]:  # how Flower's loop waits for the ClientApp's reply
+        stand_in.sleep(0.5)
+    assert store["messages"] == ["reply"]
+
+    slept = []
+    monkeypatch.setattr(supernode.time, "sleep", slept.append)
+    supernode.capped_time(0.1, changed).sleep(3)  # no message from the SuperLink
+    assert slept == [0.1]
+    assert supernode.capped_time(0.1).monotonic is time.monotonic  # every other attribute is time's
+
+
 def test_node_settings_own_data_and_refusals(tmp_path, assets):
     from hf_perfit.flower.client_app import NodeSettings, _load_own_client, _node_config
 

@@ -1,49 +1,98 @@
-"""`flower-supernode` with a shorter message poll: `python -m hf_perfit.flower.supernode [flower-supernode args]`.
+"""`flower-supernode` without its fixed waits: `python -m hf_perfit.flower.supernode [flower-supernode args]`.
 
 Flower 1.41's SuperNode asks the SuperLink for a new message, and when there is none waits a fixed **3 s** before
-asking again; while its ClientApp works it checks for the reply every **0.5 s**; and when it downloads a message's
-arrays before the server finished uploading them, it retries after **1 s** (doubling). All three are fixed in
-`flwr.supernode.start_client_internal` (`time.sleep(3)`, `time.sleep(0.5)`, `pull_objects`' default first
-backoff), with no option to change them. Each phase of a round (train, then evaluate) therefore waits seconds on
-every node, however fast the ClientApp answers: with a small model that wait, not the work, is the round time
-(`docs/benchmarks.md`, "Flower overhead").
+asking again; while its ClientApp works it checks for the reply every **0.5 s**, and again every 0.5 s for each of
+the reply's objects the ClientApp has not finished uploading; and when it downloads a message's arrays before the
+server finished uploading them, it retries after **1 s** (doubling). All are fixed in
+`flwr.supernode.start_client_internal` (`time.sleep(3)`, `time.sleep(0.5)`, `pull_objects`' default first backoff),
+with no option to change them. Each phase of a round (train, then evaluate) therefore waits on every node, however
+fast the ClientApp answers: with a small model those waits, not the work, are the round time (`docs/benchmarks.md`,
+"Flower overhead").
 
-This launcher runs Flower's own `flower-supernode` entry point with those waits capped at `--poll-interval`
-seconds (default 0.1): that one module gets a `time` whose `sleep(s)` sleeps `min(s, cap)`, and a `pull_objects`
-whose first retry comes after 20 ms (doubling up to the cap). Everything else is Flower's SuperNode, unchanged. The
-cost: an idle node asks the SuperLink for messages `1 / cap` times a second instead of once every 3 s (one small
-HTTP request each); with hundreds of nodes on one SuperLink, raise the cap.
+This launcher runs Flower's own `flower-supernode` entry point with:
 
-It patches a private detail of Flower 1.41 (the pinned `flwr>=1.41,<1.42`) and refuses any other version.
+- the waits for the node's own ClientApp (its reply and the reply's objects, both stored in this process by the
+  SuperNode's Runtime API) woken as soon as the node's state changes: the in-memory message store and object store
+  notify a condition the waits sleep on (at most `--poll-interval` seconds, should a notification be missed);
+- the idle wait between two asks to the SuperLink capped at `--poll-interval` seconds (default 0.1): the SuperLink
+  cannot notify a node, so this one stays a poll;
+- the first retry of a download of arrays not yet on the SuperLink after 20 ms (doubling up to the cap).
+
+Everything else is Flower's SuperNode, unchanged. The cost: an idle node asks the SuperLink for messages `1 / cap`
+times a second instead of once every 3 s (one small HTTP request each); with hundreds of nodes on one SuperLink,
+raise the cap. It patches private details of Flower 1.41 (the pinned `flwr>=1.41,<1.42`) and refuses any other
+version.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import threading
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
-__all__ = ["capped_time", "main"]
+__all__ = ["DEFAULT_CAP", "STATE_CHANGED", "capped_time", "main", "notify_after"]
 
 DEFAULT_CAP = 0.1
+IDLE_WAIT = 3.0
+"""Flower 1.41's wait after an empty ask to the SuperLink; its shorter waits are for this node's own state."""
+
+STATE_CHANGED = threading.Condition()
+"""Notified whenever the SuperNode stores a message or an object (see [`notify_after`])."""
 
 
-def capped_time(cap: float) -> SimpleNamespace:
-    """A stand-in for the `time` module whose `sleep(s)` sleeps `min(s, cap)`; every other attribute is `time`'s."""
+def capped_time(cap: float, changed: threading.Condition | None = None) -> SimpleNamespace:
+    """A stand-in for the `time` module of Flower's SuperNode loop; every attribute but `sleep` is `time`'s.
+
+    `sleep(s)` sleeps `min(s, cap)`; with `changed`, a wait shorter than Flower's idle wait (3 s: the waits for this
+    node's own ClientApp) returns as soon as `changed` is notified.
+    """
+
+    def sleep(seconds: float) -> None:
+        seconds = min(float(seconds), cap)
+        if changed is None or seconds <= 0:
+            time.sleep(max(seconds, 0.0))
+            return
+        with changed:
+            changed.wait(seconds)
+
+    def idle_or_own(seconds: float) -> None:
+        if float(seconds) >= IDLE_WAIT:  # no message from the SuperLink: a remote wait, nothing to be woken by
+            time.sleep(min(float(seconds), cap))
+        else:
+            sleep(seconds)
 
     class _Time(SimpleNamespace):
         def __getattr__(self, name: str):
             return getattr(time, name)
 
-    return _Time(sleep=lambda seconds: time.sleep(min(float(seconds), cap)))
+    return _Time(sleep=idle_or_own)
+
+
+def notify_after(method: Callable[..., Any], changed: threading.Condition) -> Callable[..., Any]:
+    """`method`, then `changed.notify_all()` (even when it raised)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        finally:
+            with changed:
+                changed.notify_all()
+
+    return wrapper
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run `flower-supernode` with the arguments given (minus `--poll-interval SECONDS`) and capped polls."""
     import flwr
     import flwr.supernode.start_client_internal as internal
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
     from flwr.supernode.cli.flower_supernode import flower_supernode
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
     if not flwr.__version__.startswith("1.41."):
         raise SystemExit(
@@ -61,7 +110,9 @@ def main(argv: list[str] | None = None) -> None:
         if not 0 < cap <= 3:
             raise SystemExit(f"--poll-interval {cap} must be in (0, 3] seconds.")
         del args[i : i + 2]
-    internal.time = capped_time(cap)
+    InMemoryNodeState.store_message = notify_after(InMemoryNodeState.store_message, STATE_CHANGED)
+    InMemoryObjectStore.put = notify_after(InMemoryObjectStore.put, STATE_CHANGED)
+    internal.time = capped_time(cap, STATE_CHANGED)
     internal.pull_objects = functools.partial(internal.pull_objects, initial_backoff=min(0.02, cap), backoff_cap=cap)
     sys.argv = ["flower-supernode", *args]
     flower_supernode()
