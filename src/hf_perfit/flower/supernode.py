@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     InMemoryNodeState.store_message = notify_after(InMemoryNodeState.store_message, STATE_CHANGED)
     InMemoryObjectStore.put = notify_after(InMemoryObjectStore.put, STATE_CHANGED)
     internal.time = capped_time(cap, STATE_CHANGED)
-    internal.pull_objects = functools.partial(internal.pull_objects, initial_backoff=min(0.02, cap), backoff_cap=cap)
+    internal.pull_objects = functools.partial(  # Flower's overall deadline (PULL_MAX_TIME) still applies
+        internal.pull_objects, initial_backoff=min(0.02, cap), backoff_cap=cap, max_tries_per_object=None
+    )
     sys.argv = ["flower-supernode", *args]
     flower_supernode()
 

@@ -22,6 +22,7 @@ The phases are also available one message batch at a time (`train_messages` / `r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -51,7 +52,14 @@ from .records import (
     get_arrays,
 )
 
-__all__ = ["REPORT_NAME", "FlowerRunOptions", "FlowerTransport", "describe_error", "send_and_receive"]
+__all__ = [
+    "REPORT_NAME",
+    "FlowerRunOptions",
+    "FlowerTransport",
+    "describe_error",
+    "fast_reply_pulls",
+    "send_and_receive",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +103,38 @@ class FlowerRunOptions:
     node_wait_timeout: float = 300.0
     poll_interval: float = 0.05
     pack_arrays: bool = True
+
+
+def fast_reply_pulls(grid: Grid, first_retry: float = 0.01, cap: float = 0.5) -> bool:
+    """Make a deployment's `Grid.pull_messages` retry a reply's not-yet-uploaded arrays after `first_retry` seconds
+    (doubling up to `cap`) instead of Flower 1.41's fixed first retry of 1 s.
+
+    A SuperNode sends a reply's message before its arrays, and the SuperLink hands the message out at once; Flower's
+    HTTP grid (`flwr.superlink.grid.http_grid`, the ServerApp's in a deployment) then pulls the arrays with
+    `pull_objects`' defaults and, finding one missing, waits 1 s (then 2 s, ... up to 10 s) although it arrives
+    milliseconds later: measured, about 1 s on each phase of a round (`docs/benchmarks.md`, "Flower overhead"). This
+    rebinds that module's `pull_objects` to the same function with a shorter first retry and no cap on the number of
+    tries (Flower's overall `PULL_MAX_TIME` deadline still applies). It changes nothing else, and only for Flower
+    1.41's `HttpGrid` (Flower's simulation grid pulls nothing).
+
+    Returns:
+        `bool`: whether `grid` is a Flower 1.41 HTTP grid whose pulls are now fast.
+    """
+    import flwr
+
+    try:
+        import flwr.superlink.grid.http_grid as http_grid
+    except ImportError:  # pragma: no cover - another Flower layout
+        return False
+    if not isinstance(grid, http_grid.HttpGrid) or not flwr.__version__.startswith("1.41."):
+        return False
+    if not getattr(http_grid.pull_objects, "_hf_perfit_fast", False):
+        fast = functools.partial(
+            http_grid.pull_objects, initial_backoff=first_retry, backoff_cap=cap, max_tries_per_object=None
+        )
+        fast._hf_perfit_fast = True  # type: ignore[attr-defined]
+        http_grid.pull_objects = fast
+    return True
 
 
 def describe_error(message: Message) -> str:
@@ -183,6 +223,7 @@ class FlowerTransport:
         if config.eval_local_model:
             raise ValueError("eval_local_model is not supported by the Flower engine; set it to false.")
         self.grid = grid
+        fast_reply_pulls(grid)
         self.config = config
         self.options = options or FlowerRunOptions()
         self.config_json = json.dumps(config.to_dict(), sort_keys=True)

@@ -114,6 +114,7 @@ def pull_task_input(client: RuntimeHttpClient, first_retry: float = 0.02) -> tup
         return_type=Message,
         initial_backoff=first_retry,
         backoff_cap=0.5,
+        max_tries_per_object=None,  # Flower's overall deadline (PULL_MAX_TIME) still applies
     )
     message.metadata.__dict__["_message_id"] = tree.object_id  # the id is the object's; not part of its content
     return message, context, fab_from_proto(task.fab)
