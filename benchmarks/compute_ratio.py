@@ -29,6 +29,7 @@ is downloaded). Data: synthetic instruction rows in 8 categories split with a Di
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -37,6 +38,7 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,34 +96,33 @@ class Clocks:
             self.seconds[self.round][kind] += seconds
 
 
-_ACTIVE: list[Clocks] = []  # the clocks of the run in progress (the patches below read it)
-
-
-def instrument(clocks: Clocks) -> None:
-    """Put `clocks` into the engine: a benchmark-only patch of this process, made once (the Trainer gets one more
-    callback, PerFIT's search callback and the evaluation function a timer around them; no number changes)."""
-    first = not _ACTIVE
-    _ACTIVE[:] = [clocks]
-    if first:
-        _patch()
-
-
-def _patch() -> None:
+@contextlib.contextmanager
+def instrumented(clocks: Clocks) -> Iterator[Clocks]:
+    """Put `clocks` into the engine for the duration of the block: a benchmark-only patch of this process, undone at
+    the end (the Trainer gets one more callback, PerFIT's search callback and the evaluation function a timer around
+    them; no number changes)."""
     from transformers import TrainerCallback
 
     from hf_perfit import callbacks as perfit_callbacks
     from hf_perfit.federated import client as client_mod
     from hf_perfit.federated import simulation as sim_mod
 
-    def clocks() -> Clocks:
-        return _ACTIVE[0]
-
     class StepClock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            self.t0 = clocks().sync()
+            self.t0 = clocks.sync()
 
         def on_step_end(self, args, state, control, **kwargs):
-            clocks().add("train", clocks().sync() - self.t0)
+            clocks.add("train", clocks.sync() - self.t0)
+
+    def timed(kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = clocks.sync()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                clocks.add(kind, clocks.sync() - t0)
+
+        return wrapper
 
     init = client_mod._LocalTrainer.__init__
 
@@ -129,40 +130,24 @@ def _patch() -> None:
         init(self, *args, **kwargs)
         self.trainer.add_callback(StepClock())
 
-    client_mod._LocalTrainer.__init__ = timed_init
-
-    search = perfit_callbacks.PerFITPruningCallback.on_train_begin
-
-    def timed_search(self, *args: Any, **kwargs: Any):
-        t0 = clocks().sync()
-        try:
-            return search(self, *args, **kwargs)
-        finally:
-            clocks().add("search", clocks().sync() - t0)
-
-    perfit_callbacks.PerFITPruningCallback.on_train_begin = timed_search
-
-    batches = client_mod._eval_batches
-
-    def timed_batches(*args: Any, **kwargs: Any):
-        t0 = clocks().sync()
-        try:
-            return batches(*args, **kwargs)
-        finally:
-            clocks().add("eval_setup", clocks().sync() - t0)
-
-    client_mod._eval_batches = timed_batches
-
-    evaluate = sim_mod.evaluate_perplexity
-
-    def timed_evaluate(*args: Any, **kwargs: Any):
-        t0 = clocks().sync()
-        try:
-            return evaluate(*args, **kwargs)
-        finally:
-            clocks().add("eval_call", clocks().sync() - t0)
-
-    sim_mod.evaluate_perplexity = timed_evaluate
+    patches = [
+        (client_mod._LocalTrainer, "__init__", timed_init),
+        (
+            perfit_callbacks.PerFITPruningCallback,
+            "on_train_begin",
+            timed("search", perfit_callbacks.PerFITPruningCallback.on_train_begin),
+        ),
+        (client_mod, "_eval_batches", timed("eval_setup", client_mod._eval_batches)),
+        (sim_mod, "evaluate_perplexity", timed("eval_call", sim_mod.evaluate_perplexity)),
+    ]
+    originals = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    for obj, name, new in patches:
+        setattr(obj, name, new)
+    try:
+        yield clocks
+    finally:
+        for obj, name, old in originals:
+            setattr(obj, name, old)
 
 
 def synthetic_clients(clients: int, seed: int):
@@ -220,7 +205,6 @@ def run_one(model_name: str, args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"--data {args.data} has {len(clients)} clients, fewer than --clients {args.clients}.")
         device = str(next(model.parameters()).device)
         clocks = Clocks(device)
-        instrument(clocks)
         walls: dict[int, float] = {}
 
         class Timed(FederatedSimulation):
@@ -234,10 +218,11 @@ def run_one(model_name: str, args: argparse.Namespace) -> dict[str, Any]:
                 walls[r] = clocks.sync() - walls[r]
                 clocks.round = None
 
-        t0 = time.perf_counter()
-        sim = Timed(config, model=model, tokenizer=tokenizer, clients=clients)
-        setup = time.perf_counter() - t0
-        summary = sim.run()
+        with instrumented(clocks):
+            t0 = time.perf_counter()
+            sim = Timed(config, model=model, tokenizer=tokenizer, clients=clients)
+            setup = time.perf_counter() - t0
+            summary = sim.run()
         dtype = str(next(p for p in sim.transport.model.parameters() if not p.requires_grad).dtype).replace(
             "torch.", ""
         )

@@ -230,6 +230,23 @@ def test_supernode_launcher_waits_wake_on_the_nodes_state_and_cap_the_idle_poll(
     assert supernode.capped_time(0.1).monotonic is time.monotonic  # every other attribute is time's
 
 
+def test_fast_reply_pulls_only_touch_a_deployments_http_grid(monkeypatch):
+    """The ServerApp's HTTP grid retries a reply's missing arrays after 10 ms (Flower's first retry: 1 s), with
+    Flower's overall deadline and no try count; any other grid is left alone."""
+    import flwr.superlink.grid.http_grid as http_grid
+
+    from hf_perfit.flower.transport import fast_reply_pulls
+
+    original = http_grid.pull_objects
+    monkeypatch.setattr(http_grid, "pull_objects", original)  # restored after the test
+    assert fast_reply_pulls(_LocalGrid(1)) is False and http_grid.pull_objects is original
+    grid = http_grid.HttpGrid.__new__(http_grid.HttpGrid)  # no connection needed to be one
+    assert fast_reply_pulls(grid) is True and fast_reply_pulls(grid) is True
+    fast = http_grid.pull_objects
+    assert fast.func is original  # patched once, not wrapped twice
+    assert fast.keywords == {"initial_backoff": 0.01, "backoff_cap": 0.5, "max_tries_per_object": None}
+
+
 def test_node_settings_own_data_and_refusals(tmp_path, assets):
     from hf_perfit.flower.client_app import NodeSettings, _load_own_client, _node_config
 

@@ -94,9 +94,10 @@ class FlowerRunOptions:
             call in Flower's simulation and one small HTTP request to the SuperLink in a deployment.
         pack_arrays (`bool`, defaults to `True`): send every message's tensors as one packed `uint8` array (a
             safetensors blob, bit-exact; [`hf_perfit.flower.records.pack_arrays`]) and ask the clients to answer
-            packed. Flower moves each array of a message as its own object (one HTTP request per array and hop in a
-            deployment), so packing turns ~20 requests per hop into one. `False`: one array per tensor, for Flower
-            mods and wrappers that read the arrays key by key (`fixedclipping_mod`, the DP wrappers).
+            packed. Flower moves every array of a message, and each of its chunks, as its own object (one HTTP
+            request per object and hop in a deployment), so packing turns an 8-tensor adapter's ~20 objects per
+            message into 5. `False`: one array per tensor, for Flower mods and wrappers that read the arrays key by
+            key (`fixedclipping_mod`, the DP wrappers).
     """
 
     round_timeout: float | None = None
