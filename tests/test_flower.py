@@ -209,15 +209,15 @@ def test_packed_messages_round_trip_bit_for_bit():
 def test_supernode_launcher_waits_wake_on_the_nodes_state_and_cap_the_idle_poll(monkeypatch):
     """The launcher's stand-in `time.sleep` for Flower's SuperNode loop: a wait for the node's own ClientApp (Flower
     sleeps 0.5 s) returns once the node stores a message or an object; the idle poll of the SuperLink (Flower
-    sleeps 3 s) sleeps the cap."""
+    sleeps 3 s) sleeps the cap while the node was active within the window, Flower's 3 s after it."""
     import threading
 
     from hf_perfit.flower import supernode
 
-    changed = threading.Condition()
-    stand_in = supernode.capped_time(3600.0, changed)  # a missed wake-up would hang here, not pass
+    activity = supernode.NodeActivity()
+    stand_in = supernode.capped_time(3600.0, activity)  # a missed wake-up would hang here, not pass
     store = {"messages": []}
-    stored = supernode.notify_after(lambda m: store["messages"].append(m), changed)
+    stored = supernode.notify_after(lambda m: store["messages"].append(m), activity)
     threading.Timer(0.05, stored, args=("reply",)).start()
     while not store["messages"]:  # how Flower's loop waits for the ClientApp's reply
         stand_in.sleep(0.5)
@@ -225,8 +225,10 @@ def test_supernode_launcher_waits_wake_on_the_nodes_state_and_cap_the_idle_poll(
 
     slept = []
     monkeypatch.setattr(supernode.time, "sleep", slept.append)
-    supernode.capped_time(0.1, changed).sleep(3)  # no message from the SuperLink
-    assert slept == [0.1]
+    supernode.capped_time(0.1, activity, active_window=3600.0).sleep(3)  # active: no message from the SuperLink yet
+    supernode.capped_time(0.1, activity, active_window=0.0).sleep(3)  # idle for longer than the window
+    supernode.capped_time(0.1).sleep(3)  # no activity tracking: always the cap
+    assert slept == [0.1, 3.0, 0.1]
     assert supernode.capped_time(0.1).monotonic is time.monotonic  # every other attribute is time's
 
 
@@ -297,6 +299,16 @@ def test_strategy_warm_process_and_supernode_launcher_refuse_what_they_cannot_se
         supernode_main(["--poll-interval", "5"])
     with pytest.raises(SystemExit, match="needs a number of seconds"):
         supernode_main(["--poll-interval"])
+
+    from hf_perfit.flower.warm import WarmClientAppRunner
+
+    runner = WarmClientAppRunner("127.0.0.1:9", insecure=True, poll_interval=0.2, idle_after=3600.0)  # no SuperNode
+    try:
+        assert runner.next_poll_cap() == 0.2  # during a run: fast task polls
+        runner._last_task -= 7200.0  # no task for two hours: poll like Flower's SuperExec, once a second
+        assert runner.next_poll_cap() == 1.0
+    finally:
+        runner.close()
 
 
 # ---------------------------------------------------------------------- failures, with an in-process grid
