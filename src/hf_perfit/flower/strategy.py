@@ -30,19 +30,24 @@ def main(grid: Grid, context: Context) -> None:
 The algorithm stays in the hf_perfit strategy object ([`hf_perfit.federated.strategies`]) and the round's
 bookkeeping in the federated [`Coordinator`] (sampling, seeds, evaluation plan, records, checkpoints, `results.md`,
 export, Hub push: the same code as the stock ServerApp and the in-process engine); the messages are the
-[`FlowerTransport`]'s. This class only splits the coordinator's round into Flower's four calls.
+[`FlowerTransport`]'s. This class only splits the coordinator's round into Flower's four calls, through the
+coordinator's public round steps (the calls `Coordinator.run` makes itself).
 
 Mapping onto Flower's round (`server_round` counts from 1 in Flower, hf_perfit's `round_idx = server_round - 1`):
 
 - `configure_train`: on the first call, meet the clients (`FlowerTransport.start`: a `query` message each) and
-  prepare the coordinator (output folder, base-model records, checkpoint 0); then the coordinator's sampling and
-  seeds, `strategy.configure_round` / `configure_client`, one `train` message per sampled client. Entries of
-  Flower's `config` (e.g. the DP wrapper's clipping norm) join each message's one `ConfigRecord`.
-- `aggregate_train`: decode the replies (each result persisted as the coordinator does) and call
-  `strategy.aggregate`; returns the new global adapter (`ArrayRecord`) and the round metrics.
-- `configure_evaluate` / `aggregate_evaluate`: the coordinator's evaluation plan (`strategy.personalized_tensors`),
-  then its records, summary and checkpoint; returns the mean personalized perplexity. After the last round: export
-  (the clients exported in the final evaluation), `results.md`, Hub push.
+  prepare the coordinator (`Coordinator.prepare`: output folder, base-model records, checkpoint 0); then
+  `Coordinator.plan_round` (sampling, seeds, `strategy.configure_round` / `configure_client`), one `train` message
+  per sampled client. Entries of Flower's `config` (e.g. the DP wrapper's clipping norm) join each message's one
+  `ConfigRecord`.
+- `aggregate_train`: decode the replies, `Coordinator.save_result` for each, then `Coordinator.aggregate_round`
+  (`strategy.aggregate`, the accepted states); returns the new global adapter (`ArrayRecord`) and the round metrics.
+- `configure_evaluate` / `aggregate_evaluate`: `Coordinator.eval_jobs` (the evaluation plan,
+  `strategy.personalized_tensors`), then `Coordinator.finish_round` (records, summary) and `commit_round`
+  (checkpoint, callbacks); returns the mean personalized perplexity. After the last round `Coordinator.finish_run`:
+  export (the clients exported in the final evaluation), `results.md`, Hub push.
+
+Messages carry one `Array` per tensor by default (`pack_arrays=False`): that is what Flower's mods and wrappers read.
 
 Arrays changed between the phases by a wrapper (Flower's DP wrappers add noise to the aggregate it returned) are
 adopted as the strategy's global adapter `θ_g` before the next message is built, so the clients train from and are
