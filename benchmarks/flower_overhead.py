@@ -13,8 +13,9 @@ The same federated run (tiny random Llama from the tests, 3 clients with one cat
    `flower-superlink` and 3 `flower-supernode --isolation process` processes, each with a long-running ClientApp
    process `python -m hf_perfit.flower.warm` that keeps the model loaded; `flwr run recipes/flower`);
 6. `flower_deployment_warm_fastpoll` (with `--deployment`): the same with the SuperNodes started by
-   `python -m hf_perfit.flower.supernode --poll-interval 0.1` (Flower's SuperNode with its fixed 3 s / 0.5 s / 1 s
-   waits capped at 0.1 s);
+   `python -m hf_perfit.flower.supernode --poll-interval 0.1` (the documented command: Flower's SuperNode with its
+   waits for its own ClientApp woken by the node's state, its 3 s idle poll capped at 0.1 s and its 1 s first retry
+   of a download at 20 ms);
 7. `flower_deployment_cold` (with `--cold_deployment`): Flower's default, every message starts a fresh
    `flwr-clientapp` process (slow: about a minute a round here).
 
@@ -300,19 +301,16 @@ Reading:
 """
     if args.deployment:
         text += f"""- Deployment with warm ClientApp processes (goal ≤ 1.5×): {ratio["flower_deployment_warm"]:.1f}× with
-  Flower's own SuperNode, {ratio["flower_deployment_warm_fastpoll"]:.1f}× with its polls capped at 0.1 s. The model
-  and the client's tokenized data are loaded once per run (in the hello message), so what remains per message is
-  Flower's messaging: Flower 1.41's SuperNode waits a fixed 3 s between two asks for a message when there is none,
-  checks for the ClientApp's reply every 0.5 s, and retries a download of arrays the server has not finished
-  uploading after 1 s; each phase of a round (train, then evaluate) pays them on every node. 3 SuperNodes, 3
-  ClientApp processes, the SuperLink and the ServerApp share {num_cpus} cores, so the clients' work itself also
-  runs slower than in one process.
-  The ClientApp processes' own log (`python -m hf_perfit.flower.warm` logs each task's pull / ClientApp / push
-  times) shows where a fast-poll round goes on this machine: a train task spends about 1.1 s in the ClientApp and
-  0.2-0.9 s pulling its message, an evaluate task 0.01-0.1 s in the ClientApp and about 0.8 s pulling its message:
-  every array of a message is its own object, pushed by the ServerApp to the SuperLink and pulled by the SuperNode
-  and the ClientApp with one HTTP request each (about 20 per message for this adapter), on cores shared by 9
-  processes.
+  Flower's own SuperNode, {ratio["flower_deployment_warm_fastpoll"]:.1f}× with `hf_perfit.flower.supernode` (the
+  documented command). The model and the client's tokenized data are loaded once per run (in the hello message);
+  every message carries its tensors as one packed array, and the ServerApp retries a reply's arrays after 10 ms
+  (Flower's HTTP grid waits 1 s). What remains per phase of a round (train, then evaluate) is Flower's messaging: a
+  chain of some 30 HTTP requests (the ServerApp pushes the message and its 3-8 objects to the SuperLink, the
+  SuperNode pulls and confirms them, the ClientApp process acquires the task and pulls them from the SuperNode, and
+  the reply goes back the same way), the SuperNode's idle poll of the SuperLink (`--poll-interval`, or Flower's 3 s)
+  and the ClientApp process's task poll, on {num_cpus} cores shared by 3 SuperNodes, 3 ClientApp processes, the
+  SuperLink and the ServerApp. Each request costs 5-50 ms on this machine, depending on its load; the in-process
+  round it is compared with costs {med[base]:.2f} s.
 """
     if args.deployment and not args.cold_deployment:
         text += """- Flower's default deployment (a fresh `flwr-clientapp` process per message, which imports torch and loads the

@@ -306,3 +306,36 @@ def test_a_client_state_whose_mask_is_not_0_or_1_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="keep-mask 'a' holds values other than 0/1"):
         load_client_state(tmp_path / "bad.safetensors")
+
+
+def test_a_round_driven_through_the_public_steps_equals_run(tmp_path):
+    """What a Flower `Strategy` does (it receives the replies on Flower's schedule): drive every round through the
+    coordinator's public calls, with the transport's `fit` in between; the run folder equals `run()`'s, byte for
+    byte (records) and bit for bit (adapters), and each result was persisted where a restart finds it."""
+    _sim(_cfg(tmp_path / "run", strategy="perfit")).run()
+
+    sim = _sim(_cfg(tmp_path / "steps", strategy="perfit"))
+    summary = None
+    for r in range(sim.config.num_rounds):
+        sampled, ids, jobs = sim.plan_round(r)
+        results = {}
+
+        def on_result(cid, result, r=r, results=results):
+            sim.save_result(r, cid, result)
+            assert (tmp_path / "steps" / "state" / f"pending_{r}" / f"{cid}.safetensors").is_file()
+            results[cid] = result
+
+        failures = sim.transport.fit(r, jobs, on_result)
+        metrics = sim.aggregate_round(r, ids, results, failures)
+        summary = sim.finish_round(r, sim.eval_jobs(r, sampled), results, failures, metrics)
+        sim.commit_round(r, summary)
+        assert sim.completed_rounds == r + 1
+    sim.finish_run(summary)
+
+    assert (tmp_path / "steps" / "metrics.jsonl").read_bytes() == (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    expected = _adapters(tmp_path / "run")
+    for cid, tensors in _adapters(tmp_path / "steps").items():
+        assert tensors.keys() == expected[cid].keys()
+        assert all(torch.equal(tensors[k], expected[cid][k]) for k in tensors)
+    with pytest.raises(RuntimeError, match="round 0: none of the 2 sampled clients returned an update \\(c: gone\\)"):
+        sim.aggregate_round(0, ["client_0", "client_1"], {}, {"c": "gone"})

@@ -12,6 +12,7 @@ import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
@@ -134,6 +135,120 @@ def test_records_round_trip_and_match_the_byte_accounting():
         decode_update(encode_update(ClientUpdate("client_0", 7, {"x": torch.ones(2)})), shapes, None)
 
 
+def test_packed_messages_round_trip_bit_for_bit():
+    """A packed message (one uint8 array holding a safetensors blob) decodes to exactly what the unpacked one does:
+    same keys in the same order, dtypes, shapes and bits (NaN payloads, -0.0, subnormals, bf16 cast up exactly),
+    mask bits, extra tensors, and an empty adapter; the byte accounting is the same."""
+    from flwr.app import Array, ArrayRecord
+
+    from hf_perfit.flower.records import PACKED, get_arrays, pack_arrays, unpack_arrays
+
+    g = torch.Generator().manual_seed(1)
+    special = torch.tensor([float("nan"), -0.0, 1e-45, float("inf"), -float("inf"), 3.0])
+    nan_payload = torch.tensor([0x7FC00001], dtype=torch.int32).view(torch.float32)  # a NaN with payload bits
+    dense = {
+        "z.lora_B.weight": torch.randn(6, 4, generator=g).to(torch.bfloat16),  # key order is not sorted order
+        "a.lora_A.weight": torch.cat([special, nan_payload, torch.randn(17, generator=g)]).reshape(4, 6),
+    }
+    masks = {k: torch.rand(t.shape, generator=g) > 0.5 for k, t in dense.items()}
+    kept = {k: torch.where(masks[k], t.float(), 0.0) for k, t in dense.items()}
+    extra = {"router.counts": torch.arange(5, dtype=torch.int32), "router.mean": torch.randn(3, generator=g)}
+    shapes = {k: tuple(t.shape) for k, t in dense.items()}
+
+    def same(a: dict, b: dict) -> None:
+        assert list(a) == list(b)
+        for k in a:
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+            assert a[k].contiguous().view(torch.uint8).equal(b[k].contiguous().view(torch.uint8)), k  # bits
+
+    groups = {"tensors": dense, "masks": {}, "extra": extra}
+    back = unpack_arrays(pack_arrays(groups))
+    assert list(back) == ["tensors", "masks", "extra"] and back["masks"] == {}
+    same(back["tensors"], {k: t.float() for k, t in dense.items()})
+    same(back["extra"], extra)
+    assert unpack_arrays(pack_arrays({})) == {} and unpack_arrays(pack_arrays({"tensors": {}})) == {"tensors": {}}
+
+    for update in (
+        ClientUpdate("client_0", 7, dense, metrics={"loss": 0.5}, extra_tensors=extra),  # dense bf16 + extra
+        ClientUpdate("client_0", 7, kept, masks, mask_changed=True),  # kept values + mask bits
+        ClientUpdate("client_0", 7, kept, masks, mask_changed=False),  # kept values of a mask the server holds
+        ClientUpdate("client_0", 0, {}),  # an empty adapter
+    ):
+        plain, packed = encode_update(update), encode_update(update, pack=True)
+        assert list(packed.array_records) == [PACKED]
+        assert len(packed[PACKED]) == 1 and packed[PACKED][PACKED].dtype == "uint8"
+        assert payload_bytes(packed) == payload_bytes(plain) == uplink_bytes(update)
+        a = decode_update(plain, shapes, masks)
+        b = decode_update(packed, shapes, masks)
+        same(a.tensors, b.tensors)
+        same(a.extra_tensors, b.extra_tensors)
+        assert (a.masks is None) == (b.masks is None)
+        assert a.masks is None or all(a.masks[k].equal(b.masks[k]) for k in a.masks)
+        assert (a.metrics, a.num_examples, a.mask_changed) == (b.metrics, b.num_examples, b.mask_changed)
+        if update.masks is None:
+            same(b.tensors, {k: t.float() for k, t in update.tensors.items()})
+
+    instruction = ClientInstruction(kept, masks, {"proximal_mu": 0.1})
+    content = encode_instruction(instruction, {"round": 1}, pack=True)
+    assert content["meta"]["pack-arrays"] is True and list(content.array_records) == [PACKED]
+    assert payload_bytes(content) == downlink_bytes(instruction)
+    same(
+        decode_instruction(content, masks).tensors, decode_instruction(encode_instruction(instruction), masks).tensors
+    )
+    assert list(get_arrays(encode_instruction(ClientInstruction(None), pack=True)).keys()) == []
+
+    bad = ArrayRecord()
+    bad[PACKED] = Array(np.zeros(3, dtype=np.float32))
+    with pytest.raises(ValueError, match="must be 1-D uint8"):
+        unpack_arrays(bad)
+    bad[PACKED] = Array(np.frombuffer(b"\x02\x00\x00\x00\x00\x00\x00\x00{}", dtype=np.uint8).copy())
+    with pytest.raises(ValueError, match="does not hold hf_perfit's tensor layout"):
+        unpack_arrays(bad)
+
+
+def test_supernode_launcher_waits_wake_on_the_nodes_state_and_cap_the_idle_poll(monkeypatch):
+    """The launcher's stand-in `time.sleep` for Flower's SuperNode loop: a wait for the node's own ClientApp (Flower
+    sleeps 0.5 s) returns once the node stores a message or an object; the idle poll of the SuperLink (Flower
+    sleeps 3 s) sleeps the cap while the node was active within the window, Flower's 3 s after it."""
+    import threading
+
+    from hf_perfit.flower import supernode
+
+    activity = supernode.NodeActivity()
+    stand_in = supernode.capped_time(3600.0, activity)  # a missed wake-up would hang here, not pass
+    store = {"messages": []}
+    stored = supernode.notify_after(lambda m: store["messages"].append(m), activity)
+    threading.Timer(0.05, stored, args=("reply",)).start()
+    while not store["messages"]:  # how Flower's loop waits for the ClientApp's reply
+        stand_in.sleep(0.5)
+    assert store["messages"] == ["reply"]
+
+    slept = []
+    monkeypatch.setattr(supernode.time, "sleep", slept.append)
+    supernode.capped_time(0.1, activity, active_window=3600.0).sleep(3)  # active: no message from the SuperLink yet
+    supernode.capped_time(0.1, activity, active_window=0.0).sleep(3)  # idle for longer than the window
+    supernode.capped_time(0.1).sleep(3)  # no activity tracking: always the cap
+    assert slept == [0.1, 3.0, 0.1]
+    assert supernode.capped_time(0.1).monotonic is time.monotonic  # every other attribute is time's
+
+
+def test_fast_reply_pulls_only_touch_a_deployments_http_grid(monkeypatch):
+    """The ServerApp's HTTP grid retries a reply's missing arrays after 10 ms (Flower's first retry: 1 s), with
+    Flower's overall deadline and no try count; any other grid is left alone."""
+    import flwr.superlink.grid.http_grid as http_grid
+
+    from hf_perfit.flower.transport import fast_reply_pulls
+
+    original = http_grid.pull_objects
+    monkeypatch.setattr(http_grid, "pull_objects", original)  # restored after the test
+    assert fast_reply_pulls(_LocalGrid(1)) is False and http_grid.pull_objects is original
+    grid = http_grid.HttpGrid.__new__(http_grid.HttpGrid)  # no connection needed to be one
+    assert fast_reply_pulls(grid) is True and fast_reply_pulls(grid) is True
+    fast = http_grid.pull_objects
+    assert fast.func is original  # patched once, not wrapped twice
+    assert fast.keywords == {"initial_backoff": 0.01, "backoff_cap": 0.5, "max_tries_per_object": None}
+
+
 def test_node_settings_own_data_and_refusals(tmp_path, assets):
     from hf_perfit.flower.client_app import NodeSettings, _load_own_client, _node_config
 
@@ -184,6 +299,16 @@ def test_strategy_warm_process_and_supernode_launcher_refuse_what_they_cannot_se
         supernode_main(["--poll-interval", "5"])
     with pytest.raises(SystemExit, match="needs a number of seconds"):
         supernode_main(["--poll-interval"])
+
+    from hf_perfit.flower.warm import WarmClientAppRunner
+
+    runner = WarmClientAppRunner("127.0.0.1:9", insecure=True, poll_interval=0.2, idle_after=3600.0)  # no SuperNode
+    try:
+        assert runner.next_poll_cap() == 0.2  # during a run: fast task polls
+        runner._last_task -= 7200.0  # no task for two hours: poll like Flower's SuperExec, once a second
+        assert runner.next_poll_cap() == 1.0
+    finally:
+        runner.close()
 
 
 # ---------------------------------------------------------------------- failures, with an in-process grid

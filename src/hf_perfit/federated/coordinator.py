@@ -51,6 +51,22 @@ in `start()`, as Flower's hello does). Wiring a transport: `Coordinator(config, 
 runs the non-destructive output-folder checks ([`check_output_dir`]) and `run()` calls [`Coordinator.prepare`]
 (`transport.start()`, then overwrite/resume/fresh start) before the first round.
 - `is_main_process` / `barrier()`: multi-process launches (only the main process writes files).
+
+A round, step by step. [`run`] drives every round itself; code that receives the clients' replies on its own
+schedule (a Flower `Strategy`, whose `configure_*` / `aggregate_*` calls Flower makes) drives the same round through
+the same public calls, after [`prepare`]:
+
+```
+sampled, ids, jobs = coordinator.plan_round(r)               # 1. sampling, seeds, strategy.configure_*
+...the clients train `jobs`...; for each result: coordinator.save_result(r, client_id, result)   # 2.
+round_metrics = coordinator.aggregate_round(r, ids, results, failures)   # 3. strategy.aggregate, accept
+jobs = coordinator.eval_jobs(r, sampled)                     # 4. what each client is evaluated on
+summary = coordinator.finish_round(r, jobs, results, failures, round_metrics)   # 5. evaluate, records
+coordinator.commit_round(r, summary)                         # 6. checkpoint, round callbacks
+coordinator.finish_run(summary)                              # after the last round: export, results, Hub push
+```
+
+[`run`] is exactly these calls with `transport.fit` in step 2 (and the fine-tuning phase after the last round).
 """
 
 from __future__ import annotations
@@ -60,7 +76,7 @@ import json
 import math
 import random
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -425,18 +441,10 @@ class Coordinator:
                     summary = self._round(r)
                 else:
                     summary = self._finetune(r)
-                self._checkpoint(r + 1, self.records)
-                for cb in self.callbacks:
-                    cb.on_round_end(self, r, summary)
+                self.commit_round(r, summary)
         finally:
             self._bar.close()
-        self._export()
-        if cfg.push_to_hub and self.is_main_process:
-            from ..hub import push_run
-
-            push_run(self.out, cfg.hub_repo_prefix, private=cfg.hub_private)
-        for cb in self.callbacks:
-            cb.on_run_end(self, summary)
+        self.finish_run(summary)
         return summary
 
     def _fit(self, r: int, jobs: list[FitJob]) -> tuple[dict[str, FitResult], dict[str, str]]:
@@ -457,8 +465,7 @@ class Coordinator:
 
         def on_result(cid: str, result: FitResult) -> None:
             crash_point(f"round{r}.client{index[cid]}.after_train")
-            if self.is_main_process:
-                save_fit_result(pending / f"{cid}.safetensors", result)
+            self.save_result(r, cid, result)
             crash_point(f"round{r}.client{index[cid]}.after_save")
             results[cid] = result
             self._bar.set_postfix_str(f"round {r} client {cid}")
@@ -468,10 +475,15 @@ class Coordinator:
         self.transport.barrier()
         return results, dict(failures)
 
+    # ------------------------------------------------------------------ a round, step by step (public)
+
     def plan_round(self, r: int) -> tuple[list[int], list[str], list[FitJob]]:
-        """Sample round `r`'s clients, let the strategy configure the round, and build one [`FitJob`] per sampled
-        client: `(sampled indices, their ids, jobs)`. Shared by [`_round`] and Flower's `HFPerFITStrategy`, whose
-        `configure_train` is the first half of a round."""
+        """Step 1 of a round: sample round `r`'s clients, let the strategy configure the round, and build one
+        [`FitJob`] per sampled client.
+
+        Returns:
+            `(sampled, ids, jobs)`: the sampled client indices (sorted), their ids, and their jobs in that order.
+        """
         sampled = self.sample(r)
         ids = [self.client_ids[i] for i in sampled]
         self.strategy.configure_round(r, ids)
@@ -491,9 +503,27 @@ class Coordinator:
         ]
         return sampled, ids, jobs
 
-    def _round(self, r: int) -> dict[str, Any]:
-        sampled, ids, jobs = self.plan_round(r)
-        results, failures = self._fit(r, jobs)
+    def save_result(self, r: int, client_id: str, result: FitResult) -> None:
+        """Step 2 (for each result, as soon as it arrives): persist a client's round-`r` result atomically to
+        `state/pending_<r>/<client_id>.safetensors` (the main process only), so a restarted round reuses it instead
+        of training that client again. A transport's `fit` gets this through `on_result`; a caller that trains
+        outside [`run`] (a Flower `Strategy`) calls it for each decoded result."""
+        if self.is_main_process:
+            save_fit_result(self.run_folder.pending_dir(r) / f"{client_id}.safetensors", result)
+
+    def aggregate_round(
+        self, r: int, ids: Sequence[str], results: Mapping[str, FitResult], failures: Mapping[str, str]
+    ) -> dict[str, float]:
+        """Step 3: aggregate the updates of the sampled clients `ids` that returned one (`strategy.aggregate`, in
+        sampling order), commit their states (`transport.accept`; the others roll back) and remember each accepted
+        client's round.
+
+        Returns:
+            `dict[str, float]`: the strategy's round metrics.
+
+        Raises:
+            RuntimeError: none of the sampled clients returned an update (`failures` say why).
+        """
         accepted = [cid for cid in ids if cid in results]
         if not accepted:
             raise RuntimeError(
@@ -504,11 +534,56 @@ class Coordinator:
         for cid in accepted:
             self.client_rounds[cid] = r
         crash_point(f"round{r}.after_aggregate")
-        self._bar.update(len(self.client_ids) - len(sampled))
-        evaluated = self.eval_clients(r, sampled)
+        return round_metrics
+
+    def eval_jobs(self, r: int, sampled: Sequence[int]) -> list[EvalJob]:
+        """Step 4: the evaluation plan of round `r`: one [`EvalJob`] (the personalized tensors,
+        `Strategy.personalized_tensors`) per evaluated client ([`eval_clients`]); `final` in the run's last round."""
         final = r == self.total_rounds - 1
-        eval_jobs = [self._eval_job(r, self.client_ids[i], final=final) for i in evaluated]
+        return [self._eval_job(r, self.client_ids[i], final=final) for i in self.eval_clients(r, sampled)]
+
+    def finish_round(
+        self,
+        r: int,
+        eval_jobs: Sequence[EvalJob],
+        results: Mapping[str, FitResult],
+        failures: Mapping[str, str],
+        round_metrics: Mapping[str, float],
+    ) -> dict[str, Any]:
+        """Step 5: evaluate `eval_jobs` (`transport.evaluate`) and add the round's records: one per evaluated client
+        (with its training numbers from `results`, `failed` from `failures` and evaluation failures) and the
+        summary (with `round_metrics`).
+
+        Returns:
+            `dict[str, Any]`: the round's summary record.
+        """
         return self._finish_round(r, eval_jobs, results, failures, round_metrics)
+
+    def commit_round(self, r: int, summary: dict[str, Any]) -> None:
+        """Step 6: commit the checkpoint after round `r` (one unit: strategy, records, client states, the
+        transport's part) and call the round callbacks with `summary`."""
+        self._checkpoint(r + 1, self.records)
+        for cb in self.callbacks:
+            cb.on_round_end(self, r, summary)
+
+    def finish_run(self, summary: dict[str, Any]) -> None:
+        """After the last round: export every client's final adapter (`transport.export`), write `results.md` and
+        the plots, push to the Hub (`push_to_hub`), and call the run callbacks with the last `summary`."""
+        self._export()
+        if self.config.push_to_hub and self.is_main_process:
+            from ..hub import push_run
+
+            push_run(self.out, self.config.hub_repo_prefix, private=self.config.hub_private)
+        for cb in self.callbacks:
+            cb.on_run_end(self, summary)
+
+    def _round(self, r: int) -> dict[str, Any]:
+        """One round through the public steps, the transport's `fit` in between."""
+        sampled, ids, jobs = self.plan_round(r)
+        results, failures = self._fit(r, jobs)
+        round_metrics = self.aggregate_round(r, ids, results, failures)
+        self._bar.update(len(self.client_ids) - len(sampled))
+        return self.finish_round(r, self.eval_jobs(r, sampled), results, failures, round_metrics)
 
     def _finetune(self, r: int) -> dict[str, Any]:
         """Every client fine-tunes its final personalized adapter for `finetune_steps` local steps (no aggregation);

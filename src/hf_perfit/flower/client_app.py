@@ -42,8 +42,18 @@ from ..federated.client import LocalTrainingArgs, client_update, evaluate_perple
 from ..federated.config import FederatedConfig
 from ..federated.runtime import build_client_model, load_clients, load_model, local_training_args, tokenize_clients
 from ..model import PerFITModel
-from .records import META, METRICS, OWN, TENSORS, decode_instruction, decode_tensors, encode_update, tensor_digest
-from .records import tensors_to_arrays as _tensors_to_arrays
+from .records import (
+    META,
+    METRICS,
+    OWN,
+    PACK_FLAG,
+    TENSORS,
+    decode_instruction,
+    decode_tensors,
+    encode_update,
+    put_arrays,
+    tensor_digest,
+)
 from .state import ClientStateStore
 
 __all__ = ["NodeSettings", "app", "make_client_app"]
@@ -205,7 +215,7 @@ def hello(message: Message, context: Context) -> Message:
         }
     )
     if bool(meta.get("send-initial-adapter", False)):
-        content[TENSORS] = _tensors_to_arrays(rt.init_tensors)
+        put_arrays(content, {TENSORS: rt.init_tensors}, pack=bool(meta.get(PACK_FLAG, False)))
     return _reply(message, content)
 
 
@@ -240,6 +250,7 @@ def train(message: Message, context: Context) -> Message:
             "train-loss": float(result.train_loss),
             "density": float(result.density),
         },
+        pack=bool(meta.get(PACK_FLAG, False)),  # answer in the format the server asked in
     )
     return _reply(message, content)
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from ..federated.config import FederatedConfig
 from .server_app import REPORT_NAME
+from .supernode import DEFAULT_CAP
 
 __all__ = ["LocalFederation", "free_port"]
 
@@ -53,9 +54,10 @@ class LocalFederation:
         warm (`bool`, defaults to `True`): start each SuperNode with `--isolation process` next to a long-running
             ClientApp process (`python -m hf_perfit.flower.warm`, named `warm<k>`) that keeps the model loaded
             across messages; `False`: Flower's default, a fresh `flwr-clientapp` process per message.
-        node_poll_interval (`float`, *optional*): start the SuperNodes with `python -m hf_perfit.flower.supernode
-            --poll-interval <s>` (Flower's SuperNode with its 3 s / 0.5 s message polls capped at `s`); default:
-            plain `flower-supernode`.
+        node_poll_interval (`float`, *optional*, defaults to 0.1): start the SuperNodes with `python -m
+            hf_perfit.flower.supernode --poll-interval <s>` (Flower's SuperNode with its waits for its own ClientApp
+            woken by the node's state and its 3 s idle poll of the SuperLink capped at `s`; the documented
+            deployment command); `None`: plain `flower-supernode`.
     """
 
     CONNECTION = "localhost"
@@ -67,7 +69,7 @@ class LocalFederation:
         bin_dir: str | os.PathLike | None = None,
         threads_per_node: int | None = None,
         warm: bool = True,
-        node_poll_interval: float | None = None,
+        node_poll_interval: float | None = DEFAULT_CAP,
     ) -> None:
         self.root = Path(workdir)
         self.num_nodes = int(num_nodes)

@@ -10,18 +10,31 @@ The in-process simulation passes [`ClientInstruction`] / [`ClientUpdate`] object
 - a PerFIT download restricted to the client's own mask: only the kept values plus a 64-character digest of the
   mask they belong to (the client holds the mask; the digest catches a client and server that disagree on it);
 - counts, settings and metrics in `ConfigRecord` / `MetricRecord` (numbers and short strings, never data).
+
+Packed messages (`pack=True`; the stock ServerApp's default, `FlowerRunOptions.pack_arrays`): Flower 1.41 moves every
+`Array` of a message as its own object (one HTTP request per array, per chunk and per hop: ServerApp -> SuperLink
+-> SuperNode -> ClientApp, and back), so an adapter of 8 tensors costs some 20 requests per hop. A packed message
+carries all its tensor groups (`tensors`, `masks`, `extra`) as **one** `ArrayRecord` `packed` holding **one**
+`uint8` array: a safetensors blob of the same float32 values and mask bits, bit for bit, whose one metadata entry
+lists the groups and keys in order ([`pack_arrays`] / [`unpack_arrays`]). The receiver answers in the format it was
+asked in (the `pack-arrays` entry of the request's `meta`). Unpacked messages (one `Array` per tensor) remain for
+Flower mods and strategy wrappers that read a message's arrays key by key (`fixedclipping_mod` and the DP wrappers:
+`HFPerFITStrategy`'s default).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
 from torch import Tensor
 
 from ..federated.comm import kept_values, pack_mask, scatter_values, unpack_mask
@@ -32,9 +45,13 @@ __all__ = [
     "KEPT",
     "NONE",
     "OWN",
+    "PACKED",
+    "PACK_FLAG",
     "WIRE_DTYPE",
+    "array_bytes",
     "arrays_to_masks",
     "arrays_to_tensors",
+    "bits_to_masks",
     "check_tensor_shapes",
     "decode_instruction",
     "decode_tensors",
@@ -42,12 +59,15 @@ __all__ = [
     "encode_instruction",
     "encode_tensors",
     "encode_update",
+    "get_arrays",
     "mask_digest",
-    "array_bytes",
-    "payload_bytes",
     "masks_to_arrays",
+    "pack_arrays",
+    "payload_bytes",
+    "put_arrays",
     "tensor_digest",
     "tensors_to_arrays",
+    "unpack_arrays",
     "zero_outside",
 ]
 
@@ -65,9 +85,26 @@ MASKS = "masks"
 EXTRA = "extra"
 META = "meta"
 METRICS = "metrics"
+PACKED = "packed"
+"""The one `ArrayRecord` of a packed message (see the module docstring)."""
+PACK_FLAG = "pack-arrays"
+"""`meta` entry of a request: `True` asks the receiver to pack the arrays of its reply."""
+_LAYOUT = "layout"  # the packed blob's one metadata key: [[group, [key, ...]], ...], in order
 
 
 # ---------------------------------------------------------------------- tensors and masks
+
+
+def _wire_tensor(key: str, t: Tensor) -> Tensor:
+    """`t` as it travels: on CPU, contiguous, floating point as float32; booleans refused."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{key!r} is a {type(t).__name__}, expected a torch.Tensor.")
+    if t.dtype == torch.bool:
+        raise TypeError(f"{key!r} is a boolean tensor: send masks with masks_to_arrays (packed bits).")
+    t = t.detach().to("cpu")
+    if t.is_floating_point() and t.dtype != WIRE_DTYPE:
+        t = t.to(WIRE_DTYPE)
+    return t.contiguous()
 
 
 def tensors_to_arrays(tensors: Mapping[str, Tensor]) -> ArrayRecord:
@@ -82,14 +119,7 @@ def tensors_to_arrays(tensors: Mapping[str, Tensor]) -> ArrayRecord:
     """
     record = ArrayRecord()
     for key, t in tensors.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{key!r} is a {type(t).__name__}, expected a torch.Tensor.")
-        if t.dtype == torch.bool:
-            raise TypeError(f"{key!r} is a boolean tensor: send masks with masks_to_arrays (packed bits).")
-        t = t.detach().to("cpu")
-        if t.is_floating_point() and t.dtype != WIRE_DTYPE:
-            t = t.to(WIRE_DTYPE)
-        record[key] = Array(t.contiguous().numpy())
+        record[key] = Array(_wire_tensor(key, t).numpy())
     return record
 
 
@@ -98,12 +128,102 @@ def arrays_to_tensors(record: ArrayRecord) -> dict[str, Tensor]:
     return {key: torch.from_numpy(np.array(array.numpy(), copy=True)) for key, array in record.items()}
 
 
+def pack_arrays(groups: Mapping[str, Mapping[str, Tensor]]) -> ArrayRecord:
+    """Named groups of tensors as **one** `ArrayRecord` holding **one** `uint8` array: a safetensors blob.
+
+    The values are those [`tensors_to_arrays`] would send (float32 for floating point, other dtypes as they are),
+    byte for byte; the blob's one metadata entry lists the groups and their keys in order, so [`unpack_arrays`]
+    returns the same groups, keys, order, dtypes, shapes and bits (empty groups included).
+
+    Args:
+        groups (`Mapping[str, Mapping[str, Tensor]]`): e.g. `{"tensors": {...}, "masks": {...}}`.
+
+    Returns:
+        `ArrayRecord`: `{"packed": Array(uint8, 1-D)}`.
+    """
+    layout = [[str(group), [str(key) for key in tensors]] for group, tensors in groups.items()]
+    flat = {
+        f"{g}/{key}": _wire_tensor(key, t).clone()  # own storage: safetensors refuses tensors that share memory
+        for g, tensors in enumerate(groups.values())
+        for key, t in tensors.items()
+    }
+    blob = _st_save(flat, metadata={_LAYOUT: json.dumps(layout)})
+    record = ArrayRecord()
+    record[PACKED] = Array(np.frombuffer(blob, dtype=np.uint8).copy())
+    return record
+
+
+def _blob_header(blob: bytes) -> dict[str, Any]:
+    """The JSON header of a safetensors blob (an 8-byte little-endian length, then the JSON)."""
+    if len(blob) < 8:
+        raise ValueError("the packed array is not a safetensors blob (shorter than its 8-byte header length).")
+    (n,) = struct.unpack("<Q", blob[:8])
+    try:
+        return json.loads(blob[8 : 8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"the packed array is not a safetensors blob ({err}).") from None
+
+
+def unpack_arrays(record: ArrayRecord) -> dict[str, dict[str, Tensor]]:
+    """Inverse of [`pack_arrays`]: the groups of tensors (CPU), in the sender's order.
+
+    Raises:
+        ValueError: a record that is not one packed 1-D uint8 array, or a blob without hf_perfit's layout.
+    """
+    if list(record.keys()) != [PACKED]:
+        raise ValueError(f"a packed record holds exactly one array {PACKED!r}, got {list(record.keys())[:3]}.")
+    array = record[PACKED]
+    if array.dtype != "uint8" or len(array.shape) != 1:
+        raise ValueError(f"the packed array must be 1-D uint8, got {array.dtype} of shape {tuple(array.shape)}.")
+    blob = array.numpy().tobytes()
+    try:
+        layout = json.loads(_blob_header(blob)["__metadata__"][_LAYOUT])
+        flat = _st_load(blob)
+        return {group: {key: flat[f"{g}/{key}"] for key in keys} for g, (group, keys) in enumerate(layout)}
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"the packed array does not hold hf_perfit's tensor layout ({err!r}).") from None
+
+
+def put_arrays(content: RecordDict, groups: Mapping[str, Mapping[str, Tensor]], pack: bool) -> None:
+    """Put tensor groups into a message's content: one `ArrayRecord` per group, or (`pack=True`) all of them in one
+    packed record ([`pack_arrays`]). Mask bits travel as `uint8` tensors."""
+    if pack:
+        content[PACKED] = pack_arrays(groups)
+    else:
+        for group, tensors in groups.items():
+            content[group] = tensors_to_arrays(tensors)
+
+
+def get_arrays(content: RecordDict) -> dict[str, dict[str, Tensor]]:
+    """Inverse of [`put_arrays`]: a message's tensor groups (CPU tensors), packed or not."""
+    records = content.array_records
+    if PACKED in records:
+        return unpack_arrays(records[PACKED])
+    return {group: arrays_to_tensors(record) for group, record in records.items()}
+
+
+def _mask_bits(masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Masks as packed bits, one `uint8` tensor of `ceil(numel / 8)` bytes each ([`~comm.pack_mask`])."""
+    return {key: torch.from_numpy(np.frombuffer(pack_mask(m), dtype=np.uint8).copy()) for key, m in masks.items()}
+
+
 def masks_to_arrays(masks: Mapping[str, Tensor]) -> ArrayRecord:
     """Boolean masks as packed bits (`ceil(numel / 8)` bytes each, [`~comm.pack_mask`]) in `uint8` arrays."""
-    record = ArrayRecord()
-    for key, m in masks.items():
-        record[key] = Array(np.frombuffer(pack_mask(m), dtype=np.uint8).copy())
-    return record
+    return tensors_to_arrays(_mask_bits(masks))
+
+
+def bits_to_masks(bits: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    """Packed mask bits (`uint8` tensors) back to boolean masks, given each mask's shape (the adapter tensor's).
+
+    Raises:
+        ValueError: on a key without a known shape or a packed mask of the wrong size.
+    """
+    out = {}
+    for key, b in bits.items():
+        if key not in shapes:
+            raise ValueError(f"mask {key!r} does not belong to the adapter (known keys: {list(shapes)[:3]}...).")
+        out[key] = unpack_mask(b.numpy().tobytes(), shapes[key])
+    return out
 
 
 def arrays_to_masks(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Tensor]:
@@ -112,12 +232,7 @@ def arrays_to_masks(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) 
     Raises:
         ValueError: on a key without a known shape or a packed mask of the wrong size.
     """
-    out = {}
-    for key, array in record.items():
-        if key not in shapes:
-            raise ValueError(f"mask {key!r} does not belong to the adapter (known keys: {list(shapes)[:3]}...).")
-        out[key] = unpack_mask(array.numpy().tobytes(), shapes[key])
-    return out
+    return bits_to_masks(arrays_to_tensors(record), shapes)
 
 
 def mask_digest(masks: Mapping[str, Tensor]) -> str:
@@ -141,19 +256,17 @@ def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
 
 
 def array_bytes(content: RecordDict) -> int:
-    """Bytes of the arrays in a message's content (data plus numpy headers and keys, `ArrayRecord.count_bytes`):
-    what the tensors and masks actually cost on the wire, next to the [`comm`] accounting."""
+    """Bytes of the arrays in a message's content (data plus numpy headers and keys, `ArrayRecord.count_bytes`; for a
+    packed message its blob, safetensors header included): what the tensors and masks actually cost on the wire,
+    next to the [`comm`] accounting."""
     return sum(record.count_bytes() for record in content.array_records.values())
 
 
 def payload_bytes(content: RecordDict) -> int:
-    """Bytes of the array *data* in a message's content (elements × item size, without numpy headers and keys): for
-    an upload it equals [`~comm.uplink_bytes`], for a download [`~comm.downlink_bytes`] (float32 on the wire)."""
-    total = 0
-    for record in content.array_records.values():
-        for array in record.values():
-            total += int(np.prod(array.shape, dtype=np.int64)) * np.dtype(array.dtype).itemsize
-    return total
+    """Bytes of the array *data* in a message's content (elements × item size, without numpy or safetensors headers
+    and keys), packed or not: for an upload it equals [`~comm.uplink_bytes`], for a download [`~comm.downlink_bytes`]
+    (float32 on the wire)."""
+    return sum(t.numel() * t.element_size() for group in get_arrays(content).values() for t in group.values())
 
 
 def zero_outside(tensors: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> bool:
@@ -183,27 +296,40 @@ def check_tensor_shapes(
             raise ValueError(f"{what}: {key!r} has shape {tuple(tensors[key].shape)}, expected {tuple(shape)}.")
 
 
-def encode_tensors(
-    content: RecordDict, meta: ConfigRecord, tensors: Mapping[str, Tensor] | None, masks: Mapping[str, Tensor] | None
-) -> None:
-    """Put `tensors` into `content` as kept values of `masks` (when given and the tensors are zero outside them) or
-    dense, and record the mode (and the mask digest) in `meta`. `tensors=None` records mode `none`."""
+def _tensor_group(
+    meta: ConfigRecord, tensors: Mapping[str, Tensor] | None, masks: Mapping[str, Tensor] | None
+) -> dict[str, Tensor] | None:
+    """What [`encode_tensors`] sends (kept values, dense tensors, or `None`), recording the mode in `meta`."""
     if tensors is None:
         meta["tensors-mode"] = NONE
-        return
+        return None
     if masks is not None and zero_outside(tensors, masks):
         meta["tensors-mode"] = KEPT
         meta["mask-digest"] = mask_digest(masks)
-        content[TENSORS] = tensors_to_arrays(kept_values(tensors, masks))
-    else:
-        meta["tensors-mode"] = DENSE
-        content[TENSORS] = tensors_to_arrays(tensors)
+        return kept_values(tensors, masks)
+    meta["tensors-mode"] = DENSE
+    return dict(tensors)
+
+
+def encode_tensors(
+    content: RecordDict,
+    meta: ConfigRecord,
+    tensors: Mapping[str, Tensor] | None,
+    masks: Mapping[str, Tensor] | None,
+    pack: bool = False,
+) -> None:
+    """Put `tensors` into `content` as kept values of `masks` (when given and the tensors are zero outside them) or
+    dense, and record the mode (and the mask digest) in `meta`. `tensors=None` records mode `none`. `pack=True`:
+    in one packed array ([`pack_arrays`])."""
+    group = _tensor_group(meta, tensors, masks)
+    if group is not None:
+        put_arrays(content, {TENSORS: group}, pack)
 
 
 def decode_tensors(
     content: RecordDict, meta: Mapping[str, Any], masks: Mapping[str, Tensor] | None, what: str
 ) -> dict[str, Tensor] | None:
-    """Inverse of [`encode_tensors`]: dense float32 tensors, or `None` for mode `none` (and `own`).
+    """Inverse of [`encode_tensors`] (packed or not): dense float32 tensors, or `None` for mode `none` (and `own`).
 
     Args:
         content: the message content.
@@ -214,10 +340,20 @@ def decode_tensors(
     Raises:
         ValueError: kept values without masks, or masks whose digest differs from the sender's.
     """
+    if meta.get("tensors-mode", NONE) in (NONE, OWN):
+        return None
+    return _decode_tensors(get_arrays(content), meta, masks, what)
+
+
+def _decode_tensors(
+    groups: Mapping[str, Mapping[str, Tensor]], meta: Mapping[str, Any], masks: Mapping[str, Tensor] | None, what: str
+) -> dict[str, Tensor] | None:
     mode = meta.get("tensors-mode", NONE)
     if mode in (NONE, OWN):
         return None
-    values = arrays_to_tensors(content[TENSORS])
+    if TENSORS not in groups:
+        raise ValueError(f"{what}: the message says tensors-mode {mode!r} but carries no tensors.")
+    values = dict(groups[TENSORS])
     if mode == DENSE:
         return values
     if mode != KEPT:
@@ -235,16 +371,20 @@ def decode_tensors(
 # ---------------------------------------------------------------------- round messages
 
 
-def encode_instruction(instruction: ClientInstruction, config: Mapping[str, Any] | None = None) -> RecordDict:
+def encode_instruction(
+    instruction: ClientInstruction, config: Mapping[str, Any] | None = None, pack: bool = False
+) -> RecordDict:
     """A [`ClientInstruction`] as message content: `instruction.tensors` as kept values of `instruction.mask` when it
     has one (the client's own, which it holds), else dense; `instruction.config` as JSON; plus `config` (round
-    settings: scalars and strings) in the same `meta` record."""
+    settings: scalars and strings) in the same `meta` record. `pack=True`: the tensors in one packed array, and the
+    client is asked to pack its reply (`pack-arrays`)."""
     content = RecordDict()
     meta = ConfigRecord(dict(config or {}))
     meta["instruction-config"] = json.dumps(instruction.config, sort_keys=True)
+    meta[PACK_FLAG] = bool(pack)
     # the run's seeded initial adapter: the client rebuilds it from the run config, nothing travels (docs/perfit.md)
     seeded = bool(instruction.config.get("seeded_init"))
-    encode_tensors(content, meta, None if seeded else instruction.tensors, instruction.mask)
+    encode_tensors(content, meta, None if seeded else instruction.tensors, instruction.mask, pack=pack)
     content[META] = meta
     return content
 
@@ -261,17 +401,24 @@ def decode_instruction(content: RecordDict, own_masks: Mapping[str, Tensor] | No
     return ClientInstruction(tensors=tensors, mask=mask, config=json.loads(str(meta["instruction-config"])))
 
 
-def encode_update(update: ClientUpdate, metrics: Mapping[str, float | int] | None = None) -> RecordDict:
+def encode_update(
+    update: ClientUpdate, metrics: Mapping[str, float | int] | None = None, pack: bool = False
+) -> RecordDict:
     """A [`ClientUpdate`] as message content: with masks (PerFIT after its search) only the kept values, plus the
     packed mask when `update.mask_changed`; without, dense tensors. `update.extra_tensors` go dense;
-    `update.metrics` and `metrics` (round bookkeeping) go into metric records."""
+    `update.metrics` and `metrics` (round bookkeeping) go into metric records. `pack=True`: every tensor group in
+    one packed array."""
     content = RecordDict()
     meta = ConfigRecord({"client-id": update.client_id, "mask-changed": bool(update.mask_changed)})
-    encode_tensors(content, meta, update.tensors, update.masks)
+    groups: dict[str, dict[str, Tensor]] = {}
+    tensors = _tensor_group(meta, update.tensors, update.masks)
+    if tensors is not None:
+        groups[TENSORS] = tensors
     if update.masks is not None and update.mask_changed:
-        content[MASKS] = masks_to_arrays(update.masks)
+        groups[MASKS] = _mask_bits(update.masks)
     if update.extra_tensors:
-        content[EXTRA] = tensors_to_arrays(update.extra_tensors)
+        groups[EXTRA] = dict(update.extra_tensors)
+    put_arrays(content, groups, pack)
     content[META] = meta
     content[METRICS] = MetricRecord({"num-examples": int(update.num_examples), **dict(metrics or {})})
     content["update-metrics"] = MetricRecord({k: float(v) for k, v in update.metrics.items()})
@@ -283,7 +430,8 @@ def decode_update(
     shapes: Mapping[str, tuple[int, ...]],
     known_masks: Mapping[str, Tensor] | None,
 ) -> ClientUpdate:
-    """Inverse of [`encode_update`] on the server: dense tensors (zeros outside the mask) with their mask.
+    """Inverse of [`encode_update`] on the server (packed or not): dense tensors (zeros outside the mask) with their
+    mask.
 
     Args:
         content: the reply's content.
@@ -297,17 +445,17 @@ def decode_update(
     meta = content[META]
     client_id = str(meta["client-id"])
     mask_changed = bool(meta.get("mask-changed", False))
+    groups = get_arrays(content)
     masks: dict[str, Tensor] | None = None
-    if MASKS in content.array_records:
-        masks = arrays_to_masks(content[MASKS], shapes)
+    if MASKS in groups:
+        masks = bits_to_masks(groups[MASKS], shapes)
         check_tensor_shapes(f"client {client_id!r}: masks", masks, shapes)
     elif meta.get("tensors-mode") == KEPT:
         masks = None if known_masks is None else dict(known_masks)
-    tensors = decode_tensors(content, meta, masks, f"client {client_id!r}'s upload")
+    tensors = _decode_tensors(groups, meta, masks, f"client {client_id!r}'s upload")
     if tensors is None:
         raise ValueError(f"client {client_id!r} uploaded no tensors.")
     check_tensor_shapes(f"client {client_id!r}: tensors", tensors, shapes, complete=False)
-    extra = arrays_to_tensors(content[EXTRA]) if EXTRA in content.array_records else {}
     counts = content[METRICS]
     return ClientUpdate(
         client_id=client_id,
@@ -316,5 +464,5 @@ def decode_update(
         masks=masks,
         mask_changed=mask_changed,
         metrics={k: float(v) for k, v in content["update-metrics"].items()},
-        extra_tensors=extra,
+        extra_tensors=dict(groups.get(EXTRA, {})),
     )

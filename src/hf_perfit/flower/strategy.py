@@ -30,19 +30,24 @@ def main(grid: Grid, context: Context) -> None:
 The algorithm stays in the hf_perfit strategy object ([`hf_perfit.federated.strategies`]) and the round's
 bookkeeping in the federated [`Coordinator`] (sampling, seeds, evaluation plan, records, checkpoints, `results.md`,
 export, Hub push: the same code as the stock ServerApp and the in-process engine); the messages are the
-[`FlowerTransport`]'s. This class only splits the coordinator's round into Flower's four calls.
+[`FlowerTransport`]'s. This class only splits the coordinator's round into Flower's four calls, through the
+coordinator's public round steps (the calls `Coordinator.run` makes itself).
 
 Mapping onto Flower's round (`server_round` counts from 1 in Flower, hf_perfit's `round_idx = server_round - 1`):
 
 - `configure_train`: on the first call, meet the clients (`FlowerTransport.start`: a `query` message each) and
-  prepare the coordinator (output folder, base-model records, checkpoint 0); then the coordinator's sampling and
-  seeds, `strategy.configure_round` / `configure_client`, one `train` message per sampled client. Entries of
-  Flower's `config` (e.g. the DP wrapper's clipping norm) join each message's one `ConfigRecord`.
-- `aggregate_train`: decode the replies (each result persisted as the coordinator does) and call
-  `strategy.aggregate`; returns the new global adapter (`ArrayRecord`) and the round metrics.
-- `configure_evaluate` / `aggregate_evaluate`: the coordinator's evaluation plan (`strategy.personalized_tensors`),
-  then its records, summary and checkpoint; returns the mean personalized perplexity. After the last round: export
-  (the clients exported in the final evaluation), `results.md`, Hub push.
+  prepare the coordinator (`Coordinator.prepare`: output folder, base-model records, checkpoint 0); then
+  `Coordinator.plan_round` (sampling, seeds, `strategy.configure_round` / `configure_client`), one `train` message
+  per sampled client. Entries of Flower's `config` (e.g. the DP wrapper's clipping norm) join each message's one
+  `ConfigRecord`.
+- `aggregate_train`: decode the replies, `Coordinator.save_result` for each, then `Coordinator.aggregate_round`
+  (`strategy.aggregate`, the accepted states); returns the new global adapter (`ArrayRecord`) and the round metrics.
+- `configure_evaluate` / `aggregate_evaluate`: `Coordinator.eval_jobs` (the evaluation plan,
+  `strategy.personalized_tensors`), then `Coordinator.finish_round` (records, summary) and `commit_round`
+  (checkpoint, callbacks); returns the mean personalized perplexity. After the last round `Coordinator.finish_run`:
+  export (the clients exported in the final evaluation), `results.md`, Hub push.
+
+Messages carry one `Array` per tensor by default (`pack_arrays=False`): that is what Flower's mods and wrappers read.
 
 Arrays changed between the phases by a wrapper (Flower's DP wrappers add noise to the aggregate it returned) are
 adopted as the strategy's global adapter `θ_g` before the next message is built, so the clients train from and are
@@ -51,6 +56,7 @@ evaluated on what the wrapper released.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -63,7 +69,7 @@ from flwr.serverapp.strategy import Result
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from ..federated.config import FederatedConfig
-from ..federated.coordinator import Coordinator, save_fit_result
+from ..federated.coordinator import Coordinator
 from ..federated.strategies import Strategy, get_strategy
 from ..federated.strategies.base import GLOBAL_PREFIX
 from .records import arrays_to_tensors, tensors_to_arrays
@@ -85,6 +91,10 @@ class HFPerFITStrategy(FlowerStrategy):
             or a strategy object (not yet initialized; its `name` must be `config.strategy`, since the clients build
             their adapter for it). Default: `get_strategy(config.strategy, **config.resolved_strategy_options())`.
         options ([`FlowerRunOptions`], *optional*): timeouts.
+        pack_arrays (`bool`, defaults to `False`): send each message's tensors as one packed array
+            ([`FlowerRunOptions.pack_arrays`], what the stock ServerApp does). Off by default because Flower's mods
+            and strategy wrappers (`fixedclipping_mod`, the DP wrappers) read a message's arrays key by key; turn it
+            on when nothing around this strategy reads the arrays (fewer HTTP requests per message in a deployment).
 
     Raises:
         ValueError: a strategy whose name differs from `config.strategy`, one already initialized, or
@@ -97,6 +107,7 @@ class HFPerFITStrategy(FlowerStrategy):
         strategy: str | Strategy | None = None,
         *,
         options: FlowerRunOptions | None = None,
+        pack_arrays: bool = False,
     ) -> None:
         if strategy is None or isinstance(strategy, str):
             name = config.strategy if strategy is None else strategy
@@ -122,7 +133,7 @@ class HFPerFITStrategy(FlowerStrategy):
             )
         self.config = config
         self.strategy: Strategy = strategy
-        self.options = options or FlowerRunOptions()
+        self.options = dataclasses.replace(options or FlowerRunOptions(), pack_arrays=bool(pack_arrays))
         self.transport: FlowerTransport | None = None
         self.coordinator: Coordinator | None = None
         self._phase: dict[str, Any] = {}
@@ -208,19 +219,9 @@ class HFPerFITStrategy(FlowerStrategy):
         r = self._round_idx(server_round)
         phase, coord = self._phase, self.coordinator
         results, failures = self.transport.read_train_replies(r, phase["jobs"], phase["outbox"], replies)
-        pending = coord.run_folder.pending_dir(r)
         for cid, result in results.items():  # persisted like the coordinator's own rounds
-            save_fit_result(pending / f"{cid}.safetensors", result)
-        accepted = [cid for cid in phase["ids"] if cid in results]
-        if not accepted:
-            detail = "; ".join(f"{c}: {w}" for c, w in failures.items()) or "no reply"
-            raise RuntimeError(
-                f"round {r}: none of the {len(phase['ids'])} sampled clients returned an update ({detail})."
-            )
-        metrics = self.strategy.aggregate(r, [results[cid].update for cid in accepted])
-        self.transport.accept(r, accepted, [cid for cid in phase["ids"] if cid not in results])
-        for cid in accepted:
-            coord.client_rounds[cid] = r
+            coord.save_result(r, cid, result)
+        metrics = coord.aggregate_round(r, phase["ids"], results, failures)
         phase.update(results=results, failures=failures, metrics=metrics)
         return tensors_to_arrays(self.strategy.global_tensors), MetricRecord({k: float(v) for k, v in metrics.items()})
 
@@ -236,8 +237,7 @@ class HFPerFITStrategy(FlowerStrategy):
             self.transport.accept(r, [], phase["ids"])
             phase.update(results={}, failures=skipped, metrics={})
         self._adopt(arrays)
-        final = r == coord.total_rounds - 1
-        jobs = [coord._eval_job(r, coord.client_ids[i], final=final) for i in coord.eval_clients(r, phase["sampled"])]
+        jobs = coord.eval_jobs(r, phase["sampled"])
         outbox = self.transport.eval_messages(r, jobs, extra=config)
         phase.update(eval_jobs=jobs, eval_outbox=outbox)
         return outbox.sendable()
@@ -250,18 +250,10 @@ class HFPerFITStrategy(FlowerStrategy):
         self.transport.prefetched = self.transport.read_eval_replies(
             r, phase["eval_jobs"], phase["eval_outbox"], replies
         )
-        summary = coord._finish_round(r, phase["eval_jobs"], phase["results"], phase["failures"], phase["metrics"])
-        coord._checkpoint(r + 1, coord.records)
-        for cb in coord.callbacks:
-            cb.on_round_end(coord, r, summary)
+        summary = coord.finish_round(r, phase["eval_jobs"], phase["results"], phase["failures"], phase["metrics"])
+        coord.commit_round(r, summary)
         if r == self.config.num_rounds - 1:
-            coord._export()
-            if self.config.push_to_hub:
-                from ..hub import push_run
-
-                push_run(coord.out, self.config.hub_repo_prefix, private=self.config.hub_private)
-            for cb in coord.callbacks:
-                cb.on_run_end(coord, summary)
+            coord.finish_run(summary)
         evaluated = len([x for x in coord.records if x.get("round") == r and "client" in x])
         return MetricRecord({"mean_perplexity": float(summary["mean_perplexity"]), "num_evaluated": evaluated})
 

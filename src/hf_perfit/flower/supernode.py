@@ -1,49 +1,122 @@
-"""`flower-supernode` with a shorter message poll: `python -m hf_perfit.flower.supernode [flower-supernode args]`.
+"""`flower-supernode` without its fixed waits: `python -m hf_perfit.flower.supernode [flower-supernode args]`.
 
 Flower 1.41's SuperNode asks the SuperLink for a new message, and when there is none waits a fixed **3 s** before
-asking again; while its ClientApp works it checks for the reply every **0.5 s**; and when it downloads a message's
-arrays before the server finished uploading them, it retries after **1 s** (doubling). All three are fixed in
-`flwr.supernode.start_client_internal` (`time.sleep(3)`, `time.sleep(0.5)`, `pull_objects`' default first
-backoff), with no option to change them. Each phase of a round (train, then evaluate) therefore waits seconds on
-every node, however fast the ClientApp answers: with a small model that wait, not the work, is the round time
-(`docs/benchmarks.md`, "Flower overhead").
+asking again; while its ClientApp works it checks for the reply every **0.5 s**, and again every 0.5 s for each of
+the reply's objects the ClientApp has not finished uploading; and when it downloads a message's arrays before the
+server finished uploading them, it retries after **1 s** (doubling). All are fixed in
+`flwr.supernode.start_client_internal` (`time.sleep(3)`, `time.sleep(0.5)`, `pull_objects`' default first backoff),
+with no option to change them. Each phase of a round (train, then evaluate) therefore waits on every node, however
+fast the ClientApp answers: with a small model those waits, not the work, are the round time (`docs/benchmarks.md`,
+"Flower overhead").
 
-This launcher runs Flower's own `flower-supernode` entry point with those waits capped at `--poll-interval`
-seconds (default 0.1): that one module gets a `time` whose `sleep(s)` sleeps `min(s, cap)`, and a `pull_objects`
-whose first retry comes after 20 ms (doubling up to the cap). Everything else is Flower's SuperNode, unchanged. The
-cost: an idle node asks the SuperLink for messages `1 / cap` times a second instead of once every 3 s (one small
-HTTP request each); with hundreds of nodes on one SuperLink, raise the cap.
+This launcher runs Flower's own `flower-supernode` entry point with:
 
-It patches a private detail of Flower 1.41 (the pinned `flwr>=1.41,<1.42`) and refuses any other version.
+- the waits for the node's own ClientApp (its reply and the reply's objects, both stored in this process by the
+  SuperNode's Runtime API) woken as soon as the node's state changes: the in-memory message store and object store
+  notify a condition the waits sleep on (at most `--poll-interval` seconds, should a notification be missed);
+- the idle wait between two asks to the SuperLink capped at `--poll-interval` seconds (default 0.1) while the node
+  is active (it stored a message or an object within the last minute; after that it asks every 3 s again, as
+  Flower does): the SuperLink cannot notify a node, so this one stays a poll;
+- the first retry of a download of arrays not yet on the SuperLink after 20 ms (doubling up to the cap).
+
+Everything else is Flower's SuperNode, unchanged. The cost: during a run a node asks the SuperLink for messages
+`1 / cap` times a second instead of once every 3 s (one small HTTP request each); with hundreds of nodes on one
+SuperLink, raise the cap. It patches private details of Flower 1.41 (the pinned `flwr>=1.41,<1.42`) and refuses any other
+version.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import threading
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
-__all__ = ["capped_time", "main"]
+__all__ = ["ACTIVE_WINDOW", "DEFAULT_CAP", "NODE_ACTIVITY", "NodeActivity", "capped_time", "main", "notify_after"]
 
 DEFAULT_CAP = 0.1
+IDLE_WAIT = 3.0
+"""Flower 1.41's wait after an empty ask to the SuperLink; its shorter waits are for this node's own state."""
+ACTIVE_WINDOW = 60.0
+"""Seconds after the node's last stored message or object during which an empty ask is repeated after the cap;
+after that the node is idle and asks every 3 s again, as Flower does (a run's first message then waits up to 3 s)."""
 
 
-def capped_time(cap: float) -> SimpleNamespace:
-    """A stand-in for the `time` module whose `sleep(s)` sleeps `min(s, cap)`; every other attribute is `time`'s."""
+class NodeActivity:
+    """When the SuperNode last stored a message or an object, with a condition notified each time."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.last = time.monotonic()
+
+    def touch(self) -> None:
+        """Record a change and wake every wait on it."""
+        with self.changed:
+            self.last = time.monotonic()
+            self.changed.notify_all()
+
+
+NODE_ACTIVITY = NodeActivity()
+"""The launched SuperNode's activity (its stores call [`NodeActivity.touch`], see [`notify_after`])."""
+
+
+def capped_time(
+    cap: float, activity: NodeActivity | None = None, active_window: float = ACTIVE_WINDOW
+) -> SimpleNamespace:
+    """A stand-in for the `time` module of Flower's SuperNode loop; every attribute but `sleep` is `time`'s.
+
+    `sleep(s)` with `s` shorter than Flower's idle wait (3 s: the waits for this node's own ClientApp) returns as
+    soon as `activity` changes, after at most `min(s, cap)`. The idle wait (no message from the SuperLink, a remote
+    wait nothing can wake) sleeps `cap` while the node was active within `active_window` seconds, else Flower's 3 s.
+    Without `activity`, every wait is `min(s, cap)`.
+    """
+
+    def own(seconds: float) -> None:
+        seconds = min(float(seconds), cap)
+        if activity is None or seconds <= 0:
+            time.sleep(max(seconds, 0.0))
+            return
+        with activity.changed:
+            activity.changed.wait(seconds)
+
+    def sleep(seconds: float) -> None:
+        if float(seconds) < IDLE_WAIT:
+            own(seconds)
+        elif activity is None or time.monotonic() - activity.last < active_window:
+            time.sleep(min(float(seconds), cap))
+        else:
+            time.sleep(float(seconds))
 
     class _Time(SimpleNamespace):
         def __getattr__(self, name: str):
             return getattr(time, name)
 
-    return _Time(sleep=lambda seconds: time.sleep(min(float(seconds), cap)))
+    return _Time(sleep=sleep)
+
+
+def notify_after(method: Callable[..., Any], activity: NodeActivity) -> Callable[..., Any]:
+    """`method`, then `activity.touch()` (even when it raised)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        finally:
+            activity.touch()
+
+    return wrapper
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run `flower-supernode` with the arguments given (minus `--poll-interval SECONDS`) and capped polls."""
     import flwr
     import flwr.supernode.start_client_internal as internal
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
     from flwr.supernode.cli.flower_supernode import flower_supernode
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
     if not flwr.__version__.startswith("1.41."):
         raise SystemExit(
@@ -61,8 +134,12 @@ def main(argv: list[str] | None = None) -> None:
         if not 0 < cap <= 3:
             raise SystemExit(f"--poll-interval {cap} must be in (0, 3] seconds.")
         del args[i : i + 2]
-    internal.time = capped_time(cap)
-    internal.pull_objects = functools.partial(internal.pull_objects, initial_backoff=min(0.02, cap), backoff_cap=cap)
+    InMemoryNodeState.store_message = notify_after(InMemoryNodeState.store_message, NODE_ACTIVITY)
+    InMemoryObjectStore.put = notify_after(InMemoryObjectStore.put, NODE_ACTIVITY)
+    internal.time = capped_time(cap, NODE_ACTIVITY)
+    internal.pull_objects = functools.partial(  # Flower's overall deadline (PULL_MAX_TIME) still applies
+        internal.pull_objects, initial_backoff=min(0.02, cap), backoff_cap=cap, max_tries_per_object=None
+    )
     sys.argv = ["flower-supernode", *args]
     flower_supernode()
 

@@ -22,6 +22,7 @@ The phases are also available one message batch at a time (`train_messages` / `r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -42,14 +43,23 @@ from .records import (
     META,
     METRICS,
     OWN,
+    PACK_FLAG,
+    TENSORS,
     array_bytes,
-    arrays_to_tensors,
     decode_update,
     encode_instruction,
     encode_tensors,
+    get_arrays,
 )
 
-__all__ = ["REPORT_NAME", "FlowerRunOptions", "FlowerTransport", "describe_error", "send_and_receive"]
+__all__ = [
+    "REPORT_NAME",
+    "FlowerRunOptions",
+    "FlowerTransport",
+    "describe_error",
+    "fast_reply_pulls",
+    "send_and_receive",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +92,50 @@ class FlowerRunOptions:
         poll_interval (`float`, defaults to 0.05): the longest wait between two pulls of replies (the wait starts at
             10 ms and doubles up to it). The last reply of a phase is seen at most this late; a pull is one cheap
             call in Flower's simulation and one small HTTP request to the SuperLink in a deployment.
+        pack_arrays (`bool`, defaults to `True`): send every message's tensors as one packed `uint8` array (a
+            safetensors blob, bit-exact; [`hf_perfit.flower.records.pack_arrays`]) and ask the clients to answer
+            packed. Flower moves every array of a message, and each of its chunks, as its own object (one HTTP
+            request per object and hop in a deployment), so packing turns an 8-tensor adapter's ~20 objects per
+            message into 5. `False`: one array per tensor, for Flower mods and wrappers that read the arrays key by
+            key (`fixedclipping_mod`, the DP wrappers).
     """
 
     round_timeout: float | None = None
     node_wait_timeout: float = 300.0
     poll_interval: float = 0.05
+    pack_arrays: bool = True
+
+
+def fast_reply_pulls(grid: Grid, first_retry: float = 0.01, cap: float = 0.5) -> bool:
+    """Make a deployment's `Grid.pull_messages` retry a reply's not-yet-uploaded arrays after `first_retry` seconds
+    (doubling up to `cap`) instead of Flower 1.41's fixed first retry of 1 s.
+
+    A SuperNode sends a reply's message before its arrays, and the SuperLink hands the message out at once; Flower's
+    HTTP grid (`flwr.superlink.grid.http_grid`, the ServerApp's in a deployment) then pulls the arrays with
+    `pull_objects`' defaults and, finding one missing, waits 1 s (then 2 s, ... up to 10 s) although it arrives
+    milliseconds later: measured, about 1 s on each phase of a round (`docs/benchmarks.md`, "Flower overhead"). This
+    rebinds that module's `pull_objects` to the same function with a shorter first retry and no cap on the number of
+    tries (Flower's overall `PULL_MAX_TIME` deadline still applies). It changes nothing else, and only for Flower
+    1.41's `HttpGrid` (Flower's simulation grid pulls nothing).
+
+    Returns:
+        `bool`: whether `grid` is a Flower 1.41 HTTP grid whose pulls are now fast.
+    """
+    import flwr
+
+    try:
+        import flwr.superlink.grid.http_grid as http_grid
+    except ImportError:  # pragma: no cover - another Flower layout
+        return False
+    if not isinstance(grid, http_grid.HttpGrid) or not flwr.__version__.startswith("1.41."):
+        return False
+    if not getattr(http_grid.pull_objects, "_hf_perfit_fast", False):
+        fast = functools.partial(
+            http_grid.pull_objects, initial_backoff=first_retry, backoff_cap=cap, max_tries_per_object=None
+        )
+        fast._hf_perfit_fast = True  # type: ignore[attr-defined]
+        http_grid.pull_objects = fast
+    return True
 
 
 def describe_error(message: Message) -> str:
@@ -175,6 +224,7 @@ class FlowerTransport:
         if config.eval_local_model:
             raise ValueError("eval_local_model is not supported by the Flower engine; set it to false.")
         self.grid = grid
+        fast_reply_pulls(grid)
         self.config = config
         self.options = options or FlowerRunOptions()
         self.config_json = json.dumps(config.to_dict(), sort_keys=True)
@@ -198,7 +248,7 @@ class FlowerTransport:
         return None
 
     def _meta(self, **extra: Any) -> ConfigRecord:
-        return ConfigRecord({"federated-config": self.config_json, **extra})
+        return ConfigRecord({"federated-config": self.config_json, PACK_FLAG: self.options.pack_arrays, **extra})
 
     def _wait_for_nodes(self) -> list[int]:
         want = self.config.num_clients
@@ -294,7 +344,7 @@ class FlowerTransport:
                 "the SuperNodes built different initial adapters: every node needs the same base model, the same "
                 "hf_perfit version and the same config."
             )
-        initial = arrays_to_tensors(replies[str(nodes[0])].content["tensors"])
+        initial = get_arrays(replies[str(nodes[0])].content)[TENSORS]
         self.shapes = {k: tuple(t.shape) for k, t in initial.items()}
         if self.initial_tensors is not None:
             if {k: tuple(t.shape) for k, t in self.initial_tensors.items()} != self.shapes:
@@ -342,6 +392,7 @@ class FlowerTransport:
                     "budget-multiplier": float(job.budget_multiplier),
                     "uses-masks": bool(job.uses_masks),
                 },
+                pack=self.options.pack_arrays,
             )
             messages[job.client_id] = Message(
                 content, dst_node_id=self.nodes[job.client_id], message_type=MessageType.TRAIN, group_id=str(round_idx)
@@ -429,7 +480,7 @@ class FlowerTransport:
             ):
                 meta["tensors-mode"] = OWN  # e.g. `local`: the client's own adapter; nothing to send
             else:
-                encode_tensors(content, meta, tensors, upload.masks if upload else None)
+                encode_tensors(content, meta, tensors, upload.masks if upload else None, pack=self.options.pack_arrays)
             content[META] = meta
             messages[job.client_id] = Message(
                 content,

@@ -114,6 +114,7 @@ def pull_task_input(client: RuntimeHttpClient, first_retry: float = 0.02) -> tup
         return_type=Message,
         initial_backoff=first_retry,
         backoff_cap=0.5,
+        max_tries_per_object=None,  # Flower's overall deadline (PULL_MAX_TIME) still applies
     )
     message.metadata.__dict__["_message_id"] = tree.object_id  # the id is the object's; not part of its content
     return message, context, fab_from_proto(task.fab)
@@ -127,9 +128,12 @@ class WarmClientAppRunner:
         insecure (`bool`, defaults to `False`): plaintext HTTP to the Runtime API (loopback only).
         root_certificates (`bytes`, *optional*): PEM CA certificates for a TLS Runtime API.
         app (`str`, defaults to `"hf_perfit.flower.client_app:app"`): the ClientApp to serve.
-        poll_interval (`float`, defaults to 0.2): the longest wait between two task polls while idle; after a task
-            the wait restarts at 5 ms and doubles (the next message of a round usually follows within milliseconds;
-            Flower's SuperExec polls every second).
+        poll_interval (`float`, defaults to 0.2): the longest wait between two task polls during a run; after a
+            task the wait restarts at 5 ms and doubles up to it (the next message of a round usually follows within
+            milliseconds; Flower's SuperExec polls every second, `FLWR_SUPEREXEC_TASK_POLL_INTERVAL`).
+        idle_poll_interval (`float`, defaults to 1.0): the longest wait once no task came for `idle_after` seconds
+            (between runs), so an idle process asks its SuperNode about once a second, like Flower's SuperExec.
+        idle_after (`float`, defaults to 60): seconds without a task after which the process counts as idle.
     """
 
     def __init__(
@@ -139,6 +143,8 @@ class WarmClientAppRunner:
         root_certificates: bytes | None = None,
         app: str = DEFAULT_APP,
         poll_interval: float = 0.2,
+        idle_poll_interval: float = 1.0,
+        idle_after: float = 60.0,
     ) -> None:
         self.address = runtime_api_address
         self.insecure = insecure
@@ -146,7 +152,10 @@ class WarmClientAppRunner:
         self.app_ref = app
         self.app = load_app(app)
         self.poll_interval = float(poll_interval)
+        self.idle_poll_interval = max(float(idle_poll_interval), self.poll_interval)
+        self.idle_after = float(idle_after)
         self.tasks_done = 0
+        self._last_task = time.monotonic()
         self._control = RuntimeHttpClient.from_server_address(
             server_address=runtime_api_address,
             insecure=insecure,
@@ -232,10 +241,17 @@ class WarmClientAppRunner:
                 continue
             if token is None:
                 time.sleep(delay)
-                delay = min(2 * delay, self.poll_interval)
+                delay = min(2 * delay, self.next_poll_cap())
                 continue
             self.run_task(token)
+            self._last_task = time.monotonic()
             delay = 0.005
+
+    def next_poll_cap(self) -> float:
+        """The longest wait before the next task poll: `poll_interval` within `idle_after` seconds of the last task
+        (or of the start), `idle_poll_interval` after that."""
+        idle = time.monotonic() - self._last_task >= self.idle_after
+        return self.idle_poll_interval if idle else self.poll_interval
 
     def close(self) -> None:
         """Close the connection to the Runtime API."""
