@@ -12,15 +12,5 @@ from .push import (
     push_run,
 )
 
-__all__ = [
-    "STRATEGY_DESCRIPTIONS",
-    "STRATEGY_NAMES",
-    "HubPushError",
-    "PushConfig",
-    "PushReport",
-    "RepoResult",
-    "client_repo_id",
-    "parse_repo_prefix",
-    "push_main",
-    "push_run",
-]
+__all__ = ["STRATEGY_DESCRIPTIONS", "STRATEGY_NAMES", "HubPushError", "PushConfig", "PushReport", "RepoResult"]
+__all__ += ["client_repo_id", "parse_repo_prefix", "push_main", "push_run"]

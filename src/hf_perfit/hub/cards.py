@@ -123,11 +123,8 @@ class CardWriter:
         run, config = self.run, []
         for key in sorted(set(run.config) - _HIDDEN_CONFIG_KEYS):
             value = run.config[key]
-            if (
-                key in ("model_name_or_path", "dataset_name")
-                and isinstance(value, str)
-                and not looks_like_hub_id(value)
-            ):
+            local = key in ("model_name_or_path", "dataset_name") and isinstance(value, str)
+            if local and not looks_like_hub_id(value):
                 value = f"local: {Path(value.rstrip('/')).name}" if value else "(given in code)"
             config.append((key, value if isinstance(value, str) else json.dumps(value, sort_keys=True)))
         texts = {**_TEXTS["files"], **(_TEXTS["mole_files"] if mole else {})}

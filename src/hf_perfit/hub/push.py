@@ -2,18 +2,11 @@
 
 Client `k` goes to `<namespace>/<prefix>-<client_id>` with its adapter as the run exported it (loadable with
 `peft.PeftModel.from_pretrained(base, repo_id)`; a FedAMoLE adapter after `import hf_perfit`), a card and, for PerFIT,
-the searched architecture (`density.png`, `perfit_config.json`, `perfit_masks.safetensors`).
-`<namespace>/<prefix>-federation` holds `results.md`, the plots and a summary card. See docs/hub.md.
-
-Each repo is rendered into a folder first (every repo before the first request), then pushed with
-`HfApi.upload_folder(..., delete_patterns=...)` (the names of our files the repo holds and this push did not render):
-`huggingface_hub` skips files whose remote oid equals the local one and makes no empty commit, so re-pushing an
-unchanged run commits nothing; it retries the pre-upload and the commit with its own backoff (HTTP 408/429/5xx,
-network errors, `Retry-After` honoured). `create_repo` and `model_info` are single requests in huggingface_hub 2.4 (no
-backoff): a failure there stops the push with "try again later", and pushing again goes on where it stopped. The
-commit names its parent, so a commit whose answer was lost and that the library re-sends is refused (HTTP 412)
-rather than applied twice; the repo is then compared once more against its new head. The token comes from
-`huggingface_hub`'s usual sources and is never logged, written into a file, or shown in an error.
+the searched architecture; `<namespace>/<prefix>-federation` holds `results.md`, the plots and a summary card.
+Every repo is rendered into a folder before the first request, then pushed with `HfApi.upload_folder`, which skips
+unchanged files and empty commits and retries with huggingface_hub's backoff; `create_repo` and `model_info` are single
+requests (a failure stops the push, and pushing again goes on where it stopped). The commit names its parent, so a
+re-sent commit is refused (HTTP 412), not applied twice. The token is never logged, written or shown. See docs/hub.md.
 """
 
 from __future__ import annotations
@@ -264,17 +257,13 @@ def _render_federation(writer: cards.CardWriter, repo_id: str, folder: Path) -> 
 
 
 def _push_folder(api: Any, repo: _Repo, folder: Path, private: bool) -> RepoResult:
-    """Create the repo if needed and upload the folder; `huggingface_hub` drops unchanged files and empty commits.
-
-    `upload_folder` lists the repo's tree only to find the files `delete_patterns` match; the `model_info` that gives
-    the parent commit already lists them, so it gets the names of our files to delete, and none (no listing) when
-    there are none: a re-push of an unchanged repo makes 4 requests, not 5 (docs/hub.md)."""
+    """Create the repo if needed and upload the folder. `model_info` (the parent commit) already lists the repo's
+    files, so `upload_folder` gets the stale names to delete and no tree listing: a re-push costs 4 requests, not 5."""
     try:
         before = api.model_info(repo.repo_id, files_metadata=True)
         created = False
     except RepositoryNotFoundError:
-        # `create_repo` posts once, without huggingface_hub's backoff (docs/hub.md § Failures): a 429/5xx here stops
-        # the push, and pushing again goes on from this repo
+        # one POST without backoff (docs/hub.md § Failures): a 429/5xx stops the push; pushing again resumes here
         api.create_repo(repo.repo_id, private=private, exist_ok=True, repo_type="model")
         before, created = api.model_info(repo.repo_id, files_metadata=True), True
     rendered = set(_names(folder))
@@ -323,13 +312,13 @@ def push_main(config: PushConfig) -> int:
         print(f"perfit push: {err}", file=sys.stderr)
         return 1
     print(report.table())
-    if config.preview_dir is None:
-        changed = sum(r.status != "unchanged" for r in report.results)
-        print(
-            f"\n{len(report.results)} repos, {changed} with a new commit, {len(report.results) - changed} unchanged."
-        )
-    else:
-        print(f"\nPreview written to {config.preview_dir}; nothing was pushed.")
+    changed = sum(r.status != "unchanged" for r in report.results)
+    n = len(report.results)
+    done = f"{n} repos, {changed} with a new commit, {n - changed} unchanged."
+    print(
+        "\n"
+        + (done if config.preview_dir is None else f"Preview written to {config.preview_dir}; nothing was pushed.")
+    )
     return 0
 
 
@@ -361,12 +350,9 @@ def _select_clients(run: FinishedRun, clients: list[str] | None) -> list[str]:
     """The clients to push, in run order; every client when `clients` is `None`."""
     if clients is None:
         return list(run.client_ids)
-    if not clients or set(clients) - set(run.client_ids):
-        what = (
-            f"unknown client id(s) {[c for c in clients if c not in run.client_ids]}"
-            if clients
-            else "clients is empty"
-        )
+    unknown = [c for c in clients if c not in run.client_ids]
+    if not clients or unknown:
+        what = f"unknown client id(s) {unknown}" if clients else "clients is empty"
         raise ValueError(f"{what}; this run has: {', '.join(run.client_ids)}.")
     return [c for c in run.client_ids if c in set(clients)]
 
