@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Which of PerFIT's expanded-adapter elements each FLAN-8 client keeps after its foresight search, all starting "
         f"from the same seeded adapter (seed {args.seed}; r = {fc.lora_r}, γ = {fc.expansion_factor}, "
-        f"{', '.join(fc.lora_target_modules)}: {ov['total']:,} elements, a quarter kept), {fc.importance}, {fc.prune_iterations} "
+        f"{', '.join(fc.lora_target_modules)}: {ov['total']:,} elements, a quarter kept), {fc.importance}, "
+        f"{fc.prune_iterations} "
         f"pruning iterations on {SEARCH_BATCHES} batches of {batch} of the client's first training rows "
         "(file order; a federated run's trainer shuffles them, so its masks differ in detail: "
         "benchmarks/quality_scale.py reports those once they exist).",

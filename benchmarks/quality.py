@@ -11,6 +11,19 @@ about 9.1× on SmolLM2 q/v) instead of shrinking the experts to fit the budget (
 reverse-selection assignment). The optional `perfit-hetero` row is PerFIT with per-client budget multipliers
 (`--perfit-budget-multipliers`, the paper's resource heterogeneity). The `base` row is the model without an adapter.
 
+The federated settings are a recipe-style YAML of `FederatedConfig` keys (`--config`, default
+benchmarks/settings/flan8_default.yaml; docs/federated.md § Config keys) plus `--key value` overrides of those keys
+(`--num_rounds 10 --local_steps 10 --max_eval_examples 50 --seed 1`), read by `hf_perfit.federated.federated_parser`
+exactly as `perfit federate --config ... --key value` reads them; `--tiny` applies benchmarks/settings/tiny.yaml over
+the YAML. PerFIT's keys (`expansion_factor`, `search_steps` (default: all of the first round's local steps), ...,
+[`METHOD_KEYS`]) count for the PerFIT rows only, FedProx's μ, FedMut/FedQP's options and FedAMoLE's routing come from
+recipes/smollm2-135m/<method>/config_flan8.yaml unless the YAML or an override sets them, and the benchmark sets the
+model, data folder (`--data`), strategy, client count and run folder itself ([`PLACED_KEYS`]). The flags of the
+benchmark's own settings ([`Settings`]: ROUGE-L, FedAMoLE's pool, the hetero row, the split) keep their dashed
+names. The flags of the earlier version still work: `--rounds`, `--batch-size`, `--lr`, `--eval-examples`,
+`--targets` are `--num_rounds`, `--per_device_train_batch_size`, `--learning_rate`, `--max_eval_examples`,
+`--lora_target_modules` ([`OLD_FLAGS`]); `--local-steps`, `--lora-r`, ... are the keys' dashed spellings.
+
 Each method is run through `hf_perfit.federated` (`FederatedSimulation(config).run()`, i.e. `run_federated`) into
 `<output-root>/<method>`. A finished run there (same settings) is reused, a partial one resumed (`resume=True`), so
 the table can be built one method at a time, and a killed run loses at most the round in progress. Wall time is
@@ -20,10 +33,11 @@ answers the first `--rouge-examples` examples of its own test split greedily; an
 (`hf_perfit.evaluation.rouge_l`) are cached per client in `<method>/rouge.json`. Every invocation then rebuilds the
 section of `docs/benchmarks.md` and `docs/quality_perplexity.png` from whatever runs are cached.
 
-Default scale: 3 rounds × 6 local steps of batch 4, max_length 128, lr 2e-4 (the recipes'), 40 test examples per
-client for perplexity (every round) and for ROUGE-L; chosen so that the seven methods fit one working session on
-2 cores (the measured times are in the table). The estimate that sized it, for 4 rounds and 50 examples (from the
-facts of this machine: a SmolLM2 optimizer step on 2×128 tokens takes ~1.5 s, on 4×256 ~6 s):
+Default scale (benchmarks/settings/flan8_default.yaml): 3 rounds × 6 local steps of batch 4, max_length 128, lr 2e-4
+(the recipes'), 40 test examples per client for perplexity (every round) and for ROUGE-L; chosen so that the seven
+methods fit one working session on 2 cores (the measured times are in the table). The estimate that sized it, for 4
+rounds and 50 examples (from the facts of this machine: a SmolLM2 optimizer step on 2×128 tokens takes ~1.5 s, on 4×256
+~6 s):
 
 - Token lengths with the SmolLM2 tokenizer (chat template incl. its default system prompt, prompt + answer) of the
   2,400 training examples: mean 88, median 83, p90 111, p95 132, p99 190, max 262; `max_length 128` keeps 94.5% of
@@ -50,6 +64,8 @@ forward of 8×100 tokens 3.0 s against 7.4 s. Each run's `wall_time.json` record
     python benchmarks/quality.py --methods fedit          # one method per call, ~20 min each; cached and resumable
     python benchmarks/quality.py --report-only            # rebuild the table and the plot from the cached runs
     python benchmarks/quality.py --split validation ...   # tune on held-out training examples, never the test split
+    python benchmarks/quality.py --methods fedit --config benchmarks/settings/flan8_recipe.yaml  # another setting
+    python benchmarks/quality.py --methods perfit --num_rounds 10 --learning_rate 1e-4 --output-root outputs/q-lr
     python benchmarks/quality.py --tiny                   # smoke test: tiny random Llama, synthetic clients (~1 min)
 """
 
@@ -256,7 +272,7 @@ class Settings:
         # PerFIT's search_steps defaults to all of the first round's local steps: a first pass reads local_steps
         # (with a search_steps of 1, valid in either search mode), the second uses it as the default
         for search_steps in (1, None):
-            parser = federated_parser(prog="benchmarks/quality.py", overrides=layers)
+            parser = federated_parser(overrides=layers)  # its errors point to `perfit federate --help`, the keys
             parser.set_defaults_with_config(**{"search_steps": search_steps or config.local_steps, **(defaults or {})})
             try:
                 (config,) = parser.parse_args_and_config(["--config", str(path), *self.overrides])
@@ -277,7 +293,7 @@ def _yaml(path: Path) -> dict[str, Any]:
 
 
 TINY_DEFAULTS: dict[str, Any] = {"rouge_examples": 3, "max_new_tokens": 6, "validation_examples": 3}
-"""What `--tiny` uses for every benchmark flag left at its default (its federated keys: benchmarks/settings/tiny.yaml)."""
+"""What `--tiny` uses for every benchmark flag left at its default (its federated keys: settings/tiny.yaml)."""
 
 FLAGS: dict[str, str] = {
     "config": "--config",

@@ -1,9 +1,10 @@
 """Personalized quality at the scale users run (issue 18): every table is one resumable command over cached runs.
 
-Each table is a *setting* (a data partition and a federated schedule, declared once in `SETTINGS`) × *methods*
-(strategies and PerFIT variants, declared once in `METHODS`) × *seeds*. A cell (setting, seed, method) is one
-federated run of benchmarks/quality.py's machinery (`method_config`, `run_config`: resumable, wall-timed, refused when
-a cached run has other settings) in
+Each table is a *setting* (a data partition and its rows, declared once in `SETTINGS`, and its federated settings,
+declared once in benchmarks/settings/<setting>.yaml: a recipe-style YAML of `FederatedConfig` keys) × *methods*
+(strategies and PerFIT variants, declared once in `METHODS` as changes of `FederatedConfig` keys) × *seeds* (`seed`). A
+cell (setting, seed, method) is one federated run of benchmarks/quality.py's machinery (`method_config`, `run_config`:
+resumable, wall-timed, refused when a cached run has other settings) in
 
     <root>/<setting>/seed<k>/<method>/        (root: outputs/quality)
 
@@ -19,6 +20,11 @@ trains, nothing is invented: a cell not finished is shown as pending).
     python benchmarks/quality_scale.py plan --setting flan8_recipe --seeds 0 1 2              # status + estimate
     python benchmarks/quality_scale.py report                                                 # docs from cache
     python benchmarks/quality_scale.py run --tiny --setting flan8_recipe --seeds 0 1          # smoke test
+    python benchmarks/quality_scale.py run --setting flan8_recipe --seeds 0 --learning_rate 1e-4 --root outputs/q-lr
+
+Any other `--key value` overrides a `FederatedConfig` key of every cell (read as benchmarks/quality.py reads its
+overrides, with `hf_perfit.federated.federated_parser`); such cells go into a `--root` of their own. `--tiny` applies
+benchmarks/settings/tiny.yaml over each setting's YAML (its sampled fraction stays).
 
 Per-client numbers: the list of a client is `[perplexity of the base model, after round 1, ..., after round T]`
 (index t = after t training rounds; the run records call these rounds -1, 0, ..., T-1), plus, for `fedit_ft`, one
@@ -122,8 +128,8 @@ SETTINGS: dict[str, Setting] = {
     for s in (
         Setting(
             "flan8_recipe",
-            "FLAN-8 (one task category per client, 300 training rows, its own test split) at the recipes' scale: "
-            "8 clients, all every round, 10 rounds x 10 local steps of batch 4, 50 test examples per client",
+            "FLAN-8 (one task category per client, 300 training rows, its own test split) at the recipes' scale, "
+            "8 clients",
             rouge_examples=50,
             methods=MAIN,
             ablations=ABLATIONS,
@@ -131,20 +137,20 @@ SETTINGS: dict[str, Setting] = {
         Setting(
             "dirichlet40_f20",
             "the paper's regime: 40 clients from a Dirichlet(0.5) partition of FLAN-8's training rows (test rows "
-            "dealt with the same proportions), 20% (8) sampled per round, 20 rounds x 10 local steps",
+            "dealt with the same proportions), 8 sampled per round",
             methods=("local", "fedit", "fedit_ft", "fedprox", "perfit"),
             **_D40,
         ),
         Setting(
             "dirichlet40_f05",
-            "the paper's regime: 40 clients from a Dirichlet(0.5) partition of FLAN-8, 5% (2) sampled per round, "
-            "80 rounds x 10 local steps (the same 160 client-rounds as at 20%)",
+            "the paper's regime: 40 clients from a Dirichlet(0.5) partition of FLAN-8, 2 sampled per round (the same "
+            "160 client-rounds as dirichlet40_f20)",
             methods=("local", "fedit", "fedit_ft", "fedprox", "perfit"),
             **_D40,
         ),
         Setting(
             "alpha0.1",
-            "heterogeneity sweep: 40 clients, Dirichlet(0.1) partition of FLAN-8, 20% sampled, 20 rounds x 10 steps",
+            "heterogeneity sweep: 40 clients, Dirichlet(0.1) partition of FLAN-8",
             methods=SWEEP,
             **{**_D40, "alpha": 0.1},
         ),
@@ -157,14 +163,13 @@ SETTINGS: dict[str, Setting] = {
         ),
         Setting(
             "alpha1.0",
-            "heterogeneity sweep: 40 clients, Dirichlet(1.0) partition of FLAN-8, 20% sampled, 20 rounds x 10 steps",
+            "heterogeneity sweep: 40 clients, Dirichlet(1.0) partition of FLAN-8",
             methods=SWEEP,
             **{**_D40, "alpha": 1.0},
         ),
         Setting(
             "iid",
-            "heterogeneity sweep: 40 clients, IID partition of FLAN-8 (60 training, 40 test rows each), 20% "
-            "sampled, 20 rounds x 10 steps",
+            "heterogeneity sweep: 40 clients, IID partition of FLAN-8 (60 training, 40 test rows each)",
             methods=SWEEP,
             **{**_D40, "partition": "iid", "alpha": None},
         ),
@@ -529,7 +534,7 @@ def plan(args, settings: list[Setting], root: Path) -> list[dict[str, Any]]:
                 seen.add(folder)
                 cell = {"setting": setting, "seed": seed, "method": method, "folder": folder, "order": order}
                 try:
-                    config, s, budget = cell_config(setting, method, seed, root, data, args.tiny)
+                    config, s, budget = cell_config(setting, method, seed, root, data, args.tiny, args.overrides)
                     cell.update(config=config, settings=s, budget=budget, client_ids=client_ids, data=data)
                     status = q.run_status(folder, config, client_ids)
                 except (SystemExit, ValueError) as err:  # other settings cached there, or no config for it
@@ -839,9 +844,36 @@ def commands(setting: Setting, tiny: bool, root: Path) -> list[str]:
     return out
 
 
+def common_settings() -> str:
+    """What every setting's YAML sets alike (checked), in words: the budget, batch, length, lr and PerFIT's search."""
+    keys = ("lora_r", "lora_alpha", "lora_target_modules", "per_device_train_batch_size", "max_length")
+    keys += ("learning_rate", "expansion_factor", "prune_iterations", "search_mode", "search_batches")
+    plans = [schedule(s).to_dict() for s in SETTINGS.values()]
+    differ = [k for k in keys if any(p[k] != plans[0][k] for p in plans)]
+    if differ:
+        raise ValueError(f"the settings YAMLs differ in {differ}: state them per setting, not as common settings.")
+    c = schedule(SETTINGS["flan8_recipe"])
+    lr = f"{c.learning_rate:.0e}".replace("e-0", "e-")  # 2e-4, as the docs write it
+    return (
+        f"rank-{c.lora_r} LoRA budget on {'/'.join(m.removesuffix('_proj') for m in c.lora_target_modules)} "
+        f"(lora_alpha {c.lora_alpha}), batch {c.per_device_train_batch_size}, max_length {c.max_length}, AdamW lr "
+        f"{lr} constant, PerFIT γ = {c.expansion_factor} with {c.prune_iterations} pruning iterations of "
+        f"{c.search_mode} search on {c.search_batches} batches (every setting's YAML, "
+        f"`{q._rel(q.SETTINGS_DIR)}/<setting>.yaml`)"
+    )
+
+
 def render_setting(setting: Setting, cells: dict[str, dict[int, dict]], plot: str | None, tiny: bool, root: Path):
     """The markdown of one setting: table(s), PerFIT's standing, mask overlap."""
-    lines = [f"### {setting.name}", "", setting.about + ".", ""]
+    c = schedule(setting)
+    lines = [
+        f"### {setting.name}",
+        "",
+        f"{setting.about}. Federated settings: `{q._rel(config_path(setting))}` ({c.num_rounds} rounds x "
+        f"{c.local_steps} local steps, {c.fraction_clients:.0%} of the clients per round, {c.max_eval_examples} test "
+        "examples per client).",
+        "",
+    ]
     if setting.same_as:
         lines += [f"Its cells are those of `{setting.same_as}` (same data and schedule).", ""]
     lines += ["```bash", *commands(setting, tiny, root), "```", ""]
@@ -1124,11 +1156,8 @@ def report(args, root: Path) -> dict[str, Any]:
         "`[base model, after round 1, ..., after round T]` (+ one entry after fine-tuning for `fedit_ft`; `null` "
         "where a sampled setting did not evaluate the client).",
         "",
-        "Common settings: SmolLM2-135M-Instruct (fp32, CPU unless the run had a GPU), rank-8 LoRA budget on q/v "
-        "(lora_alpha 16), batch 4, max_length 128, AdamW lr 2e-4 constant, completion-only loss, PerFIT γ = 4 with "
-        "3 pruning iterations of foresight search on 8 batches (benchmarks/quality.py's defaults). Methods: "
-        + "; ".join(f"`{m}`: {spec.about}" for m, spec in METHODS.items())
-        + ".",
+        f"Common settings: SmolLM2-135M-Instruct (fp32, CPU unless the run had a GPU), {common_settings()}, "
+        "completion-only loss. Methods: " + "; ".join(f"`{m}`: {spec.about}" for m, spec in METHODS.items()) + ".",
         "",
         "Decisions:",
         "",
@@ -1195,7 +1224,15 @@ def report(args, root: Path) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """The script's flags; any other `--key value` is a `FederatedConfig` key over every cell's settings YAML
+    (`args.overrides`, as benchmarks/quality.py reads them), allowed for `run` and `plan` into a `--root` of their
+    own (the default root's cells are the declared settings')."""
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        allow_abbrev=False,
+        epilog="Any other --key value sets a FederatedConfig key over every cell's benchmarks/settings/<setting>.yaml "
+        "(docs/federated.md § Config keys), e.g. --learning_rate 1e-4 --root outputs/quality-lr1e-4.",
+    )
     p.add_argument("command", choices=["run", "plan", "report"], help="run the cells; print the plan; rebuild docs")
     p.add_argument(
         "--setting", nargs="+", default=["flan8_recipe"], metavar="SETTING", help=f"settings: {', '.join(SETTINGS)}"
@@ -1222,7 +1259,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-write", action="store_true", help="report: leave docs/benchmarks.md alone")
     p.add_argument("--results", type=Path, help="quality.json path (default: docs/results/quality.json)")
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    if rest and not rest[0].startswith("--"):
+        p.error(f"unexpected arguments {rest}; give every value after its --key.")
+    args.overrides = q.federated_flags(rest)
+    if args.overrides:
+        if args.command == "report":
+            p.error(f"report reads the cached runs; {rest[0]} and the other FederatedConfig keys apply to run / plan.")
+        if args.root is None:
+            p.error(
+                f"{' '.join(rest)} changes every cell's settings: give a --root of its own (the cells under "
+                f"{q._rel(TINY_ROOT if args.tiny else DEFAULT_ROOT)} are the declared settings')."
+            )
     for name in args.setting:
         if name not in SETTINGS:
             p.error(f"--setting {name}: unknown; allowed: {', '.join(SETTINGS)}")
@@ -1230,6 +1278,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--seeds must be integers >= 0")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
+    for name in args.setting:  # a bad key or value fails now, naming it, not after the first cell
+        base_settings(SETTINGS[name], args.seeds[0], q.FLAN8, args.tiny, args.overrides).federated()
     return args
 
 
