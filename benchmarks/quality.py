@@ -64,8 +64,8 @@ forward of 8×100 tokens 3.0 s against 7.4 s. Each run's `wall_time.json` record
     python benchmarks/quality.py --methods fedit          # one method per call, ~20 min each; cached and resumable
     python benchmarks/quality.py --report-only            # rebuild the table and the plot from the cached runs
     python benchmarks/quality.py --split validation ...   # tune on held-out training examples, never the test split
-    python benchmarks/quality.py --methods fedit --config benchmarks/settings/flan8_recipe.yaml  # another setting
-    python benchmarks/quality.py --methods perfit --num_rounds 10 --learning_rate 1e-4 --output-root outputs/q-lr
+    python benchmarks/quality.py --config benchmarks/settings/flan8_recipe.yaml --output-root outputs/q-r  # a setting
+    python benchmarks/quality.py --methods perfit --learning_rate 1e-4 --output-root outputs/q-lr  # a YAML key changed
     python benchmarks/quality.py --tiny                   # smoke test: tiny random Llama, synthetic clients (~1 min)
 """
 
@@ -193,14 +193,29 @@ OLD_KEYS: dict[str, str] = {
 
 METHOD_KEYS: dict[str, frozenset[str]] = {
     "perfit": frozenset(
-        {"expansion_factor", "search_steps", "prune_iterations", "importance", "research_every", "search_mode"}
-        | {"search_batches"}
+        (
+            "expansion_factor",
+            "search_steps",
+            "prune_iterations",
+            "importance",
+            "research_every",
+            "search_mode",
+            "search_batches",
+        )
     ),
     "fedprox": frozenset({"proximal_mu"}),
     "fedmut": frozenset({"strategy_options"}),
     "fedqp": frozenset({"strategy_options"}),
-    "fedamole": frozenset({"num_experts", "clients_per_expert", "experts_per_client_min", "experts_per_client_max"})
-    | frozenset({"mole_top_k", "balance_loss_coef"}),
+    "fedamole": frozenset(
+        (
+            "num_experts",
+            "clients_per_expert",
+            "experts_per_client_min",
+            "experts_per_client_max",
+            "mole_top_k",
+            "balance_loss_coef",
+        )
+    ),
 }
 """The keys of a settings YAML that only a strategy's rows read (the rest is every row's); every other row runs with
 `FederatedConfig`'s default for them, so that e.g. `--expansion_factor 2` changes PerFIT's rows only."""
@@ -1378,6 +1393,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
         p.error(f"unexpected arguments {rest}; give every value after its --key.")
     base = {**dataclasses.asdict(Settings()), **(TINY_DEFAULTS if args.tiny else {}), "tiny": args.tiny}
     given = {k: v for k, v in vars(args).items() if k in base and v is not None}
+    if args.config is not None and Path(args.config).expanduser().is_file():  # relative to the working directory
+        given["config"] = _rel(Path(args.config).expanduser().resolve())
     settings = Settings(**{**base, **given, "overrides": federated_flags(rest)})
     settings.federated()  # a bad key or value fails now, naming it, not after the first run
     if "all" in args.methods:
