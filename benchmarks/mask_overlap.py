@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     s = q.Settings(tiny=args.tiny, **(q.TINY_DEFAULTS if args.tiny else {}))
+    fc = s.federated()  # benchmarks/quality.py's settings: benchmarks/settings/flan8_default.yaml (+ tiny.yaml)
+    batch = fc.per_device_train_batch_size
     folder = q.write_tiny_clients(Path("/tmp/hf_perfit_overlap_tiny")) if args.tiny else args.flan8.resolve()
     base, tokenizer = q.base_model_and_tokenizer(s)
     clients = load_client_folder(folder)
@@ -112,19 +114,19 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     magnitude = None  # the data-free mask: the budget's largest |θ| of the same initial adapter
     for c in clients:
-        tok = tokenize_for_completion_loss(format_for_tokenizer(c.train, tokenizer), tokenizer, s.max_length)
+        tok = tokenize_for_completion_loss(format_for_tokenizer(c.train, tokenizer), tokenizer, fc.max_length)
         batches = [
-            first_batch(tok.select(range(i, min(len(tok), i + s.batch_size))), tokenizer, s.batch_size)
-            for i in range(0, min(len(tok), SEARCH_BATCHES * s.batch_size), s.batch_size)
+            first_batch(tok.select(range(i, min(len(tok), i + batch))), tokenizer, batch)
+            for i in range(0, min(len(tok), SEARCH_BATCHES * batch), batch)
         ]
         torch.manual_seed(args.seed)  # the same initial adapter for every client, as in a federated run
         cfg = PerFITLoraConfig(
-            r=s.lora_r,
-            lora_alpha=s.lora_alpha,
-            target_modules=list(s.targets),
-            expansion_factor=s.expansion_factor,
-            importance=s.importance,
-            prune_iterations=s.prune_iterations,
+            r=fc.lora_r,
+            lora_alpha=fc.lora_alpha,
+            target_modules=list(fc.lora_target_modules),
+            expansion_factor=fc.expansion_factor,
+            importance=fc.importance,
+            prune_iterations=fc.prune_iterations,
             search_batches=SEARCH_BATCHES,
         )
         model = get_perfit_model(copy.deepcopy(base), cfg)
@@ -147,9 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         SECTION,
         "",
         "Which of PerFIT's expanded-adapter elements each FLAN-8 client keeps after its foresight search, all starting "
-        f"from the same seeded adapter (seed {args.seed}; r = {s.lora_r}, γ = {s.expansion_factor}, "
-        f"{', '.join(s.targets)}: {ov['total']:,} elements, a quarter kept), {s.importance}, {s.prune_iterations} "
-        f"pruning iterations on {SEARCH_BATCHES} batches of {s.batch_size} of the client's first training rows "
+        f"from the same seeded adapter (seed {args.seed}; r = {fc.lora_r}, γ = {fc.expansion_factor}, "
+        f"{', '.join(fc.lora_target_modules)}: {ov['total']:,} elements, a quarter kept), {fc.importance}, "
+        f"{fc.prune_iterations} "
+        f"pruning iterations on {SEARCH_BATCHES} batches of {batch} of the client's first training rows "
         "(file order; a federated run's trainer shuffles them, so its masks differ in detail: "
         "benchmarks/quality_scale.py reports those once they exist).",
         "",

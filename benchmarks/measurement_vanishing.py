@@ -123,23 +123,24 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     s = q.Settings(tiny=args.tiny, **(q.TINY_DEFAULTS if args.tiny else {}))
+    fc = s.federated()  # benchmarks/quality.py's settings: benchmarks/settings/flan8_default.yaml (+ tiny.yaml)
     folder = q.write_tiny_clients(Path("/tmp/hf_perfit_vanishing_tiny")) if args.tiny else args.flan8.resolve()
     base, tokenizer = q.base_model_and_tokenizer(s)
     clients = load_client_folder(folder)
     t0 = time.perf_counter()
     rows, search = [], {}
     for c in clients:
-        tok = tokenize_for_completion_loss(format_for_tokenizer(c.train, tokenizer), tokenizer, s.max_length)
-        batch = first_batch(tok, tokenizer, s.batch_size)
+        tok = tokenize_for_completion_loss(format_for_tokenizer(c.train, tokenizer), tokenizer, fc.max_length)
+        batch = first_batch(tok, tokenizer, fc.per_device_train_batch_size)
         for init_name, init in INITS.items():
             torch.manual_seed(0)
             cfg = PerFITLoraConfig(
-                r=s.lora_r,
-                lora_alpha=s.lora_alpha,
-                target_modules=list(s.targets),
-                expansion_factor=s.expansion_factor,
+                r=fc.lora_r,
+                lora_alpha=fc.lora_alpha,
+                target_modules=list(fc.lora_target_modules),
+                expansion_factor=fc.expansion_factor,
                 init_lora_weights=init,
-                prune_iterations=s.prune_iterations,
+                prune_iterations=fc.prune_iterations,
                 search_batches=1,
             )
             model = get_perfit_model(copy.deepcopy(base), cfg)
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     lines += [
         "",
-        f"The foresight search on {clients[0].client_id} ({s.prune_iterations} pruning iterations on that batch, "
+        f"The foresight search on {clients[0].client_id} ({fc.prune_iterations} pruning iterations on that batch, "
         "taylor1) keeps:",
         "",
         "| init | kept / expanded | layers with kept elements | share of kept in the last quarter of the layers |",

@@ -11,6 +11,19 @@ about 9.1× on SmolLM2 q/v) instead of shrinking the experts to fit the budget (
 reverse-selection assignment). The optional `perfit-hetero` row is PerFIT with per-client budget multipliers
 (`--perfit-budget-multipliers`, the paper's resource heterogeneity). The `base` row is the model without an adapter.
 
+The federated settings are a recipe-style YAML of `FederatedConfig` keys (`--config`, default
+benchmarks/settings/flan8_default.yaml; docs/federated.md § Config keys) plus `--key value` overrides of those keys
+(`--num_rounds 10 --local_steps 10 --max_eval_examples 50 --seed 1`), read by `hf_perfit.federated.federated_parser`
+exactly as `perfit federate --config ... --key value` reads them; `--tiny` applies benchmarks/settings/tiny.yaml over
+the YAML. PerFIT's keys (`expansion_factor`, `search_steps` (default: all of the first round's local steps), ...,
+[`METHOD_KEYS`]) count for the PerFIT rows only, FedProx's μ, FedMut/FedQP's options and FedAMoLE's routing come from
+recipes/smollm2-135m/<method>/config_flan8.yaml unless the YAML or an override sets them, and the benchmark sets the
+model, data folder (`--data`), strategy, client count and run folder itself ([`PLACED_KEYS`]). The flags of the
+benchmark's own settings ([`Settings`]: ROUGE-L, FedAMoLE's pool, the hetero row, the split) keep their dashed
+names. The flags of the earlier version still work: `--rounds`, `--batch-size`, `--lr`, `--eval-examples`,
+`--targets` are `--num_rounds`, `--per_device_train_batch_size`, `--learning_rate`, `--max_eval_examples`,
+`--lora_target_modules` ([`OLD_FLAGS`]); `--local-steps`, `--lora-r`, ... are the keys' dashed spellings.
+
 Each method is run through `hf_perfit.federated` (`FederatedSimulation(config).run()`, i.e. `run_federated`) into
 `<output-root>/<method>`. A finished run there (same settings) is reused, a partial one resumed (`resume=True`), so
 the table can be built one method at a time, and a killed run loses at most the round in progress. Wall time is
@@ -20,10 +33,11 @@ answers the first `--rouge-examples` examples of its own test split greedily; an
 (`hf_perfit.evaluation.rouge_l`) are cached per client in `<method>/rouge.json`. Every invocation then rebuilds the
 section of `docs/benchmarks.md` and `docs/quality_perplexity.png` from whatever runs are cached.
 
-Default scale: 3 rounds × 6 local steps of batch 4, max_length 128, lr 2e-4 (the recipes'), 40 test examples per
-client for perplexity (every round) and for ROUGE-L; chosen so that the seven methods fit one working session on
-2 cores (the measured times are in the table). The estimate that sized it, for 4 rounds and 50 examples (from the
-facts of this machine: a SmolLM2 optimizer step on 2×128 tokens takes ~1.5 s, on 4×256 ~6 s):
+Default scale (benchmarks/settings/flan8_default.yaml): 3 rounds × 6 local steps of batch 4, max_length 128, lr 2e-4
+(the recipes'), 40 test examples per client for perplexity (every round) and for ROUGE-L; chosen so that the seven
+methods fit one working session on 2 cores (the measured times are in the table). The estimate that sized it, for 4
+rounds and 50 examples (from the facts of this machine: a SmolLM2 optimizer step on 2×128 tokens takes ~1.5 s, on 4×256
+~6 s):
 
 - Token lengths with the SmolLM2 tokenizer (chat template incl. its default system prompt, prompt + answer) of the
   2,400 training examples: mean 88, median 83, p90 111, p95 132, p99 190, max 262; `max_length 128` keeps 94.5% of
@@ -50,6 +64,8 @@ forward of 8×100 tokens 3.0 s against 7.4 s. Each run's `wall_time.json` record
     python benchmarks/quality.py --methods fedit          # one method per call, ~20 min each; cached and resumable
     python benchmarks/quality.py --report-only            # rebuild the table and the plot from the cached runs
     python benchmarks/quality.py --split validation ...   # tune on held-out training examples, never the test split
+    python benchmarks/quality.py --config benchmarks/settings/flan8_recipe.yaml --output-root outputs/q-r  # a setting
+    python benchmarks/quality.py --methods perfit --learning_rate 1e-4 --output-root outputs/q-lr  # a YAML key changed
     python benchmarks/quality.py --tiny                   # smoke test: tiny random Llama, synthetic clients (~1 min)
 """
 
@@ -126,25 +142,98 @@ VALIDATION_SEED = 1234  # fixed: the same held-out examples whatever --seed a ru
 # ---------------------------------------------------------------------------------------------------- settings
 
 
+SETTINGS_DIR = REPO_ROOT / "benchmarks" / "settings"
+DEFAULT_CONFIG = "benchmarks/settings/flan8_default.yaml"  # relative to the repository, as the docs show it
+TINY_CONFIG = SETTINGS_DIR / "tiny.yaml"
+"""`--tiny` applies this file's keys over the setting's YAML (under the command line's flags)."""
+
+PLACED_KEYS: dict[str, str] = {
+    "model_name_or_path": "SmolLM2-135M-Instruct, or the tiny random Llama with --tiny",
+    "dataset_name": "--data (and --split)",
+    "strategy": "--methods",
+    "num_clients": "the data folder's client count",
+    "output_dir": "--output-root",
+    "budget_multipliers": "--perfit-budget-multipliers (the perfit-hetero row)",
+    "resume": "a cached partial run is always resumed",
+    "overwrite": "delete the run folder to rerun",
+}
+"""FederatedConfig keys the benchmark sets itself, refused in a settings YAML or override: key -> what sets it."""
+
+OLD_FLAGS: dict[str, str] = {
+    "--rounds": "--num_rounds",
+    "--batch-size": "--per_device_train_batch_size",
+    "--lr": "--learning_rate",
+    "--eval-examples": "--max_eval_examples",
+    "--targets": "--lora_target_modules",
+}
+"""The flags of benchmarks/quality.py before its settings became YAML (commit 6705756) whose name differs from the
+`FederatedConfig` key they set (`--local-steps`, `--lora-r`, ... are the keys' dashed spellings, which the parser
+takes as they are): still accepted, and written back as the key's flag."""
+
+OLD_KEYS: dict[str, str] = {
+    "rounds": "num_rounds",
+    "local_steps": "local_steps",
+    "batch_size": "per_device_train_batch_size",
+    "max_length": "max_length",
+    "learning_rate": "learning_rate",
+    "eval_examples": "max_eval_examples",
+    "seed": "seed",
+    "lora_r": "lora_r",
+    "lora_alpha": "lora_alpha",
+    "targets": "lora_target_modules",
+    "expansion_factor": "expansion_factor",
+    "search_steps": "search_steps",
+    "prune_iterations": "prune_iterations",
+    "importance": "importance",
+    "search_mode": "search_mode",
+    "search_batches": "search_batches",
+}
+"""Fields of the old `Settings` (in the `quality_settings.json` of a run made up to commit 6705756) -> the
+`FederatedConfig` key that holds them now."""
+
+METHOD_KEYS: dict[str, frozenset[str]] = {
+    "perfit": frozenset(
+        (
+            "expansion_factor",
+            "search_steps",
+            "prune_iterations",
+            "importance",
+            "research_every",
+            "search_mode",
+            "search_batches",
+        )
+    ),
+    "fedprox": frozenset({"proximal_mu"}),
+    "fedmut": frozenset({"strategy_options"}),
+    "fedqp": frozenset({"strategy_options"}),
+    "fedamole": frozenset(
+        (
+            "num_experts",
+            "clients_per_expert",
+            "experts_per_client_min",
+            "experts_per_client_max",
+            "mole_top_k",
+            "balance_loss_coef",
+        )
+    ),
+}
+"""The keys of a settings YAML that only a strategy's rows read (the rest is every row's); every other row runs with
+`FederatedConfig`'s default for them, so that e.g. `--expansion_factor 2` changes PerFIT's rows only."""
+
+
 @dataclass
 class Settings:
-    """The common settings of every method's run (command-line flags; `--tiny` swaps in its own defaults).
+    """The settings of one invocation: the federated settings of every method's run (a recipe-style YAML of
+    `FederatedConfig` keys plus `--key value` overrides, read by `hf_perfit.federated.federated_parser` as
+    `perfit federate` reads them), and the benchmark's own (evaluation, FedAMoLE's pool, the rows, the data).
 
     Args:
-        rounds (`int`): federated rounds (every client trains in every round).
-        local_steps (`int`): optimizer steps per client and round.
-        batch_size (`int`): examples per optimizer step.
-        max_length (`int`): tokens per example (prompt + answer), longer ones cut at the end.
-        learning_rate (`float`): AdamW, constant schedule.
-        eval_examples (`int`): first test examples per client for personalized perplexity (every round).
+        config (`str`): the settings YAML (default benchmarks/settings/flan8_default.yaml; a path relative to the
+            repository or absolute).
+        overrides (`list[str]`): `--key value` flags of `FederatedConfig` keys over the YAML (and over
+            benchmarks/settings/tiny.yaml with `tiny`).
         rouge_examples (`int`): first test examples per client answered for ROUGE-L (after the run).
         max_new_tokens (`int`): greedy answer length cap.
-        seed (`int`): the run seed (initial adapter, data order, sampling, FedMut/FedQP/FedAMoLE randomness).
-        lora_r (`int`), lora_alpha (`int`), targets (`list[str]`): the rank-r LoRA every method's budget is based on.
-        expansion_factor (`int`), search_steps (`int`), prune_iterations (`int`), importance (`str`): PerFIT's search
-            (`search_steps` 0 means all of the first round's local steps; used by `search_mode="train"` only).
-        search_mode (`str`), search_batches (`int`): PerFIT's search mode (`foresight`, the paper's, or `train`) and
-            the batches its foresight search scores.
         perfit_budget_multipliers (`list[float]`): one budget multiplier per client for the `perfit-hetero` row
             (empty: the row is not run).
         fedamole_rank (`int`), fedamole_experts (`int`): FedAMoLE's expert rank and pool size per module; 0 takes the
@@ -155,77 +244,84 @@ class Settings:
         tiny (`bool`): tiny random Llama and synthetic clients (smoke test).
     """
 
-    rounds: int = 3
-    local_steps: int = 6
-    batch_size: int = 4
-    max_length: int = 128
-    learning_rate: float = 2e-4
-    eval_examples: int = 40
+    config: str = DEFAULT_CONFIG
+    overrides: list[str] = field(default_factory=list)
     rouge_examples: int = 40
     max_new_tokens: int = 32
-    seed: int = 0
-    lora_r: int = 8
-    lora_alpha: int = 16
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    expansion_factor: int = 4
-    search_steps: int = 0
-    prune_iterations: int = 3
-    importance: str = "taylor1"
     fedamole_rank: int = 0
     fedamole_experts: int = 0
     data: str = str(FLAN8)
-    search_mode: str = "foresight"
-    search_batches: int = 8
     perfit_budget_multipliers: list[float] = field(default_factory=list)
     split: str = "test"
     validation_examples: int = 50
     tiny: bool = False
 
+    def config_path(self) -> Path:
+        path = Path(self.config).expanduser()
+        return path if path.is_absolute() else REPO_ROOT / path
 
-TINY_DEFAULTS: dict[str, Any] = {
-    "rounds": 2,
-    "local_steps": 2,
-    "batch_size": 2,
-    "max_length": 64,
-    "learning_rate": 1e-3,
-    "eval_examples": 4,
-    "rouge_examples": 3,
-    "max_new_tokens": 6,
-    "lora_r": 4,
-    "lora_alpha": 8,
-    "expansion_factor": 2,
-    "prune_iterations": 2,
-    "validation_examples": 3,
-}
-"""What `--tiny` uses for every flag left at its default."""
+    def federated(self, overrides: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None):
+        """The `FederatedConfig` of the YAML plus the overrides (before the benchmark's per-method choices).
+
+        Precedence, lowest first: `FederatedConfig`'s defaults (but `search_steps`: `local_steps`), `defaults`, the
+        YAML, benchmarks/settings/tiny.yaml (with `tiny`), `overrides` (typed values), the flags of `self.overrides`.
+
+        Raises:
+            SystemExit: a missing YAML, an unknown key (named with the key to use), a bad value, or a key the
+                benchmark sets itself (named with what sets it).
+        """
+        from hf_perfit.federated.config import federated_parser
+
+        path = self.config_path()
+        if not path.is_file():
+            raise SystemExit(f"--config {self.config}: no such file (the settings are in {_rel(SETTINGS_DIR)}/).")
+        layers = {**(_yaml(TINY_CONFIG) if self.tiny else {}), **(overrides or {})}
+        given = set(_yaml(path)) | set(layers) | {_key(a) for a in self.overrides if a.startswith("--")}
+        placed = sorted(given & set(PLACED_KEYS))
+        if placed:
+            raise SystemExit(
+                "the benchmark sets " + "; ".join(f"{k} ({PLACED_KEYS[k]})" for k in placed) + f" itself: remove "
+                f"{'them' if len(placed) > 1 else 'it'} from {self.config} / the command line."
+            )
+        config = None
+        # PerFIT's search_steps defaults to all of the first round's local steps: a first pass reads local_steps
+        # (with a search_steps of 1, valid in either search mode), the second uses it as the default
+        for search_steps in (1, None):
+            parser = federated_parser(overrides=layers)  # its errors point to `perfit federate --help`, the keys
+            parser.set_defaults_with_config(**{"search_steps": search_steps or config.local_steps, **(defaults or {})})
+            try:
+                (config,) = parser.parse_args_and_config(["--config", str(path), *self.overrides])
+            except ValueError as err:
+                raise SystemExit(f"{self.config} {shlex.join(self.overrides)}: {err}") from None
+        return config
+
+
+def _key(flag: str) -> str:
+    """The config key of a `--key[=value]` flag (dashes read as underscores, as the parser does)."""
+    return flag[2:].split("=", 1)[0].replace("-", "_")
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+TINY_DEFAULTS: dict[str, Any] = {"rouge_examples": 3, "max_new_tokens": 6, "validation_examples": 3}
+"""What `--tiny` uses for every benchmark flag left at its default (its federated keys: settings/tiny.yaml)."""
 
 FLAGS: dict[str, str] = {
-    "rounds": "--rounds",
-    "local_steps": "--local-steps",
-    "batch_size": "--batch-size",
-    "max_length": "--max-length",
-    "learning_rate": "--lr",
-    "eval_examples": "--eval-examples",
+    "config": "--config",
     "rouge_examples": "--rouge-examples",
     "max_new_tokens": "--max-new-tokens",
-    "seed": "--seed",
-    "lora_r": "--lora-r",
-    "lora_alpha": "--lora-alpha",
-    "targets": "--targets",
-    "expansion_factor": "--expansion-factor",
-    "search_steps": "--search-steps",
-    "prune_iterations": "--prune-iterations",
-    "importance": "--importance",
     "fedamole_rank": "--fedamole-rank",
     "fedamole_experts": "--fedamole-experts",
     "data": "--data",
     "split": "--split",
     "validation_examples": "--validation-examples",
-    "search_mode": "--search-mode",
-    "search_batches": "--search-batches",
     "perfit_budget_multipliers": "--perfit-budget-multipliers",
 }
-"""Settings field -> command-line flag."""
+"""Settings field -> command-line flag (the benchmark's own; `overrides` are written as they are)."""
 
 
 def available_methods() -> dict[str, str | None]:
@@ -322,8 +418,9 @@ def base_model_and_tokenizer(s: Settings):
     return load_model(FederatedConfig(model_name_or_path=PRESET, strategy="fedit"))
 
 
-def target_shapes(s: Settings) -> list[tuple[int, int]]:
-    """`(d_in, d_out)` of every adapted Linear layer of the base model (built on the meta device: no weights)."""
+def target_shapes(s: Settings, targets: list[str]) -> list[tuple[int, int]]:
+    """`(d_in, d_out)` of every Linear layer named in `targets` of the base model (built on the meta device: no
+    weights)."""
     import torch
 
     if s.tiny:
@@ -339,7 +436,7 @@ def target_shapes(s: Settings) -> list[tuple[int, int]]:
     return [
         (m.in_features, m.out_features)
         for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in s.targets
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
     ]
 
 
@@ -411,47 +508,45 @@ def _recipe(method: str) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def method_config(method: str, s: Settings, data: Path, out: Path, budget: dict | None = None, fraction: float = 1.0):
-    """The `FederatedConfig` of one method's run: the common settings, plus what the method's FLAN-8 recipe sets
-    for it (FedProx's μ, FedMut/FedQP's mutation options with β decaying over the first half of the rounds,
-    FedAMoLE's routing), plus FedAMoLE's expert pool (`budget`, from [`fedamole_pool`]). The `perfit-hetero` row is
-    PerFIT with `budget_multipliers`. `fraction` is the fraction of clients sampled per round (this benchmark: 1;
-    benchmarks/quality_scale.py's sampled settings: less)."""
+def method_config(
+    method: str,
+    s: Settings,
+    data: Path,
+    out: Path,
+    budget: dict | None = None,
+    overrides: dict[str, Any] | None = None,
+):
+    """The `FederatedConfig` of one method's run: the settings YAML plus overrides ([`Settings.federated`], with
+    `overrides` typed values over the YAML, e.g. a benchmarks/quality_scale.py row's changes), where the keys of
+    [`METHOD_KEYS`] count for their strategy's rows only; plus what the method's FLAN-8 recipe sets for it under the
+    YAML (FedProx's μ, FedMut/FedQP's mutation options with β decaying over the first half of the rounds, FedAMoLE's
+    routing), plus FedAMoLE's expert pool (`budget`, from [`fedamole_pool`]). PerFIT searches over all of the first
+    round's local steps unless `search_steps` is given. The `perfit-hetero` row is PerFIT with `budget_multipliers`."""
     from hf_perfit.federated import FederatedConfig
 
+    strategy = STRATEGY_OF.get(method, method)
+    own = METHOD_KEYS.get(strategy, frozenset())
     num_clients = len(list(data.glob("local_training_*.json*")))
-    kw: dict[str, Any] = dict(
+    recipe = _recipe(strategy)
+    defaults = {
+        k: recipe[k]
+        for k in ("proximal_mu", "strategy_options", "mole_top_k", "balance_loss_coef")
+        if k in own and k in recipe
+    }
+    c = s.federated(overrides, defaults)
+    every_method_key = frozenset().union(*METHOD_KEYS.values())
+    base = config_defaults()
+    kw = {k: v if k in own or k not in every_method_key else base[k] for k, v in c.to_dict().items()}
+    kw.update(
         model_name_or_path="tiny-random-llama" if s.tiny else PRESET,
         dataset_name=str(data),
-        strategy=STRATEGY_OF.get(method, method),
+        strategy=strategy,
         num_clients=num_clients,
-        num_rounds=s.rounds,
-        fraction_clients=fraction,
-        local_steps=s.local_steps,
-        learning_rate=s.learning_rate,
-        per_device_train_batch_size=s.batch_size,
-        gradient_accumulation_steps=1,
-        max_length=s.max_length,
         output_dir=str(out),
-        seed=s.seed,
-        lora_r=s.lora_r,
-        lora_alpha=s.lora_alpha,
-        lora_target_modules=list(s.targets),
-        max_eval_examples=s.eval_examples,
-        eval_batch_size=8,
     )
-    recipe = _recipe(STRATEGY_OF.get(method, method))
-    if method in ("perfit", HETERO):
-        search = s.search_steps or s.local_steps
-        kw.update(
-            expansion_factor=s.expansion_factor,
-            search_steps=search,
-            prune_iterations=min(s.prune_iterations, search) if s.search_mode == "train" else s.prune_iterations,
-            importance=s.importance,
-            research_every=0,
-            search_mode=s.search_mode,
-            search_batches=s.search_batches,
-        )
+    if strategy == "perfit":
+        if c.search_mode == "train":  # the search's pruning iterations happen during its steps
+            kw["prune_iterations"] = min(c.prune_iterations, c.search_steps)
         if method == HETERO:
             if len(s.perfit_budget_multipliers) != num_clients:
                 raise ValueError(
@@ -459,16 +554,13 @@ def method_config(method: str, s: Settings, data: Path, out: Path, budget: dict 
                     f"--perfit-budget-multipliers {s.perfit_budget_multipliers}."
                 )
             kw["budget_multipliers"] = [float(b) for b in s.perfit_budget_multipliers]
-    elif method == "fedprox":
-        kw["proximal_mu"] = float(recipe.get("proximal_mu", 0.01))
-    elif method in ("fedmut", "fedqp"):
-        options = dict(recipe.get("strategy_options") or {})
-        options["mutation_beta_rounds"] = max(1, math.ceil(s.rounds / 2))  # the recipes: β -> 0 over half the run
+    elif strategy in ("fedmut", "fedqp"):
+        options = dict(c.strategy_options)
+        options["mutation_beta_rounds"] = max(1, math.ceil(c.num_rounds / 2))  # the recipes: β -> 0 over half the run
         kw["strategy_options"] = options
-    elif method == "fedamole":
+    elif strategy == "fedamole":
         assert budget is not None
-        scale = s.lora_alpha / s.lora_r
-        alpha = budget["rank"] * scale
+        alpha = budget["rank"] * (c.lora_alpha / c.lora_r)  # the same scale alpha / r
         kw.update(
             lora_r=budget["rank"],
             lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
@@ -476,8 +568,6 @@ def method_config(method: str, s: Settings, data: Path, out: Path, budget: dict 
             clients_per_expert=budget["clients_per_expert"],
             experts_per_client_min=budget["experts_min"],
             experts_per_client_max=budget["experts_max"],
-            mole_top_k=int(recipe.get("mole_top_k", 2)),
-            balance_loss_coef=float(recipe.get("balance_loss_coef", 0.001)),
         )
     return FederatedConfig(**kw)
 
@@ -616,9 +706,10 @@ def run_method(method: str, s: Settings, root: Path, data: Path, client_ids: lis
     out = root / method
     budget = None
     if method == "fedamole":
+        common = s.federated()
         budget = fedamole_pool(
-            target_shapes(s),
-            s.lora_r,
+            target_shapes(s, common.lora_target_modules),
+            common.lora_r,
             len(client_ids),
             _recipe("fedamole"),
             rank=s.fedamole_rank,
@@ -847,7 +938,8 @@ def _fmt_int(n: float) -> str:
 def _settings_lines(ref: dict, results: dict[str, dict], rouge_settings: dict | None, s: Settings) -> list[str]:
     c = ref["config"]
     tiny = s.tiny
-    r = s.lora_r  # the budget's rank from the settings, not `ref`: a FedAMoLE run's own lora_r is its expert rank
+    common = s.federated()
+    r = common.lora_r  # the budget's rank from the settings, not `ref`: a FedAMoLE run's own lora_r is its expert rank
     model = "tiny random Llama (hidden 16, 2 layers; smoke test)" if tiny else "SmolLM2-135M-Instruct (fp32)"
     n = len(ref["final"])
     lines = [
@@ -860,7 +952,7 @@ def _settings_lines(ref: dict, results: dict[str, dict], rouge_settings: dict | 
         f"- every method: {c['num_rounds']} rounds, all {n} clients every round, {c['local_steps']} local steps of "
         f"batch {c['per_device_train_batch_size']} (max_length {c['max_length']}), AdamW lr {c['learning_rate']:g} "
         f"constant, completion-only loss, seed {c['seed']}",
-        f"- budget: a rank-{r} LoRA (lora_alpha {s.lora_alpha}) on "
+        f"- budget: a rank-{r} LoRA (lora_alpha {common.lora_alpha}) on "
         f"{', '.join(c['lora_target_modules'])}; local, fedit, fedprox, fedmut, fedqp train exactly that",
     ]
     p = results.get("perfit")
@@ -1185,24 +1277,43 @@ def _rel(path: Path) -> str:
 
 def stored_settings(root: Path) -> Settings | None:
     """The settings the cached runs were made with (`quality_settings.json` of FedIT's run, else the first row's
-    that has one), so that `--report-only` lists the commands that really built them."""
+    that has one), so that `--report-only` lists the commands that really built them. A file written up to commit
+    6705756 (the federated settings as fields of their own, see [`OLD_KEYS`]) is read as the same settings."""
     for row in ("fedit", *ROWS):
         path = root / row / SETTINGS_FILE
         if path.is_file():
+            data = json.loads(path.read_text())
+            if "config" not in data:
+                data = _from_old_settings(data)
             known = {f.name for f in dataclasses.fields(Settings)}
-            return Settings(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
+            return Settings(**{k: v for k, v in data.items() if k in known})
     return None
+
+
+def _from_old_settings(old: dict[str, Any]) -> dict[str, Any]:
+    """An old `quality_settings.json` (see [`OLD_KEYS`]) as [`Settings`] fields: its federated values that differ
+    from benchmarks/settings/flan8_default.yaml (and tiny.yaml) become `overrides` flags."""
+    base = Settings(tiny=bool(old.get("tiny"))).federated()
+    overrides: list[str] = []
+    for old_key, key in OLD_KEYS.items():
+        value = old.get(old_key)
+        if value is None or (key == "search_steps" and value == 0):  # 0 meant the default: all first-round steps
+            continue
+        if key == "search_steps" or value != getattr(base, key):
+            overrides += [f"--{key}", *([str(v) for v in value] if isinstance(value, list) else [str(value)])]
+    return {**{k: v for k, v in old.items() if k not in OLD_KEYS}, "overrides": overrides}
 
 
 def commands_for(s: Settings, root: Path, default_root: Path) -> list[str]:
     """The exact commands that build the table with these settings: one per row, then the report."""
-    defaults = Settings()
-    if s.tiny:
-        defaults = dataclasses.replace(defaults, **TINY_DEFAULTS, tiny=True)
+    defaults = Settings(tiny=s.tiny, **(TINY_DEFAULTS if s.tiny else {}))
     flags: list[str] = ["--tiny"] if s.tiny else []
+    if s.config_path().resolve() != defaults.config_path().resolve():
+        flags += ["--config", _rel(s.config_path())]
+    flags += s.overrides
     for name, flag in FLAGS.items():
         value, default = getattr(s, name), getattr(defaults, name)
-        if name == "data" and Path(value).expanduser().resolve() == Path(default).resolve():
+        if name == "config" or (name == "data" and Path(value).expanduser().resolve() == Path(default).resolve()):
             continue
         if value != default:
             flags += [flag, *([str(v) for v in value] if isinstance(value, list) else [str(value)])]
@@ -1213,8 +1324,29 @@ def commands_for(s: Settings, root: Path, default_root: Path) -> list[str]:
     return [shlex.join([*base, "--methods", m, *flags]) for m in rows] + [shlex.join([*base, "--report-only", *flags])]
 
 
+def federated_flags(argv: list[str]) -> list[str]:
+    """`--key value` flags of `FederatedConfig` keys as the parser reads them: `--key_name` (dashes are the same key
+    to the parser, underscores are how the docs and YAML spell it), old benchmark flags renamed ([`OLD_FLAGS`])."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            name = OLD_FLAGS.get(name, "--" + name[2:].replace("-", "_"))
+            arg = name + eq + value
+        out.append(arg)
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """The benchmark's own flags, and the federated settings: `--config` (a YAML of `FederatedConfig` keys) plus every
+    other `--key value` flag as an override of a `FederatedConfig` key (refused, naming the key to use, when there is
+    no such key)."""
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        allow_abbrev=False,
+        epilog="Any other --key value sets a FederatedConfig key over the YAML, as `perfit federate` reads it "
+        "(docs/federated.md § Config keys), e.g. --num_rounds 10 --local_steps 10 --max_eval_examples 50 --seed 1.",
+    )
     p.add_argument(
         "--methods",
         nargs="+",
@@ -1232,26 +1364,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--no-write", action="store_true", help="print the section; leave docs/ alone")
     p.add_argument("--tiny", action="store_true", help="tiny random Llama + synthetic clients (never writes docs/)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
-    p.add_argument("--rounds", type=int)
-    p.add_argument("--local-steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--lr", type=float, dest="learning_rate")
-    p.add_argument("--eval-examples", type=int, help="test examples per client for perplexity (every round)")
+    p.add_argument(
+        "--config",
+        help=f"the federated settings: a YAML of FederatedConfig keys (default: {DEFAULT_CONFIG}; "
+        f"{_rel(TINY_CONFIG)} is applied over it with --tiny)",
+    )
     p.add_argument("--rouge-examples", type=int, help="test examples per client answered for ROUGE-L")
     p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--lora-r", type=int)
-    p.add_argument("--lora-alpha", type=int)
-    p.add_argument("--targets", nargs="+")
-    p.add_argument("--expansion-factor", type=int, help="PerFIT's γ")
-    p.add_argument("--search-steps", type=int, help="PerFIT's search steps (default: all first-round local steps)")
-    p.add_argument("--prune-iterations", type=int)
-    p.add_argument("--importance", choices=["taylor1", "taylor2", "mixed"])
     p.add_argument("--fedamole-rank", type=int, help="FedAMoLE expert rank (default: lora_r, the authors')")
     p.add_argument("--fedamole-experts", type=int, help="FedAMoLE experts per module (default: the recipe's 30)")
-    p.add_argument("--search-mode", choices=["foresight", "train"], help="PerFIT's search mode (default foresight)")
-    p.add_argument("--search-batches", type=int, help="batches PerFIT's foresight search scores (default 8)")
     p.add_argument(
         "--perfit-budget-multipliers",
         nargs="+",
@@ -1267,10 +1388,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument(
         "--validation-examples", type=int, help="held-out training examples per client (--split validation)"
     )
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    if rest and not rest[0].startswith("--"):
+        p.error(f"unexpected arguments {rest}; give every value after its --key.")
     base = {**dataclasses.asdict(Settings()), **(TINY_DEFAULTS if args.tiny else {}), "tiny": args.tiny}
     given = {k: v for k, v in vars(args).items() if k in base and v is not None}
-    settings = Settings(**{**base, **given})
+    if args.config is not None and Path(args.config).expanduser().is_file():  # relative to the working directory
+        given["config"] = _rel(Path(args.config).expanduser().resolve())
+    settings = Settings(**{**base, **given, "overrides": federated_flags(rest)})
+    settings.federated()  # a bad key or value fails now, naming it, not after the first run
     if "all" in args.methods:
         args.methods = list(ROWS)
     return args, settings

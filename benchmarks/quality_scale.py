@@ -1,9 +1,10 @@
 """Personalized quality at the scale users run (issue 18): every table is one resumable command over cached runs.
 
-Each table is a *setting* (a data partition and a federated schedule, declared once in `SETTINGS`) × *methods*
-(strategies and PerFIT variants, declared once in `METHODS`) × *seeds*. A cell (setting, seed, method) is one
-federated run of benchmarks/quality.py's machinery (`method_config`, `run_config`: resumable, wall-timed, refused when
-a cached run has other settings) in
+Each table is a *setting* (a data partition and its rows, declared once in `SETTINGS`, and its federated settings,
+declared once in benchmarks/settings/<setting>.yaml: a recipe-style YAML of `FederatedConfig` keys) × *methods*
+(strategies and PerFIT variants, declared once in `METHODS` as changes of `FederatedConfig` keys) × *seeds* (`seed`). A
+cell (setting, seed, method) is one federated run of benchmarks/quality.py's machinery (`method_config`, `run_config`:
+resumable, wall-timed, refused when a cached run has other settings) in
 
     <root>/<setting>/seed<k>/<method>/        (root: outputs/quality)
 
@@ -19,6 +20,11 @@ trains, nothing is invented: a cell not finished is shown as pending).
     python benchmarks/quality_scale.py plan --setting flan8_recipe --seeds 0 1 2              # status + estimate
     python benchmarks/quality_scale.py report                                                 # docs from cache
     python benchmarks/quality_scale.py run --tiny --setting flan8_recipe --seeds 0 1          # smoke test
+    python benchmarks/quality_scale.py run --setting flan8_recipe --seeds 0 --learning_rate 1e-4 --root outputs/q-lr
+
+Any other `--key value` overrides a `FederatedConfig` key of every cell (read as benchmarks/quality.py reads its
+overrides, with `hf_perfit.federated.federated_parser`); such cells go into a `--root` of their own. `--tiny` applies
+benchmarks/settings/tiny.yaml over each setting's YAML (its sampled fraction stays).
 
 Per-client numbers: the list of a client is `[perplexity of the base model, after round 1, ..., after round T]`
 (index t = after t training rounds; the run records call these rounds -1, 0, ..., T-1), plus, for `fedit_ft`, one
@@ -29,7 +35,7 @@ rounds it trains and in the last one (the engine's `eval_clients: auto`), so its
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import json
 import math
 import os
@@ -73,20 +79,21 @@ TINY_PARTITION_CLIENTS = 4
 
 @dataclass(frozen=True)
 class Setting:
-    """One table's data and schedule (every method of the table runs with it).
+    """One table's data and rows; its federated schedule (rounds, sampled fraction, local steps, batch, lr, rank-r
+    budget, evaluated examples: `FederatedConfig` keys) is benchmarks/settings/<name>.yaml ([`config_path`]), which
+    every method of the table runs with.
 
     Args:
-        name (`str`): the key in quality.json and the folder under the root.
+        name (`str`): the key in quality.json, the folder under the root and the settings YAML's name.
         about (`str`): one line for the docs.
         partition (`str`): `flan8` (the 8 category clients as they are), `dirichlet` or `iid` (FLAN-8's pooled
             training and test rows dealt to `num_clients` clients with the same proportions, benchmarks/
             quality_partition.py).
         num_clients (`int`), alpha (`float`): the partition's size and Dirichlet concentration.
-        fraction (`float`): clients sampled per round.
-        rounds (`int`), local_steps (`int`), eval_examples (`int`), rouge_examples (`int`, 0: no ROUGE-L): as
-            benchmarks/quality.py's flags (batch 4, max_length 128, lr 2e-4 and the rest at its defaults).
+        rouge_examples (`int`, 0: no ROUGE-L): as benchmarks/quality.py's `--rouge-examples`.
         methods (`tuple[str, ...]`): the table's rows; `ablations` (`tuple[str, ...]`): a second table's rows.
-        same_as (`str`, *optional*): another setting with the same data and schedule: its cells are this one's.
+        same_as (`str`, *optional*): another setting with the same data and schedule: its cells (and YAML) are
+            this one's.
     """
 
     name: str
@@ -94,10 +101,6 @@ class Setting:
     partition: str = "flan8"
     num_clients: int = 8
     alpha: float | None = None
-    fraction: float = 1.0
-    rounds: int = 10
-    local_steps: int = 10
-    eval_examples: int = 50
     rouge_examples: int = 0
     methods: tuple[str, ...] = ("local", "fedit", "perfit")
     ablations: tuple[str, ...] = ()
@@ -119,15 +122,14 @@ SWEEP = ("local", "fedit", "perfit")
 # 40 clients at 20% for 20 rounds and at 5% for 80 rounds: both 160 client-rounds, so each client trains in ~4 rounds
 # (40 local steps, ~2.7 epochs of its ~60 rows) in either, and the two differ in how many clients each aggregation
 # sees (8 or 2), not in how much training a client gets.
-_D40 = dict(partition="dirichlet", num_clients=40, alpha=0.5, local_steps=10, eval_examples=50)
+_D40 = dict(partition="dirichlet", num_clients=40, alpha=0.5)
 SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in (
         Setting(
             "flan8_recipe",
-            "FLAN-8 (one task category per client, 300 training rows, its own test split) at the recipes' scale: "
-            "8 clients, all every round, 10 rounds x 10 local steps of batch 4, 50 test examples per client",
-            rounds=10,
+            "FLAN-8 (one task category per client, 300 training rows, its own test split) at the recipes' scale, "
+            "8 clients",
             rouge_examples=50,
             methods=MAIN,
             ablations=ABLATIONS,
@@ -135,52 +137,39 @@ SETTINGS: dict[str, Setting] = {
         Setting(
             "dirichlet40_f20",
             "the paper's regime: 40 clients from a Dirichlet(0.5) partition of FLAN-8's training rows (test rows "
-            "dealt with the same proportions), 20% (8) sampled per round, 20 rounds x 10 local steps",
-            fraction=0.2,
-            rounds=20,
+            "dealt with the same proportions), 8 sampled per round",
             methods=("local", "fedit", "fedit_ft", "fedprox", "perfit"),
             **_D40,
         ),
         Setting(
             "dirichlet40_f05",
-            "the paper's regime: 40 clients from a Dirichlet(0.5) partition of FLAN-8, 5% (2) sampled per round, "
-            "80 rounds x 10 local steps (the same 160 client-rounds as at 20%)",
-            fraction=0.05,
-            rounds=80,
+            "the paper's regime: 40 clients from a Dirichlet(0.5) partition of FLAN-8, 2 sampled per round (the same "
+            "160 client-rounds as dirichlet40_f20)",
             methods=("local", "fedit", "fedit_ft", "fedprox", "perfit"),
             **_D40,
         ),
         Setting(
             "alpha0.1",
-            "heterogeneity sweep: 40 clients, Dirichlet(0.1) partition of FLAN-8, 20% sampled, 20 rounds x 10 steps",
-            fraction=0.2,
-            rounds=20,
+            "heterogeneity sweep: 40 clients, Dirichlet(0.1) partition of FLAN-8",
             methods=SWEEP,
             **{**_D40, "alpha": 0.1},
         ),
         Setting(
             "alpha0.5",
             "heterogeneity sweep, α = 0.5: the cells of dirichlet40_f20",
-            fraction=0.2,
-            rounds=20,
             methods=SWEEP,
             same_as="dirichlet40_f20",
             **_D40,
         ),
         Setting(
             "alpha1.0",
-            "heterogeneity sweep: 40 clients, Dirichlet(1.0) partition of FLAN-8, 20% sampled, 20 rounds x 10 steps",
-            fraction=0.2,
-            rounds=20,
+            "heterogeneity sweep: 40 clients, Dirichlet(1.0) partition of FLAN-8",
             methods=SWEEP,
             **{**_D40, "alpha": 1.0},
         ),
         Setting(
             "iid",
-            "heterogeneity sweep: 40 clients, IID partition of FLAN-8 (60 training, 40 test rows each), 20% "
-            "sampled, 20 rounds x 10 steps",
-            fraction=0.2,
-            rounds=20,
+            "heterogeneity sweep: 40 clients, IID partition of FLAN-8 (60 training, 40 test rows each)",
             methods=SWEEP,
             **{**_D40, "partition": "iid", "alpha": None},
         ),
@@ -190,12 +179,13 @@ SETTINGS: dict[str, Setting] = {
 
 @dataclass(frozen=True)
 class Method:
-    """A row: a benchmarks/quality.py method (`base`), with changes to its quality.py settings and to its
-    `FederatedConfig` (`config`; the value `"local_steps"` stands for the setting's local steps)."""
+    """A row: a benchmarks/quality.py method (`base`), with `FederatedConfig` keys over the setting's YAML
+    (`overrides`, read as the YAML's are: PerFIT's keys count for PerFIT's rows) and set on the finished config
+    (`config`; the value `"local_steps"` stands for the setting's local steps)."""
 
     base: str
     about: str
-    settings: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -262,22 +252,29 @@ def cell_dir(root: Path, setting: Setting, seed: int, method: str) -> Path:
     return root / storage(setting).name / f"seed{seed}" / method
 
 
-def base_settings(setting: Setting, seed: int, data: Path, tiny: bool) -> q.Settings:
-    """benchmarks/quality.py's settings of a cell (before the method's changes)."""
-    s = q.Settings()
-    if tiny:
-        tiny_kw = {**q.TINY_DEFAULTS, "rouge_examples": 2 if setting.rouge_examples else 0}
-        s = dataclasses.replace(s, **tiny_kw, tiny=True)
-        return dataclasses.replace(s, seed=seed, data=str(data))
-    return dataclasses.replace(
-        s,
-        rounds=setting.rounds,
-        local_steps=setting.local_steps,
-        batch_size=4,
-        eval_examples=setting.eval_examples,
-        rouge_examples=setting.rouge_examples,
-        seed=seed,
+def config_path(setting: Setting) -> Path:
+    """The setting's federated settings: benchmarks/settings/<name>.yaml (of the setting whose cells it shares)."""
+    return q.SETTINGS_DIR / f"{storage(setting).name}.yaml"
+
+
+@functools.cache
+def schedule(setting: Setting):
+    """The setting's YAML as a `FederatedConfig` (no method, no `--tiny`): its rounds, fraction, steps, ..."""
+    return q.Settings(config=str(config_path(setting))).federated()
+
+
+def base_settings(
+    setting: Setting, seed: int, data: Path, tiny: bool, overrides: list[str] | None = None
+) -> q.Settings:
+    """benchmarks/quality.py's settings of a cell (before the method's changes): the setting's YAML, `--seed`, then
+    the command line's `overrides` (`--key value` flags of `FederatedConfig` keys)."""
+    return q.Settings(
+        config=q._rel(config_path(setting)),
+        overrides=["--seed", str(seed), *(overrides or [])],
+        rouge_examples=(2 if tiny else setting.rouge_examples) if setting.rouge_examples else 0,
         data=str(data),
+        tiny=tiny,
+        **({k: v for k, v in q.TINY_DEFAULTS.items() if k != "rouge_examples"} if tiny else {}),
     )
 
 
@@ -307,27 +304,36 @@ def sampled_count(num_clients: int, fraction: float) -> int:
     return max(1, round(fraction * num_clients))  # as Coordinator.sample
 
 
-def cell_config(setting: Setting, method: str, seed: int, root: Path, data: Path, tiny: bool):
-    """`(FederatedConfig, quality.py settings, FedAMoLE pool or None)` of one cell."""
+def cell_config(
+    setting: Setting,
+    method: str,
+    seed: int,
+    root: Path,
+    data: Path,
+    tiny: bool,
+    overrides: list[str] | None = None,
+):
+    """`(FederatedConfig, quality.py settings, FedAMoLE pool or None)` of one cell (`overrides`: the command line's
+    `--key value` flags)."""
     spec = METHODS[method]
-    s = base_settings(setting, seed, data, tiny)
-    s = dataclasses.replace(s, **spec.settings)
+    s = base_settings(setting, seed, data, tiny, overrides)
     num_clients = len(list(data.glob("local_training_*.json*")))
     budget = None
     if spec.base == "fedamole":
+        common = s.federated(spec.overrides)
         budget = q.fedamole_pool(
-            q.target_shapes(s),
-            s.lora_r,
-            sampled_count(num_clients, setting.fraction),
+            q.target_shapes(s, common.lora_target_modules),
+            common.lora_r,
+            sampled_count(num_clients, common.fraction_clients),
             q._recipe("fedamole"),
             rank=s.fedamole_rank,
             num_experts=s.fedamole_experts,
         )
     out = cell_dir(root, setting, seed, method)
-    config = q.method_config(spec.base, s, data, out, budget, fraction=setting.fraction)
+    config = q.method_config(spec.base, s, data, out, budget, spec.overrides)
     for key, value in spec.config.items():
         if value == "local_steps":
-            value = s.local_steps
+            value = config.local_steps
         elif value == "hetero":
             value = [HETERO_CYCLE[k % len(HETERO_CYCLE)] for k in range(num_clients)]
         setattr(config, key, value)
@@ -406,18 +412,19 @@ def table_cost_h(setting: Setting, methods: tuple[str, ...], seeds: int = 3) -> 
     from types import SimpleNamespace
 
     total = 0.0
+    plan = schedule(setting)
     for m in methods:
-        ft = setting.local_steps if METHODS[m].config.get("finetune_steps") else 0
+        ft = plan.local_steps if METHODS[m].config.get("finetune_steps") else 0
         config = SimpleNamespace(
             num_clients=setting.num_clients,
-            fraction_clients=setting.fraction,
-            num_rounds=setting.rounds,
-            local_steps=setting.local_steps,
+            fraction_clients=plan.fraction_clients,
+            num_rounds=plan.num_rounds,
+            local_steps=plan.local_steps,
             finetune_steps=ft,
-            max_eval_examples=setting.eval_examples,
+            max_eval_examples=plan.max_eval_examples,
         )
         rouge = setting.num_clients * SEC_PER_ROUGE if setting.rouge_examples else 0.0
-        done = setting.rounds if ft and "fedit" in methods else 0  # forked from FedIT's run (`fork_finetune`)
+        done = plan.num_rounds if ft and "fedit" in methods else 0  # forked from FedIT's run (`fork_finetune`)
         total += seeds * (estimate_s(config, done) + rouge)
     return total / 3600
 
@@ -527,7 +534,7 @@ def plan(args, settings: list[Setting], root: Path) -> list[dict[str, Any]]:
                 seen.add(folder)
                 cell = {"setting": setting, "seed": seed, "method": method, "folder": folder, "order": order}
                 try:
-                    config, s, budget = cell_config(setting, method, seed, root, data, args.tiny)
+                    config, s, budget = cell_config(setting, method, seed, root, data, args.tiny, args.overrides)
                     cell.update(config=config, settings=s, budget=budget, client_ids=client_ids, data=data)
                     status = q.run_status(folder, config, client_ids)
                 except (SystemExit, ValueError) as err:  # other settings cached there, or no config for it
@@ -837,9 +844,36 @@ def commands(setting: Setting, tiny: bool, root: Path) -> list[str]:
     return out
 
 
+def common_settings() -> str:
+    """What every setting's YAML sets alike (checked), in words: the budget, batch, length, lr and PerFIT's search."""
+    keys = ("lora_r", "lora_alpha", "lora_target_modules", "per_device_train_batch_size", "max_length")
+    keys += ("learning_rate", "expansion_factor", "prune_iterations", "search_mode", "search_batches")
+    plans = [schedule(s).to_dict() for s in SETTINGS.values()]
+    differ = [k for k in keys if any(p[k] != plans[0][k] for p in plans)]
+    if differ:
+        raise ValueError(f"the settings YAMLs differ in {differ}: state them per setting, not as common settings.")
+    c = schedule(SETTINGS["flan8_recipe"])
+    lr = f"{c.learning_rate:.0e}".replace("e-0", "e-")  # 2e-4, as the docs write it
+    return (
+        f"rank-{c.lora_r} LoRA budget on {'/'.join(m.removesuffix('_proj') for m in c.lora_target_modules)} "
+        f"(lora_alpha {c.lora_alpha}), batch {c.per_device_train_batch_size}, max_length {c.max_length}, AdamW lr "
+        f"{lr} constant, PerFIT γ = {c.expansion_factor} with {c.prune_iterations} pruning iterations of "
+        f"{c.search_mode} search on {c.search_batches} batches (every setting's YAML, "
+        f"`{q._rel(q.SETTINGS_DIR)}/<setting>.yaml`)"
+    )
+
+
 def render_setting(setting: Setting, cells: dict[str, dict[int, dict]], plot: str | None, tiny: bool, root: Path):
     """The markdown of one setting: table(s), PerFIT's standing, mask overlap."""
-    lines = [f"### {setting.name}", "", setting.about + ".", ""]
+    c = schedule(setting)
+    lines = [
+        f"### {setting.name}",
+        "",
+        f"{setting.about}. Federated settings: `{q._rel(config_path(setting))}` ({c.num_rounds} rounds x "
+        f"{c.local_steps} local steps, {c.fraction_clients:.0%} of the clients per round, {c.max_eval_examples} test "
+        "examples per client).",
+        "",
+    ]
     if setting.same_as:
         lines += [f"Its cells are those of `{setting.same_as}` (same data and schedule).", ""]
     lines += ["```bash", *commands(setting, tiny, root), "```", ""]
@@ -866,7 +900,7 @@ def render_setting(setting: Setting, cells: dict[str, dict[int, dict]], plot: st
             f"{part['spec']['min_train']} training and >= {part['spec']['min_test']} test rows): training rows per "
             f"client {min(ntr)}–{max(ntr)} (median {sorted(ntr)[len(ntr) // 2]}), test rows {min(nte)}–{max(nte)}, "
             f"categories per client {min(cats)}–{max(cats)}; each client is evaluated on the first "
-            f"{setting.eval_examples} of its own test rows.",
+            f"{schedule(setting).max_eval_examples} of its own test rows.",
             "",
         ]
     tables = [("main", setting.methods)] + ([("ablations", setting.ablations)] if setting.ablations else [])
@@ -1077,7 +1111,7 @@ def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: lis
         ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
         ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))  # within a decade the minor ticks carry the labels
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    sampled = setting.fraction < 1
+    sampled = schedule(setting).fraction_clients < 1
     ax.set_xlabel(
         "training rounds done (0 = base model"
         + ("; fedit_ft: last point after fine-tuning" if "fedit_ft" in cells else "")
@@ -1122,11 +1156,8 @@ def report(args, root: Path) -> dict[str, Any]:
         "`[base model, after round 1, ..., after round T]` (+ one entry after fine-tuning for `fedit_ft`; `null` "
         "where a sampled setting did not evaluate the client).",
         "",
-        "Common settings: SmolLM2-135M-Instruct (fp32, CPU unless the run had a GPU), rank-8 LoRA budget on q/v "
-        "(lora_alpha 16), batch 4, max_length 128, AdamW lr 2e-4 constant, completion-only loss, PerFIT γ = 4 with "
-        "3 pruning iterations of foresight search on 8 batches (benchmarks/quality.py's defaults). Methods: "
-        + "; ".join(f"`{m}`: {spec.about}" for m, spec in METHODS.items())
-        + ".",
+        f"Common settings: SmolLM2-135M-Instruct (fp32, CPU unless the run had a GPU), {common_settings()}, "
+        "completion-only loss. Methods: " + "; ".join(f"`{m}`: {spec.about}" for m, spec in METHODS.items()) + ".",
         "",
         "Decisions:",
         "",
@@ -1193,7 +1224,15 @@ def report(args, root: Path) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """The script's flags; any other `--key value` is a `FederatedConfig` key over every cell's settings YAML
+    (`args.overrides`, as benchmarks/quality.py reads them), allowed for `run` and `plan` into a `--root` of their
+    own (the default root's cells are the declared settings')."""
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        allow_abbrev=False,
+        epilog="Any other --key value sets a FederatedConfig key over every cell's benchmarks/settings/<setting>.yaml "
+        "(docs/federated.md § Config keys), e.g. --learning_rate 1e-4 --root outputs/quality-lr1e-4.",
+    )
     p.add_argument("command", choices=["run", "plan", "report"], help="run the cells; print the plan; rebuild docs")
     p.add_argument(
         "--setting", nargs="+", default=["flan8_recipe"], metavar="SETTING", help=f"settings: {', '.join(SETTINGS)}"
@@ -1220,7 +1259,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-write", action="store_true", help="report: leave docs/benchmarks.md alone")
     p.add_argument("--results", type=Path, help="quality.json path (default: docs/results/quality.json)")
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    if rest and not rest[0].startswith("--"):
+        p.error(f"unexpected arguments {rest}; give every value after its --key.")
+    args.overrides = q.federated_flags(rest)
+    if args.overrides:
+        if args.command == "report":
+            p.error(f"report reads the cached runs; {rest[0]} and the other FederatedConfig keys apply to run / plan.")
+        if args.root is None:
+            p.error(
+                f"{' '.join(rest)} changes every cell's settings: give a --root of its own (the cells under "
+                f"{q._rel(TINY_ROOT if args.tiny else DEFAULT_ROOT)} are the declared settings')."
+            )
     for name in args.setting:
         if name not in SETTINGS:
             p.error(f"--setting {name}: unknown; allowed: {', '.join(SETTINGS)}")
@@ -1228,6 +1278,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--seeds must be integers >= 0")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
+    for name in args.setting:  # a bad key or value fails now, naming it, not after the first cell
+        base_settings(SETTINGS[name], args.seeds[0], q.FLAN8, args.tiny, args.overrides).federated()
     return args
 
 

@@ -1,9 +1,11 @@
 """benchmarks/quality_scale.py's machinery on the tiny random Llama: cells computed once and reused, quality.json's
-shape, the partitions it deals, and benchmarks/quality.py's tolerance of config keys added after a run was saved."""
+shape, the partitions it deals, and benchmarks/quality.py's tolerance of config keys added after a run was saved; the
+settings YAMLs plus overrides giving exactly the configs of the cached runs (commit 6705756's), old flags, errors."""
 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from collections import Counter
@@ -27,7 +29,7 @@ def test_two_methods_two_seeds_then_reused(tmp_path, capsys):
     results = json.loads((tmp_path / "quality.json").read_text())
     assert list(results) == ["flan8_recipe"]
     assert sorted(results["flan8_recipe"]) == ["local", "perfit"]
-    rounds = q.TINY_DEFAULTS["rounds"]
+    rounds = q._yaml(q.TINY_CONFIG)["num_rounds"]
     for seeds in results["flan8_recipe"].values():
         assert sorted(seeds) == ["0", "1"]
         for clients in seeds.values():
@@ -79,16 +81,165 @@ def test_run_status_tolerates_keys_added_later(tmp_path):
         q.run_status(tmp_path, config, ["client_0"])
 
 
-def test_flan8_recipe_cells_match_the_background_command():
-    # the command STATE.md records: quality.py defaults + these flags (the cells' runs must resume, not restart)
-    setting = qs.SETTINGS["flan8_recipe"]
-    s = qs.base_settings(setting, 0, Path("/data"), tiny=False)
-    args, expected = q.parse_args(
-        "--rounds 10 --local-steps 10 --batch-size 4 --eval-examples 50 --rouge-examples 50 --seed 0 --data /data".split()
+FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "quality_configs.json").read_text())
+"""`FederatedConfig.to_dict()` of every run the benchmarks built at commit 6705756, before their settings became YAML
+(written by tests/fixtures/make_quality_configs.py with that commit's code): cached runs are reused only while the
+same command line gives exactly the same dict."""
+
+
+def _client_folder(path: Path, n: int) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        (path / f"local_training_{k}.json").write_text("[]")
+    return path
+
+
+def _normalized(config, root: Path) -> dict:
+    d = config.to_dict()
+    d["dataset_name"] = "<data>"  # a stand-in folder: only its client count enters the config
+    d["output_dir"] = "<root>/" + Path(d["output_dir"]).relative_to(root).as_posix()
+    return d
+
+
+def _quality_configs(command: str, data: Path, root: Path) -> dict[str, dict]:
+    """benchmarks/quality.py's config of every row that `--methods <row> <command>` runs."""
+    _, s = q.parse_args(shlex.split(command))
+    n = len(list(data.glob("local_training_*.json")))
+    common = s.federated()
+    out = {}
+    for m in q.METHODS:
+        if m == q.HETERO and not s.perfit_budget_multipliers:
+            continue
+        budget = None
+        if m == "fedamole":
+            shapes = q.target_shapes(s, common.lora_target_modules)
+            budget = q.fedamole_pool(
+                shapes, common.lora_r, n, q._recipe("fedamole"), s.fedamole_rank, s.fedamole_experts
+            )
+        out[m] = _normalized(q.method_config(m, s, data, root / m, budget), root)
+    return out
+
+
+@pytest.mark.parametrize("command", list(FIXTURE["quality.py"]))
+def test_quality_py_configs_are_those_of_6705756(command, tmp_path):
+    n = 3 if "--tiny" in command else 8
+    data = _client_folder(tmp_path / "data", n)
+    assert _quality_configs(command, data, tmp_path / "root") == FIXTURE["quality.py"][command]
+
+
+@pytest.mark.parametrize("tiny", [False, True], ids=["full", "tiny"])
+@pytest.mark.parametrize("name", list(qs.SETTINGS))
+def test_quality_scale_configs_are_those_of_6705756(name, tiny, tmp_path):
+    setting = qs.SETTINGS[name]
+    n = (3 if setting.partition == "flan8" else qs.TINY_PARTITION_CLIENTS) if tiny else setting.num_clients
+    data = _client_folder(tmp_path / "data", n)
+    root = tmp_path / "root"
+    expected = FIXTURE["quality_scale.py --tiny" if tiny else "quality_scale.py"][name]
+    assert sorted(expected) == ["0", "1"] and sorted(expected["0"]) == sorted(qs.methods_of(setting, ["all"]))
+    for seed, runs in expected.items():
+        for method, ref in runs.items():
+            config, _, _ = qs.cell_config(setting, method, int(seed), root, data, tiny)
+            assert _normalized(config, root) == ref, (seed, method)
+
+
+def test_flan8_recipe_cells_match_the_background_command(tmp_path):
+    # the running background job's command line (old flags): its runs are the cells flan8_recipe/seed0/<method>
+    command = (
+        "--methods fedit perfit local --rounds 10 --local-steps 10 --batch-size 4 --eval-examples 50 "
+        "--rouge-examples 50 --seed 0 --threads 1 --no-write --data /data --output-root x"
     )
-    assert s == expected
+    args, s = q.parse_args(command.split())
+    assert args.methods == ["fedit", "perfit", "local"] and s.rouge_examples == 50 and s.data == "/data"
+    assert (
+        s.overrides
+        == "--num_rounds 10 --local_steps 10 --per_device_train_batch_size 4 --max_eval_examples 50 --seed 0".split()
+    )
+    data = _client_folder(tmp_path / "data", 8)
+    root = tmp_path / "root"
+    for m in args.methods:
+        config = _normalized(q.method_config(m, s, data, root / "flan8_recipe" / "seed0" / m), root)
+        assert config == FIXTURE["quality_scale.py"]["flan8_recipe"]["0"][m]
+    cell = qs.base_settings(qs.SETTINGS["flan8_recipe"], 0, data, tiny=False)
+    assert (cell.rouge_examples, cell.max_new_tokens, cell.tiny) == (50, 32, False)
     assert qs.storage(qs.SETTINGS["alpha0.5"]).name == "dirichlet40_f20"
-    assert qs.methods_of(setting, ["ablations"])[0] == "perfit" and "perfit_fedavg" in qs.methods_of(setting, ["all"])
+    assert qs.config_path(qs.SETTINGS["alpha0.5"]).name == "dirichlet40_f20.yaml"
+    assert qs.methods_of(qs.SETTINGS["flan8_recipe"], ["ablations"])[0] == "perfit"
+
+
+def test_old_and_new_flags_give_the_same_settings_and_new_commands():
+    old = "--rounds 10 --local-steps 10 --batch-size 4 --lr=1e-4 --eval-examples 50 --targets q_proj k_proj --lora-r 4"
+    new = (
+        "--num_rounds 10 --local_steps 10 --per_device_train_batch_size 4 --learning_rate=1e-4 "
+        "--max_eval_examples 50 --lora_target_modules q_proj k_proj --lora_r 4"
+    )
+    (_, a), (_, b) = q.parse_args(old.split()), q.parse_args(new.split())
+    assert a == b and a.overrides == new.split()
+    c = a.federated()
+    assert (c.num_rounds, c.local_steps, c.learning_rate, c.lora_target_modules) == (
+        10,
+        10,
+        1e-4,
+        ["q_proj", "k_proj"],
+    )
+    assert c.search_steps == 10  # PerFIT searches over all of the first round's local steps unless given
+    commands = q.commands_for(a, q.DEFAULT_ROOT, q.DEFAULT_ROOT)
+    assert commands[1] == "python benchmarks/quality.py --methods local " + new
+    assert commands[-1] == "python benchmarks/quality.py --report-only " + new
+    _, s = q.parse_args(["--config", "benchmarks/settings/flan8_recipe.yaml", "--rouge-examples", "50", "--tiny"])
+    assert q.commands_for(s, Path("/x"), q.DEFAULT_ROOT)[0] == (
+        "python benchmarks/quality.py --methods base --tiny --config benchmarks/settings/flan8_recipe.yaml "
+        "--rouge-examples 50 --output-root /x"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--num_round", "4"], r"'num_round': did you mean 'num_rounds'\?"),
+        (["--rounds", "x"], r"--num_rounds/--num-rounds: invalid int value: 'x'; `perfit federate --help`"),
+        (["--learning_rate", "0"], r"learning_rate=0.0 is not allowed"),
+        (["--strategy", "fedit"], r"the benchmark sets strategy \(--methods\) itself"),
+        (["--dataset_name", "d"], r"dataset_name \(--data \(and --split\)\)"),
+        (["--budget_multipliers", "1", "1"], r"--perfit-budget-multipliers"),
+        (["--config", "nope.yaml"], r"--config nope.yaml: no such file \(the settings are in benchmarks/settings/\)"),
+        (["--search_mode", "train", "--search_steps", "7"], r"search_steps=7 > local_steps=6"),
+    ],
+)
+def test_bad_settings_fail_naming_the_fix(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        q.parse_args(argv)
+
+
+def test_settings_of_old_runs_read_as_overrides(tmp_path):
+    # quality_settings.json as 6705756 wrote it (its own field per federated setting)
+    old = {"rounds": 10, "local_steps": 10, "batch_size": 4, "max_length": 128, "learning_rate": 0.0002}
+    old |= {"eval_examples": 50, "rouge_examples": 50, "max_new_tokens": 32, "seed": 1, "lora_r": 8, "lora_alpha": 16}
+    old |= {"targets": ["q_proj", "v_proj"], "expansion_factor": 4, "search_steps": 0, "prune_iterations": 3}
+    old |= {"importance": "taylor1", "fedamole_rank": 0, "fedamole_experts": 0, "data": "/data"}
+    old |= {"search_mode": "foresight", "search_batches": 8, "perfit_budget_multipliers": [], "split": "test"}
+    old |= {"validation_examples": 50, "tiny": False}
+    (tmp_path / "fedit").mkdir()
+    (tmp_path / "fedit" / q.SETTINGS_FILE).write_text(json.dumps(old))
+    s = q.stored_settings(tmp_path)
+    assert s.overrides == "--num_rounds 10 --local_steps 10 --max_eval_examples 50 --seed 1".split()
+    assert (s.config, s.rouge_examples, s.data) == (q.DEFAULT_CONFIG, 50, "/data")
+    _, again = q.parse_args([*s.overrides, "--rouge-examples", "50", "--data", "/data"])
+    assert again == s
+
+
+def test_quality_scale_overrides_need_a_root_of_their_own(tmp_path):
+    with pytest.raises(SystemExit):
+        qs.parse_args(["run", "--setting", "flan8_recipe", "--learning_rate", "1e-4"])
+    with pytest.raises(SystemExit):
+        qs.parse_args(["report", "--root", str(tmp_path), "--learning_rate", "1e-4"])
+    with pytest.raises(SystemExit, match="did you mean 'learning_rate'"):
+        qs.parse_args(["plan", "--root", str(tmp_path), "--learnig_rate", "1e-4"])
+    args = qs.parse_args(["plan", "--setting", "iid", "--root", str(tmp_path), "--lr", "1e-4"])
+    assert args.overrides == ["--learning_rate", "1e-4"]
+    data = _client_folder(tmp_path / "data", 40)
+    config, s, _ = qs.cell_config(qs.SETTINGS["iid"], "perfit", 2, tmp_path, data, False, args.overrides)
+    assert (config.learning_rate, config.seed, config.num_rounds, config.fraction_clients) == (1e-4, 2, 20, 0.2)
+    assert s.overrides == ["--seed", "2", "--learning_rate", "1e-4"]
 
 
 def test_fedit_ft_forked_from_fedit_equals_fedit_ft_from_scratch(tmp_path, capsys):
