@@ -353,9 +353,9 @@ Reading:
   `in_process_1thread`; goal ≤ 1.1×): {med["flower_simulation_1cpu"] - med[base]:+.2f} s per round
   ({ratio["flower_simulation_1cpu"]:.2f}×), for a round of 3 client trainings and 3 evaluations of a tiny model.
   `run_flower_simulation` hands each pushed message to a Ray worker at once (Flower 1.41 looks every 0.1 s) and
-  pulls the replies every 5 ms at most; what remains is mostly Ray's actor call, some 10 ms per message and 6
-  messages a round, one after the other on 1 CPU (docs/flower.md, "Flower's simulation runtime"). With a real model
-  the client's training dominates it.
+  pulls the replies every 5 ms at most; what remains is Ray's actor call (some 6 ms per message, 6 messages a
+  round one after the other on 1 CPU) and the Flower transport's bookkeeping between the phases (docs/flower.md,
+  section 1). With a real model the client's training dominates it.
 - With {num_cpus} CPUs Flower trains {num_cpus} clients at a time (`flower_simulation`,
   {ratio["flower_simulation"]:.2f}×).
 - `in_process` with {torch.get_num_threads()} threads is slower and erratic here: on a shared machine, torch's

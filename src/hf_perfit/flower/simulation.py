@@ -15,8 +15,8 @@ __all__ = ["SIMULATION_POLL_INTERVAL", "fast_simulation_dispatch", "run_flower_s
 SIMULATION_POLL_INTERVAL = 0.005
 """The ServerApp's longest wait between two pulls of replies in Flower's simulation (`FlowerRunOptions.poll_interval`;
 0.05 s in a deployment). A pull there is one call into the in-memory LinkState (a lock and a dict look-up per pending
-message), so 200 pulls a second cost nothing measurable, and the last reply of a phase is seen within 5 ms instead of
-up to 50 ms (measured: 10-40 ms a phase, `docs/flower.md`, section "Flower's simulation runtime")."""
+message), and the last reply of a phase is seen within 5 ms instead of up to 50 ms (measured: 25-30 ms a phase with
+0.05 s, 1-3 ms with 5 ms; `docs/flower.md`, section 1)."""
 
 
 @contextlib.contextmanager
@@ -27,7 +27,7 @@ def fast_simulation_dispatch() -> Iterator[bool]:
     Flower's simulation moves new messages from the LinkState to the workers' queue in a thread that looks every
     0.1 s (`flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue`, a fixed private `f_stop.wait(0.1)`), so
     each phase of a round (train, then evaluate) waited 0-100 ms before its first message reached a worker
-    (measured: 47 ms a phase on average). Within this block that function is the same loop (one message per node and
+    (measured: 30-60 ms a phase, `docs/flower.md`, section 1). Within this block that function is the same loop (one message per node and
     look, in the same order) whose wait also ends when the in-memory grid (`InMemoryGrid.push_messages`) stored new
     messages; the 0.1 s wait remains the longest, so a stop is still seen within 0.1 s. Nothing else changes, and only
     for Flower 1.41 (other versions run unchanged; `flwr` is pinned `<1.42`).
