@@ -27,6 +27,9 @@ same mean personalized perplexity (the engines run the same code).
     python benchmarks/flower_overhead.py --repeats 1 --no-write
     python benchmarks/flower_overhead.py --deployment     # also the localhost deployments (warm ClientApp processes)
     python benchmarks/flower_overhead.py --deployment --cold_deployment   # and Flower's default (a minute a round)
+
+A run without `--deployment` keeps the deployment results already in the section (their table rows and reading,
+under the date, commit and command of the run that measured them), so the simulation arms can be re-measured alone.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -49,6 +53,9 @@ from _report import DOC_PATH, REPO_ROOT, command_line, machine_lines, update_doc
 
 SECTION = "## Flower overhead (benchmarks/flower_overhead.py)"
 APP_DIR = REPO_ROOT / "recipes" / "flower"
+KEPT_START = "<!-- deployment results kept from an earlier run (flower_overhead.py without --deployment) -->"
+KEPT_END = "<!-- end of the kept deployment results -->"
+_DEPLOYMENT_BULLETS = ("- Deployment", "- Before (commit", "- Flower's default deployment")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,7 +69,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_cpus", type=int, default=None, help="CPUs for Ray (default: all usable)")
     p.add_argument("--no-write", dest="write", action="store_false", help="print only, leave docs/benchmarks.md")
     p.add_argument("--output", type=Path, default=DOC_PATH, help="markdown file to update")
+    p.add_argument(
+        "--machine_note",
+        action="append",
+        default=[],
+        help="an extra line for the section's machine list (e.g. that a background job was paused); repeatable",
+    )
     return p.parse_args(argv)
+
+
+def _section_text(doc: str) -> str:
+    """The "Flower overhead" section of `doc` (empty when absent)."""
+    lines, out, inside, fenced = doc.splitlines(), [], False, False
+    for line in lines:
+        if line.strip() == SECTION:
+            inside = True
+        elif inside:
+            if line.lstrip().startswith("```"):
+                fenced = not fenced
+            elif not fenced and line.startswith("## "):
+                break
+        if inside:
+            out.append(line)
+    return "\n".join(out)
+
+
+def kept_deployment(doc: str) -> str:
+    """The deployment results of the section in `doc`, to carry into a run without `--deployment`: an earlier kept
+    block as it is, else the deployment rows of the table and the deployment bullets of the reading, under the
+    date, commit and command of the run that measured them, and its `in_process_1thread` round (the rows' ratios
+    are to it). Empty when the section has no deployment results."""
+    section = _section_text(doc)
+    if KEPT_START in section and KEPT_END in section:
+        return section[section.index(KEPT_START) : section.index(KEPT_END) + len(KEPT_END)]
+    lines = section.splitlines()
+    header = next((i for i, line in enumerate(lines) if line.startswith("| engine |")), None)
+    rows = [line for line in lines if line.startswith("| flower_deployment")]
+    if header is None or not rows:
+        return ""
+    command = re.search(r"```bash\n(.*?)\n```", section, re.S)
+    date = re.search(r"^- date: (.*)$", section, re.M)
+    base = next((line.split("|")[2].strip() for line in lines if line.startswith("| in_process_1thread |")), "?")
+    bullets: list[str] = []
+    keep = False
+    for line in lines:
+        if line.startswith("- "):
+            keep = line.startswith(_DEPLOYMENT_BULLETS)
+        elif not line.startswith("  "):
+            keep = False
+        if keep:
+            bullets.append(line)
+    intro = (
+        f"Deployment arms, not re-measured by this command: from the run of {date.group(1) if date else 'unknown date'}"
+        f" (`{command.group(1).strip() if command else 'unknown command'}`), whose `in_process_1thread` round took "
+        f"{base} s (the ratios are to it):"
+    )
+    return "\n".join([KEPT_START, intro, "", lines[header], lines[header + 1], *rows, "", *bullets, KEPT_END])
 
 
 def make_assets(root: Path) -> None:
@@ -250,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     deployment = (
         f"; the deployment arms {min(args.deployment_repeats, args.repeats)} time(s) each" if deployments else ""
     )
+    notes = "".join(f"- {n}\n" for n in args.machine_note)
     text = f"""{SECTION}
 
 Round wall time of the same federated run on Flower against the in-process simulation.
@@ -262,7 +325,7 @@ Command:
 
 Machine:
 
-{machine_lines()}- Ray: 1 or {num_cpus} CPUs (see the arms), 1 CPU per ClientApp worker; flwr 1.41.0, ray 2.55.1
+{machine_lines()}{notes}- Ray: 1 or {num_cpus} CPUs (see the arms), 1 CPU per ClientApp worker; flwr 1.41.0, ray 2.55.1
 - total benchmark wall time: {wall_min:.1f} min
 
 Work: tiny random Llama (the tests' `tiny_llama`: 2 layers, hidden 16) and character tokenizer, 3 clients (one
@@ -288,8 +351,11 @@ Reading:
 
 - Flower's own cost in its simulation runtime, like for like (`flower_simulation_1cpu` against
   `in_process_1thread`; goal ≤ 1.1×): {med["flower_simulation_1cpu"] - med[base]:+.2f} s per round
-  ({ratio["flower_simulation_1cpu"]:.2f}×), for a round of 3 client trainings and 3 evaluations of a tiny model:
-  Ray dispatch and message (de)serialization. With a real model the client's training dominates it.
+  ({ratio["flower_simulation_1cpu"]:.2f}×), for a round of 3 client trainings and 3 evaluations of a tiny model.
+  `run_flower_simulation` hands each pushed message to a Ray worker at once (Flower 1.41 looks every 0.1 s) and
+  pulls the replies every 5 ms at most; what remains is Ray's actor call (some 6 ms per message, 6 messages a
+  round one after the other on 1 CPU) and the Flower transport's bookkeeping between the phases (docs/flower.md,
+  section 1). With a real model the client's training dominates it.
 - With {num_cpus} CPUs Flower trains {num_cpus} clients at a time (`flower_simulation`,
   {ratio["flower_simulation"]:.2f}×).
 - `in_process` with {torch.get_num_threads()} threads is slower and erratic here: on a shared machine, torch's
@@ -312,6 +378,10 @@ Reading:
   SuperLink and the ServerApp. Each request costs 5-50 ms on this machine, depending on its load; the in-process
   round it is compared with costs {med[base]:.2f} s.
 """
+    if not args.deployment:
+        kept = kept_deployment(args.output.read_text(encoding="utf-8")) if args.output.is_file() else ""
+        if kept:
+            text += f"\n{kept}\n"
     if args.deployment and not args.cold_deployment:
         text += """- Flower's default deployment (a fresh `flwr-clientapp` process per message, which imports torch and loads the
   model every time) was measured at 59.2 s per round, 41.5× `in_process_1thread`, on 2026-11-22 (commit 772c2b0, same

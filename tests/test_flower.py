@@ -569,3 +569,62 @@ def test_deployment_on_localhost_then_a_supernode_killed_mid_round(tmp_path, ass
         assert "## Failures" in (tmp_path / "killed" / "results.md").read_text()
     finally:
         fed.close()
+
+
+def test_fast_simulation_dispatch_wakes_flowers_dispatcher_on_a_push_and_restores_it(monkeypatch):
+    """Within the block, Flower 1.41's simulation dispatcher is the same loop (one message per node and look, in
+    order) whose wait ends when the in-memory grid pushed messages; on exit Flower's functions are back; nested
+    blocks and other Flower versions change nothing."""
+    import flwr
+    import flwr.server.superlink.fleet.vce.vce_api as vce_api
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    from hf_perfit.flower.simulation import fast_simulation_dispatch
+
+    original_add, original_push = vce_api.add_messages_to_queue, InMemoryGrid.push_messages
+
+    class Stop:
+        """Stops the loop after `looks` looks; the loop must not wait on it (Flower's fixed 0.1 s wait)."""
+
+        def __init__(self, state, looks):
+            self.state, self.looks = state, looks
+
+        def is_set(self):
+            return self.state.looks >= self.looks
+
+        def wait(self, timeout=None):
+            raise AssertionError("the fast loop waits on its wake event, not on f_stop")
+
+    class State:
+        def __init__(self, inbox):
+            self.inbox, self.looks, self.asked = inbox, 0, []
+
+        def get_message_ins(self, node_id, limit):
+            self.asked.append((node_id, limit))
+            if node_id == 2:  # the last node of a look
+                self.looks += 1
+                InMemoryGrid.push_messages(object(), [])  # a push during the look: the wait after it ends at once
+            return [self.inbox[node_id].pop(0)] if self.inbox[node_id] else []
+
+    with fast_simulation_dispatch() as on:
+        assert on is True
+        fast = vce_api.add_messages_to_queue
+        assert fast is not original_add and InMemoryGrid.push_messages is not original_push
+        with fast_simulation_dispatch() as nested:
+            assert nested is False and vce_api.add_messages_to_queue is fast
+        wake = fast._hf_perfit_wake
+        assert not wake.is_set()
+        assert InMemoryGrid.push_messages(object(), []) == [] and wake.is_set()  # Flower's push, then the wake
+        state, queue = State({1: ["a1", "a2"], 2: ["b1"]}), []
+
+        class Queue:
+            put = staticmethod(queue.append)
+
+        fast(state, Queue(), {1: 0, 2: 1}, Stop(state, 2))
+        assert queue == ["a1", "b1", "a2"]  # one message per node and look, as Flower's loop
+        assert state.asked == [(1, 1), (2, 1), (1, 1), (2, 1)]
+    assert vce_api.add_messages_to_queue is original_add and InMemoryGrid.push_messages is original_push
+
+    monkeypatch.setattr(flwr, "__version__", "1.42.0")
+    with fast_simulation_dispatch() as on:
+        assert on is False and vce_api.add_messages_to_queue is original_add

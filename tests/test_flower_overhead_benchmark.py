@@ -1,0 +1,77 @@
+"""benchmarks/flower_overhead.py: a run without `--deployment` keeps the deployment results already in its section of
+docs/benchmarks.md (rows, reading, and the date and command that measured them), once and again."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+_SECTION = """## Flower overhead (benchmarks/flower_overhead.py)
+
+Command:
+
+```bash
+python benchmarks/flower_overhead.py --repeats 2 --deployment
+```
+
+Machine:
+
+- date: 2026-11-28 21:55 UTC; repository commit 376f882
+
+| engine | round wall (s): median | min – max |
+|---|---:|---:|
+| in_process_1thread | 0.20 | 0.12 – 0.33 |
+| flower_simulation_1cpu | 0.45 | 0.31 – 0.50 |
+| flower_deployment_warm | 7.39 | 7.20 – 7.80 |
+
+Reading:
+
+- Flower's own cost in its simulation runtime: +0.26 s.
+- Deployment with warm ClientApp processes: 38.4×,
+  with more on a second line.
+- Before (commit c71495f): 17.7×.
+- `in_process` with 2 threads is erratic.
+
+## Next section
+
+- Deployment in another section: not ours.
+"""
+
+
+def _flower_overhead():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import flower_overhead
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return flower_overhead
+
+
+def test_a_simulation_only_run_keeps_the_deployment_results():
+    fo = _flower_overhead()
+    kept = fo.kept_deployment("# Benchmarks\n\n" + _SECTION)
+    lines = kept.splitlines()
+    assert lines[0] == fo.KEPT_START and lines[-1] == fo.KEPT_END
+    assert lines[1] == (
+        "Deployment arms, not re-measured by this command: from the run of 2026-11-28 21:55 UTC; repository commit "
+        "376f882 (`python benchmarks/flower_overhead.py --repeats 2 --deployment`), whose `in_process_1thread` round "
+        "took 0.20 s (the ratios are to it):"
+    )
+    assert lines[3:6] == [
+        "| engine | round wall (s): median | min – max |",
+        "|---|---:|---:|",
+        "| flower_deployment_warm | 7.39 | 7.20 – 7.80 |",
+    ]
+    assert lines[7:-1] == [
+        "- Deployment with warm ClientApp processes: 38.4×,",
+        "  with more on a second line.",
+        "- Before (commit c71495f): 17.7×.",
+    ]
+    # the next simulation-only run finds the kept block and carries it as it is
+    again = _SECTION.replace("Reading:\n", f"Reading:\n\n{kept}\n")
+    assert fo.kept_deployment(again) == kept
+    # no deployment rows: nothing to keep
+    assert fo.kept_deployment(_SECTION.replace("| flower_deployment_warm | 7.39 | 7.20 – 7.80 |\n", "")) == ""
+    assert fo.kept_deployment("# Benchmarks\n") == ""
