@@ -108,3 +108,18 @@ def machine_lines(info: dict[str, str] | None = None) -> str:
         f"- date: {m['date']}; repository commit {m['commit']}\n"
         f"- load average (1 min) at the end: {os.getloadavg()[0]:.2f} (a shared machine when > cores)\n"
     )
+
+
+def command_and_machine(machine: list[str] | None = None) -> list[str]:
+    """The "Command:" and "Machine:" blocks every section of docs/benchmarks.md opens with (markdown lines);
+    `machine` replaces the machine's bullet lines (a script that measured elsewhere, e.g. in a child process)."""
+    bullets = machine if machine is not None else machine_lines().rstrip("\n").split("\n")
+    return ["Command:", "", "```bash", command_line(), "```", "", "Machine:", "", *bullets]
+
+
+def publish(title: str, section: str, write: bool) -> None:
+    """Print a section; with `write`, also replace its part of docs/benchmarks.md (the section headed `title`)."""
+    print(section)
+    if write:
+        update_doc(DOC_PATH, title, section)
+        print(f"wrote {DOC_PATH}")

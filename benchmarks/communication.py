@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import DOC_PATH, REPO_ROOT, command_line, machine_lines, update_doc  # noqa: E402
+from _report import REPO_ROOT, command_and_machine, publish  # noqa: E402
 
 SECTION = "## Communication (benchmarks/communication.py)"
 GOAL = 1.15
@@ -141,15 +141,8 @@ def render(info: str, rows, run, args) -> str:
         "Bytes a client uploads per round: PerFIT (kept values + packed mask bits, the mask only in the round it",
         "changed) against FedIT (the dense rank-r LoRA) at the same trainable budget. Goal: <= 1.15x FedIT.",
         "",
-        "Command:",
+        *command_and_machine(),
         "",
-        "```bash",
-        command_line(),
-        "```",
-        "",
-        "Machine:",
-        "",
-        machine_lines(),
         f"Real shapes: {info}.",
         "",
         "| upload | PerFIT (bytes) | FedIT (bytes) | PerFIT / FedIT | goal <= 1.15 |",
@@ -198,9 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     info, rows = real_shapes(args)
     run = None if args.no_run else measured_run()
     section = render(info, rows, run, args)
-    print(section)
-    if not args.no_write:
-        update_doc(DOC_PATH, SECTION, section)
+    publish(SECTION, section, write=not args.no_write)
 
 
 if __name__ == "__main__":

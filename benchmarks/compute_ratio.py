@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import DOC_PATH, REPO_ROOT, command_line, machine_lines, update_doc  # noqa: E402
+from _report import DOC_PATH, REPO_ROOT, command_and_machine, update_doc  # noqa: E402
 
 GOAL = 1.3
 CATEGORIES = 8
@@ -262,15 +262,7 @@ def render(result: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         section_title(result["model"]),
         "",
-        "Command:",
-        "",
-        "```bash",
-        command_line(),
-        "```",
-        "",
-        "Machine:",
-        "",
-        machine_lines().rstrip("\n"),
+        *command_and_machine(),
         f"- model on {result['device']}, base weights {result['dtype']}, {result['threads']} torch thread(s)",
         "",
         f"Run: {result['model']}, {args.strategy}, {args.clients} clients (all sampled), {args.rounds} rounds of "

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as q  # noqa: E402
-from _report import DOC_PATH, command_line, machine_lines, update_doc  # noqa: E402
+from _report import command_line, machine_lines, publish  # noqa: E402
 
 SECTION = "## Measurement vanishing: zero Taylor scores by init (benchmarks/measurement_vanishing.py)"
 INITS = {"symmetric": "symmetric", "zero": True}
@@ -204,10 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     section = "\n".join(lines)
-    print(section)
-    if not args.tiny and not args.no_write:
-        update_doc(DOC_PATH, SECTION, section)
-        print(f"wrote {DOC_PATH}")
+    publish(SECTION, section, write=not args.tiny and not args.no_write)
     return 0
 
 

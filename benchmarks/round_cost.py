@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import DOC_PATH, REPO_ROOT, command_line, machine_lines, update_doc  # noqa: E402
+from _report import REPO_ROOT, command_and_machine, publish  # noqa: E402
 
 SECTION = "## Cost per client round (benchmarks/round_cost.py)"
 GOAL_S = 0.15
@@ -135,7 +135,7 @@ def render(rows: list[tuple[str, dict]], device: str, threads: int) -> str:
     where = (
         f"fp32 on the CPU, {threads} torch thread(s)" if device == "cpu" else f"the model on {device} (`bf16: auto`)"
     )
-    lines = [SECTION, "", "Command:", "", "```bash", command_line(), "```", "", "Machine:", "", machine_lines()]
+    lines = [SECTION, "", *command_and_machine(), ""]
     lines += [
         f"Tiny random Llama (2 layers, hidden 16), synthetic rows in {CATEGORIES} categories split with "
         f"`partition=dirichlet` (alpha 0.5), FedIT, {LOCAL_STEPS} local steps of batch 2, max_length 64, "
@@ -195,9 +195,7 @@ def main(argv: list[str] | None = None) -> None:
             print(label, json.dumps(m), flush=True)
             rows.append((label, m))
     section = render(rows, args.device, args.threads)
-    print(section)
-    if not args.no_write:
-        update_doc(DOC_PATH, SECTION, section)
+    publish(SECTION, section, write=not args.no_write)
 
 
 if __name__ == "__main__":

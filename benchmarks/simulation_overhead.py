@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import DOC_PATH, REPO_ROOT, command_line, machine_lines, update_doc  # noqa: E402
+from _report import REPO_ROOT, command_and_machine, publish  # noqa: E402
 
 SECTION = "## Coordinator overhead and memory (benchmarks/simulation_overhead.py)"
 PRESET = "smollm2-135m-instruct"
@@ -207,7 +207,7 @@ def rss(counts: list[int]) -> list[dict]:
 
 
 def render(ov: dict | None, mem: list[dict] | None) -> str:
-    lines = [SECTION, "", "Command:", "", "```bash", command_line(), "```", "", "Machine:", "", machine_lines()]
+    lines = [SECTION, "", *command_and_machine(), ""]
     if ov:
         coord = ov["wall_s"] - ov["train_s"] - ov["eval_s"]
         share = coord / ov["wall_s"]
@@ -268,9 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     ov = None if args.skip_overhead else overhead(args)
     mem = None if args.skip_rss else rss(args.rss_counts)
     section = render(ov, mem)
-    print(section)
-    if not args.no_write:
-        update_doc(DOC_PATH, SECTION, section)
+    publish(SECTION, section, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import REPO_ROOT, command_line, machine_info, update_doc  # noqa: E402
+from _report import REPO_ROOT, command_and_machine, machine_info, update_doc  # noqa: E402
 
 PRESET = "smollm2-135m-instruct"
 SECTION = "## Step overhead (benchmarks/step_overhead.py)"
@@ -546,15 +546,7 @@ def main(argv: list[str] | None = None) -> None:
             "",
             "What PerFIT costs per optimizer step, next to vanilla PEFT LoRA at rank r and at rank γr.",
             "",
-            "Command:",
-            "",
-            "```bash",
-            command_line(),
-            "```",
-            "",
-            "Machine:",
-            "",
-            *machine,
+            *command_and_machine(machine),
             "",
             "Settings:",
             "",
