@@ -111,30 +111,6 @@ ROUGE_FILE = "rouge.json"
 BUDGET_FILE = "fedamole_budget.json"
 SETTINGS_FILE = "quality_settings.json"
 IGNORED_CONFIG_KEYS = ("resume", "overwrite", "output_dir", "push_to_hub", "hub_repo_prefix", "hub_private")
-PER_METHOD_KEYS = frozenset(
-    {
-        "strategy",
-        "lora_r",
-        "lora_alpha",
-        "num_experts",
-        "clients_per_expert",
-        "experts_per_client_min",
-        "experts_per_client_max",
-        "mole_top_k",
-        "balance_loss_coef",
-        "strategy_options",
-        "proximal_mu",
-        "expansion_factor",
-        "search_steps",
-        "prune_iterations",
-        "importance",
-        "research_every",
-        "search_mode",
-        "search_batches",
-        "budget_multipliers",
-    }
-)
-"""Config keys that differ between methods by design (everything else must be the same in every run)."""
 TINY_CLIENTS = 3
 VALIDATION_SEED = 1234  # fixed: the same held-out examples whatever --seed a run uses
 
@@ -191,34 +167,21 @@ OLD_KEYS: dict[str, str] = {
 """Fields of the old `Settings` (in the `quality_settings.json` of a run made up to commit 6705756) -> the
 `FederatedConfig` key that holds them now."""
 
+_PERFIT_KEYS = "expansion_factor search_steps prune_iterations importance research_every search_mode search_batches"
+_MOLE_KEYS = (
+    "num_experts clients_per_expert experts_per_client_min experts_per_client_max mole_top_k balance_loss_coef"
+)
 METHOD_KEYS: dict[str, frozenset[str]] = {
-    "perfit": frozenset(
-        (
-            "expansion_factor",
-            "search_steps",
-            "prune_iterations",
-            "importance",
-            "research_every",
-            "search_mode",
-            "search_batches",
-        )
-    ),
+    "perfit": frozenset(_PERFIT_KEYS.split()),
     "fedprox": frozenset({"proximal_mu"}),
     "fedmut": frozenset({"strategy_options"}),
     "fedqp": frozenset({"strategy_options"}),
-    "fedamole": frozenset(
-        (
-            "num_experts",
-            "clients_per_expert",
-            "experts_per_client_min",
-            "experts_per_client_max",
-            "mole_top_k",
-            "balance_loss_coef",
-        )
-    ),
+    "fedamole": frozenset(_MOLE_KEYS.split()),
 }
 """The keys of a settings YAML that only a strategy's rows read (the rest is every row's); every other row runs with
 `FederatedConfig`'s default for them, so that e.g. `--expansion_factor 2` changes PerFIT's rows only."""
+PER_METHOD_KEYS = frozenset({"strategy", "lora_r", "lora_alpha", "budget_multipliers"}).union(*METHOD_KEYS.values())
+"""Config keys that differ between methods by design (everything else must be the same in every run)."""
 
 
 @dataclass
