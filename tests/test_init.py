@@ -53,3 +53,13 @@ def test_standard_init_scores_vanish(llama, batch):
             assert float(p.grad.abs().max()) == 0.0
         else:
             assert float(p.grad.abs().max()) > 0.0  # B learns, but its score |0 * g| is 0
+
+
+def test_wrapping_raises_no_deprecation_warning(llama):
+    """`get_perfit_model` is silent: peft 0.21 reads an attribute transformers 5.24 deprecated, which would warn on
+    every client model of a federation."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        get_perfit_model(llama, PerFITLoraConfig(r=2, expansion_factor=2, target_modules=["q_proj"]))

@@ -24,6 +24,7 @@ import itertools
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -76,9 +77,13 @@ class PerFITModel(PeftModel):
             )
         _refuse_unsupported_base(model)
         try:
-            super().__init__(
-                model, peft_config.to_lora_config(), adapter_name, autocast_adapter_dtype, low_cpu_mem_usage
-            )
+            with warnings.catch_warnings():
+                # peft 0.21 reads `model.is_gradient_checkpointing`, which transformers 5.24 deprecated: a FutureWarning
+                # on every wrap (every client model) that no user setting can address
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+                super().__init__(
+                    model, peft_config.to_lora_config(), adapter_name, autocast_adapter_dtype, low_cpu_mem_usage
+                )
         except ValueError as err:
             if "not found in the base model" in str(err) or "No modules were targeted" in str(err):
                 raise ValueError(
