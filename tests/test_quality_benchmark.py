@@ -20,6 +20,10 @@ import quality as q  # noqa: E402
 import quality_partition as qp  # noqa: E402
 import quality_scale as qs  # noqa: E402
 
+# the fixture was written with these two: the comparison must normalise exactly as the generation did
+from tests.fixtures.make_quality_configs import _data as _client_folder  # noqa: E402
+from tests.fixtures.make_quality_configs import _norm as _normalized  # noqa: E402
+
 
 def test_two_methods_two_seeds_then_reused(tmp_path, capsys):
     argv = ["run", "--tiny", "--setting", "flan8_recipe", "--seeds", "0", "1", "--methods", "local", "perfit"]
@@ -85,20 +89,6 @@ FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "quality_configs.json
 """`FederatedConfig.to_dict()` of every run the benchmarks built at commit 6705756, before their settings became YAML
 (written by tests/fixtures/make_quality_configs.py with that commit's code): cached runs are reused only while the
 same command line gives exactly the same dict."""
-
-
-def _client_folder(path: Path, n: int) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    for k in range(n):
-        (path / f"local_training_{k}.json").write_text("[]")
-    return path
-
-
-def _normalized(config, root: Path) -> dict:
-    d = config.to_dict()
-    d["dataset_name"] = "<data>"  # a stand-in folder: only its client count enters the config
-    d["output_dir"] = "<root>/" + Path(d["output_dir"]).relative_to(root).as_posix()
-    return d
 
 
 def _quality_configs(command: str, data: Path, root: Path) -> dict[str, dict]:
