@@ -202,6 +202,17 @@ def test_client_folder(tmp_path):
         assert client.train.column_names == ["instruction", "context", "response", "category"]
 
 
+@pytest.mark.parametrize(("name", "kind"), [("local_training_1.jsonl", "training"), ("test_1.jsonl", "test")])
+def test_client_folder_refuses_two_files_for_one_client(tmp_path, name, kind):
+    folder = make_client_folder(tmp_path / "fl")
+    if kind == "test":
+        for k in range(3):
+            (folder / f"test_{k}.json").write_text("[]")
+    (folder / name).write_text("")
+    with pytest.raises(ValueError, match=rf"Client 1 has two {kind} files in .*: .*_1\.json and {name}"):
+        load_client_folder(folder)
+
+
 def test_client_folder_sorted_numerically_and_multi_category(tmp_path):
     folder = make_client_folder(tmp_path / "fl", cats=[f"c{k}" for k in range(11)], n_train=2, n_test=1)
     write_json(folder / "local_training_3.json", make_rows({"c5": 1, "c3": 2}))

@@ -367,30 +367,28 @@ def load_instruction_dataset(
     return normalize_columns(ds, column_map, source=source)
 
 
-def _client_files(path: Path) -> dict[int, Path]:
+def _indexed_files(path: Path, pattern: re.Pattern[str], kind: str) -> dict[int, Path]:
+    """`{k: file}` of the files in `path` whose name `pattern` matches with client index `k`; two for one client is
+    an error naming both."""
     files: dict[int, Path] = {}
     for p in sorted(path.iterdir()):
-        m = CLIENT_FILE_PATTERN.match(p.name)
+        m = pattern.match(p.name)
         if m is None or not p.is_file():
             continue
         k = int(m.group(1))
         if k in files:
-            raise ValueError(f"Client {k} has two training files in {path}: {files[k].name} and {p.name}.")
+            raise ValueError(f"Client {k} has two {kind} files in {path}: {files[k].name} and {p.name}.")
         files[k] = p
     return files
 
 
+def _client_files(path: Path) -> dict[int, Path]:
+    return _indexed_files(path, CLIENT_FILE_PATTERN, "training")
+
+
 def _client_test_files(path: Path, files: dict[int, Path]) -> dict[int, Path] | None:
     """Client `k`'s own `test_{k}.json(l)` for every client, or `None` when the folder has none."""
-    tests: dict[int, Path] = {}
-    for p in sorted(path.iterdir()):
-        m = CLIENT_TEST_PATTERN.match(p.name)
-        if m is None or not p.is_file():
-            continue
-        k = int(m.group(1))
-        if k in tests:
-            raise ValueError(f"Client {k} has two test files in {path}: {tests[k].name} and {p.name}.")
-        tests[k] = p
+    tests = _indexed_files(path, CLIENT_TEST_PATTERN, "test")
     if not tests:
         return None
     if set(tests) != set(files):
