@@ -9,6 +9,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network here; Flower 
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 import json  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -84,15 +85,15 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
 
 
-def _assert_same_run(reference: Path, flower: Path, clients) -> None:
-    """Same records (up to Flower's extra keys) and the same exported adapters."""
+def _assert_same_run(reference: Path, flower: Path, clients, exact: bool = False) -> None:
+    """Same records (up to Flower's extra keys) and the same exported adapters (`exact`: bit for bit)."""
     ref, got = _records(reference), _records(flower)
     assert len(ref) == len(got)
     for a, b in zip(ref, got, strict=True):
         assert (a["round"], a.get("client"), a["strategy"]) == (b["round"], b.get("client"), b["strategy"])
         assert b.get("failed_clients", {}) == {}
         for key, value in a.items():
-            if isinstance(value, float):
+            if isinstance(value, float) and not exact:
                 assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (a["round"], a.get("client"), key)
             else:
                 assert b[key] == value, (a["round"], a.get("client"), key)
@@ -101,7 +102,10 @@ def _assert_same_run(reference: Path, flower: Path, clients) -> None:
         y = load_file(str(flower / "clients" / cid / "adapter" / "adapter_model.safetensors"))
         assert x.keys() == y.keys()
         for key in x:
-            torch.testing.assert_close(y[key], x[key], rtol=0, atol=1e-6)
+            if exact:
+                assert torch.equal(y[key], x[key]), (cid, key)
+            else:
+                torch.testing.assert_close(y[key], x[key], rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------- the wire format
@@ -449,10 +453,19 @@ def test_a_flower_run_resumes_from_its_last_checkpoint(tmp_path, assets, task_id
 # ---------------------------------------------------------------------- Flower's simulation runtime
 
 
-def test_flower_simulation_matches_the_in_process_simulation(tmp_path, assets):
+def test_flower_simulation_matches_the_in_process_simulation(tmp_path, assets, monkeypatch):
     """3 clients, 2 rounds of perfit: Ray workers run the same client code as the in-process loop, so the metrics and
-    the exported adapters agree (to float32 rounding; in practice bit for bit)."""
+    the exported adapters agree (to float32 rounding; in practice bit for bit). The in-process backend runs that code
+    in this process, with this process's one torch thread: bit for bit, and without Ray (not even importable)."""
     run_federated(_config(assets, tmp_path / "in_process"))
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+        m.setitem(sys.modules, "flwr.server.superlink.fleet.vce.backend.raybackend", None)  # so does Flower's backend
+        summary = run_flower_simulation(_config(assets, tmp_path / "inprocess"), backend="inprocess")
+    assert summary["round"] == 1 and "failed_clients" not in summary
+    _assert_same_run(tmp_path / "in_process", tmp_path / "inprocess", CLIENTS, exact=True)
+    assert json.loads((tmp_path / "inprocess" / REPORT).read_text())["status"] == "completed"
+
     summary = run_flower_simulation(_config(assets, tmp_path / "flower"), num_cpus=2, client_num_cpus=1.0)
     assert summary["round"] == 1 and "failed_clients" not in summary  # only rounds with a failure have it
     _assert_same_run(tmp_path / "in_process", tmp_path / "flower", CLIENTS)
@@ -462,6 +475,74 @@ def test_flower_simulation_matches_the_in_process_simulation(tmp_path, assets):
     for r in _records(tmp_path / "flower"):
         if r.get("client") and r["round"] == 1:
             assert r["bytes_up"] <= r["wire_bytes_up"] <= r["bytes_up"] + 8 * 256
+
+
+def test_run_flower_simulation_refuses_an_unknown_backend_and_ray_settings_without_ray(tmp_path, assets):
+    config = _config(assets, tmp_path / "x")
+    with pytest.raises(
+        ValueError, match=r"unknown Flower simulation backend 'dask'; choose one of \['ray', 'inprocess'\]"
+    ):
+        run_flower_simulation(config, backend="dask")
+    with pytest.raises(ValueError, match=r"num_cpus, client_num_gpus: Ray's resources, which backend='inprocess'"):
+        run_flower_simulation(config, backend="inprocess", num_cpus=2, client_num_gpus=0.5)
+    assert not (tmp_path / "x").exists()  # refused before anything ran
+
+
+def test_inprocess_backend_runs_the_client_app_on_copies_and_reports_its_errors(monkeypatch, task_identity):
+    """What a Ray actor does, in this thread: the ClientApp gets copies of the message and context (the LinkState's
+    message and the stored context stay as they were), its exception becomes Flower's ClientAppException; the swap of
+    Flower's backend is undone on exit, refused when nested or on another Flower version."""
+    import flwr
+    import flwr.server.superlink.fleet.vce.vce_api as vce_api
+    from flwr.app import ConfigRecord
+    from flwr.clientapp import ClientApp
+    from flwr.clientapp.client_app import ClientAppException
+
+    from hf_perfit.flower.simulation import InProcessBackend, inprocess_backend
+
+    app = ClientApp()
+
+    @app.query()
+    def query(message, context):
+        message.content["meta"]["seen"] = True  # a ClientApp that scribbles on what it got
+        context.state["calls"] = ConfigRecord({"n": 1})
+        if message.content["meta"]["fail"]:
+            raise KeyError("no such partition")
+        return Message(RecordDict({"meta": ConfigRecord({"ok": True})}), reply_to=message)
+
+    def message(fail: bool) -> Message:
+        m = Message(RecordDict({"meta": ConfigRecord({"fail": fail})}), dst_node_id=1, message_type="query")
+        m.metadata.__dict__["_message_id"] = f"id-{fail}"
+        return m
+
+    backend = InProcessBackend()
+    with pytest.raises(ValueError, match="before build"):
+        backend.process_message(message(False), Context(1, 1, {}, RecordDict(), {}))
+    backend.build(lambda: app)
+    assert backend.num_workers == 1 and backend.is_worker_idle()
+    sent, context = message(False), Context(1, 1, {}, RecordDict(), {})
+    reply, updated = backend.process_message(sent, context)
+    assert reply.content["meta"]["ok"] is True and reply.metadata.reply_to_message_id == "id-False"
+    assert "seen" not in sent.content["meta"] and "calls" not in context.state  # the originals are untouched
+    assert updated.state["calls"]["n"] == 1
+    with pytest.raises(ClientAppException, match="no such partition"):
+        backend.process_message(message(True), context)
+    assert backend.is_worker_idle()
+
+    original = vce_api.run_api
+    with inprocess_backend():
+        swapped = vce_api.run_api
+        assert swapped is not original
+        with pytest.raises(RuntimeError, match="already active"):
+            with inprocess_backend():
+                pass
+        assert vce_api.run_api is swapped
+    assert vce_api.run_api is original
+    monkeypatch.setattr(flwr, "__version__", "1.42.0")
+    with pytest.raises(RuntimeError, match=r"backend='inprocess' needs Flower 1.41 \(installed: flwr 1.42.0\)"):
+        with inprocess_backend():
+            pass
+    assert vce_api.run_api is original
 
 
 def test_a_users_server_app_wraps_fedit_in_flowers_client_side_dp(tmp_path, assets):
@@ -628,3 +709,45 @@ def test_fast_simulation_dispatch_wakes_flowers_dispatcher_on_a_push_and_restore
     monkeypatch.setattr(flwr, "__version__", "1.42.0")
     with fast_simulation_dispatch() as on:
         assert on is False and vce_api.add_messages_to_queue is original_add
+
+
+def test_fast_simulation_dispatch_wakes_a_reply_pull_when_a_reply_is_stored(monkeypatch):
+    """Within the block, the simulation's reply store loop signals each reply it stored, and a pull of replies that
+    found none waits for that signal and pulls again (instead of returning empty to a ServerApp that then sleeps)."""
+    import queue
+    import threading
+
+    import flwr.server.superlink.fleet.vce.vce_api as vce_api
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    import hf_perfit.flower.simulation as simulation
+
+    replies: queue.Queue = queue.Queue()
+    stored, pulls = [], []
+
+    def pull(self, ids):
+        pulls.append(list(ids))
+        if len(pulls) == 2:  # the worker finishes right after the first look of the second pull
+            replies.put("reply to m1")
+        out, stored[:] = list(stored), []
+        return out
+
+    class State:
+        def store_message_res(self, message):
+            stored.append(message)
+
+    monkeypatch.setattr(InMemoryGrid, "pull_messages", pull)
+    monkeypatch.setattr(simulation, "SIMULATION_REPLY_WAIT", 600.0)  # only the signal ends the wait in time
+    original_store = vce_api.put_message_into_state
+    with simulation.fast_simulation_dispatch():
+        stop = threading.Event()
+        store = threading.Thread(target=vce_api.put_message_into_state, args=(State(), replies, stop))
+        store.start()
+        try:
+            assert InMemoryGrid.pull_messages(object(), []) == [] and pulls == [[]]  # nothing asked: no wait
+            assert InMemoryGrid.pull_messages(object(), ["m1"]) == ["reply to m1"]
+            assert pulls == [[], ["m1"], ["m1"]]  # found nothing, waited for the store, pulled again
+        finally:
+            stop.set()
+            store.join()
+    assert InMemoryGrid.pull_messages is pull and vce_api.put_message_into_state is original_store

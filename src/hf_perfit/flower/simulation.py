@@ -1,22 +1,52 @@
-"""Running a [`FederatedConfig`] in Flower's simulation runtime from Python (Ray workers on this machine)."""
+"""Running a [`FederatedConfig`] in Flower's simulation runtime from Python, on this machine: the `ClientApp` in Ray
+workers (Flower's backend) or in this process ([`InProcessBackend`]).
+
+Which backend:
+
+- `"ray"` (the default, Flower's own): each `ClientApp` runs in a Ray worker process with its share of the CPUs and
+  GPUs (`client_num_cpus`, `client_num_gpus`), so several clients train at once and a GPU can be split between
+  workers; every message costs a Ray actor call (some 6 ms on a 2-core machine) and the run starts and stops Ray
+  (about 10 s each way). A worker with `client_num_gpus=0` sees no GPU.
+- `"inprocess"` ([`InProcessBackend`]): one worker, the `ClientApp` called in this process (one client at a time,
+  this process's devices and torch threads, like `perfit federate`); no Ray at all, not even imported. For one
+  client at a time, on one device, short rounds, tests and debugging (a breakpoint in the ClientApp works).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from queue import Empty
 from typing import Any
 
 from ..federated.config import FederatedConfig
 from .server_app import FlowerRunOptions, make_server_app
 
-__all__ = ["SIMULATION_POLL_INTERVAL", "fast_simulation_dispatch", "run_flower_simulation"]
+__all__ = [
+    "BACKENDS",
+    "SIMULATION_POLL_INTERVAL",
+    "SIMULATION_REPLY_WAIT",
+    "InProcessBackend",
+    "fast_simulation_dispatch",
+    "inprocess_backend",
+    "run_flower_simulation",
+]
+
+BACKENDS = ("ray", "inprocess")
+"""The simulation backends [`run_flower_simulation`] knows (see the module docstring)."""
 
 SIMULATION_POLL_INTERVAL = 0.005
 """The ServerApp's longest wait between two pulls of replies in Flower's simulation (`FlowerRunOptions.poll_interval`;
 0.05 s in a deployment). A pull there is one call into the in-memory LinkState (a lock and a dict look-up per pending
 message), and the last reply of a phase is seen within 5 ms instead of up to 50 ms (measured: 25-30 ms a phase with
 0.05 s, 1-3 ms with 5 ms; `docs/flower.md`, section 1)."""
+
+SIMULATION_REPLY_WAIT = 0.1
+"""The longest a pull of replies in Flower's simulation waits for a reply to be stored ([`fast_simulation_dispatch`])
+before it returns empty: Flower's own pause between two pulls (`InMemoryGrid.pull_interval`), so a phase's
+`round_timeout` is overrun by at most that, as with Flower's loop."""
 
 
 @contextlib.contextmanager
@@ -29,7 +59,13 @@ def fast_simulation_dispatch() -> Iterator[bool]:
     each phase of a round (train, then evaluate) waited 0-100 ms before its first message reached a worker
     (measured: 30-60 ms a phase, `docs/flower.md`, section 1). Within this block that function is the same loop (one message per node and
     look, in the same order) whose wait also ends when the in-memory grid (`InMemoryGrid.push_messages`) stored new
-    messages; the 0.1 s wait remains the longest, so a stop is still seen within 0.1 s. Nothing else changes, and only
+    messages; the 0.1 s wait remains the longest, so a stop is still seen within 0.1 s.
+
+    The way back is woken the same way: the thread that stores the workers' replies into the LinkState
+    (`vce_api.put_message_into_state`, the same loop) signals each stored reply, and a pull of replies
+    (`InMemoryGrid.pull_messages`) that finds none of its messages answered waits for that signal (at most
+    [`SIMULATION_REPLY_WAIT`]) and pulls once more, so the ServerApp sees the last reply of a phase when it is stored
+    instead of at its next poll (up to `FlowerRunOptions.poll_interval` later, 5 ms). Nothing else changes, and only
     for Flower 1.41 (other versions run unchanged; `flwr` is pinned `<1.42`).
 
     Yields:
@@ -47,7 +83,10 @@ def fast_simulation_dispatch() -> Iterator[bool]:
         yield False  # another version, or already inside such a block
         return
     wake = threading.Event()
+    replied = threading.Condition()
+    stored = [0]  # replies stored so far (under `replied`)
     original_add, original_push = vce_api.add_messages_to_queue, InMemoryGrid.push_messages
+    original_store, original_pull = vce_api.put_message_into_state, InMemoryGrid.pull_messages
 
     def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: threading.Event) -> None:
         """Flower 1.41's loop, waking on a push as well as every 0.1 s."""
@@ -63,46 +102,204 @@ def fast_simulation_dispatch() -> Iterator[bool]:
         wake.set()
         return ids
 
+    def put_message_into_state(state: Any, queue: Any, f_stop: threading.Event) -> None:
+        """Flower 1.41's loop, signalling each stored reply."""
+        while not f_stop.is_set():
+            try:
+                reply = queue.get(timeout=1.0)
+            except Empty:
+                continue
+            state.store_message_res(reply)
+            with replied:
+                stored[0] += 1
+                replied.notify_all()
+
+    def pull_messages(self: Any, message_ids: Any) -> Any:
+        ids = list(message_ids)
+        with replied:
+            seen = stored[0]
+        got = original_pull(self, ids)
+        if got or not ids:
+            return got
+        with replied:  # a reply stored since the pull above ends the wait at once
+            replied.wait_for(lambda: stored[0] != seen, timeout=SIMULATION_REPLY_WAIT)
+        return original_pull(self, ids)
+
     add_messages_to_queue._hf_perfit_fast = True  # type: ignore[attr-defined]
     add_messages_to_queue._hf_perfit_wake = wake  # type: ignore[attr-defined]
     vce_api.add_messages_to_queue = add_messages_to_queue
+    vce_api.put_message_into_state = put_message_into_state
     InMemoryGrid.push_messages = push_messages  # type: ignore[method-assign]
+    InMemoryGrid.pull_messages = pull_messages  # type: ignore[method-assign]
     try:
         yield True
     finally:
         vce_api.add_messages_to_queue = original_add
+        vce_api.put_message_into_state = original_store
         InMemoryGrid.push_messages = original_push  # type: ignore[method-assign]
+        InMemoryGrid.pull_messages = original_pull  # type: ignore[method-assign]
+
+
+def _flower_141() -> bool:
+    import flwr
+
+    return flwr.__version__.startswith("1.41.")
+
+
+try:  # Flower 1.41's simulation backend interface (flwr is pinned <1.42)
+    from flwr.server.superlink.fleet.vce.backend import Backend as _Backend
+except ImportError:  # pragma: no cover - another Flower layout
+    _Backend = object  # type: ignore[assignment,misc]
+
+
+class InProcessBackend(_Backend):  # type: ignore[misc,valid-type]
+    """A Flower 1.41 simulation backend (`flwr.server.superlink.fleet.vce.backend.Backend`) that runs the `ClientApp`
+    in this process: one worker, one message at a time, no Ray.
+
+    It does what Flower's `RayBackend` asks of a Ray actor (`flwr.simulation.ray_transport.ray_actor`,
+    `VirtualClientEngineActor.run`) without the actor: the `ClientApp` is loaded once in [`build`], and
+    [`process_message`] calls it with a copy of the message and of the node's context (a Ray actor gets pickled
+    copies too, so the ClientApp cannot change the LinkState's message or, when it raises, the stored context) and
+    returns the reply and the updated context; an exception becomes Flower's `ClientAppException`, which the
+    simulation's worker turns into an error reply, as with Ray.
+
+    Args:
+        backend_config (`dict`, *optional*): Flower's backend config; nothing in it applies here (no resources to
+            share out), so it is kept only for Flower's interface.
+    """
+
+    def __init__(self, backend_config: dict[str, Any] | None = None) -> None:
+        self.backend_config = dict(backend_config or {})
+        self.app: Any = None
+        self.lock = threading.Lock()
+
+    def build(self, app_fn: Callable[[], Any]) -> None:
+        """Load the `ClientApp` (Flower's `app_fn`; a load failure is Flower's `LoadClientAppError`)."""
+        self.app = app_fn()
+
+    @property
+    def num_workers(self) -> int:
+        """One: the `ClientApp` runs in this process, one message at a time."""
+        return 1
+
+    def is_worker_idle(self) -> bool:
+        """Whether no message is being processed."""
+        return not self.lock.locked()
+
+    def process_message(self, message: Any, context: Any) -> tuple[Any, Any]:
+        """Run the `ClientApp` on `message` in this thread; returns `(reply, updated context)`.
+
+        Raises:
+            ValueError: [`build`] was not called.
+            ClientAppException: the `ClientApp` raised (Flower's simulation replies with an error message).
+        """
+        from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
+
+        if self.app is None:
+            raise ValueError("InProcessBackend.process_message before build(): no ClientApp loaded.")
+        # Copies, as a Ray actor gets: arrays are immutable bytes, so this copies records, not tensor data.
+        message, context = copy.deepcopy(message), copy.deepcopy(context)
+        with self.lock:
+            try:
+                reply = self.app(message=message, context=context)
+            except LoadClientAppError:
+                raise
+            except Exception as err:
+                raise ClientAppException(str(err)) from err
+        return reply, context
+
+    def terminate(self) -> None:
+        """Nothing to stop (the `ClientApp`'s module-level state stays, as in a Ray worker until it exits)."""
+        self.app = None
+
+
+@contextlib.contextmanager
+def inprocess_backend() -> Iterator[None]:
+    """Within the block, Flower 1.41's simulation runtime runs its `ClientApp`s with [`InProcessBackend`] instead of
+    Ray; restored on exit.
+
+    Flower 1.41 has no setting for it: `flwr.server.superlink.fleet.vce.vce_api.start_vce` builds its backend in a
+    local `backend_fn` that always imports and returns `RayBackend` (its `backend_name` argument is not read). Within
+    this block `vce_api.run_api` (which `start_vce` calls with that `backend_fn`) is the same function called with a
+    `backend_fn` that returns an [`InProcessBackend`]; Ray is then neither imported nor started. Process-wide: a
+    Flower simulation started in another thread meanwhile runs in-process too.
+
+    Raises:
+        RuntimeError: another Flower version than 1.41 (`flwr` is pinned `<1.42`), or already inside this block.
+    """
+    if not _flower_141():
+        import flwr
+
+        raise RuntimeError(
+            f"backend='inprocess' needs Flower 1.41 (installed: flwr {flwr.__version__}); use backend='ray' or "
+            'install the pinned version: pip install "hf_perfit[flower]".'
+        )
+    import flwr.server.superlink.fleet.vce.vce_api as vce_api
+
+    if getattr(vce_api.run_api, "_hf_perfit_inprocess", False):
+        raise RuntimeError(
+            "inprocess_backend() is already active in this process: one in-process simulation at a time."
+        )
+    original = vce_api.run_api
+
+    def run_api(app_fn: Any, backend_fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return original(app_fn, InProcessBackend, *args, **kwargs)
+
+    run_api._hf_perfit_inprocess = True  # type: ignore[attr-defined]
+    vce_api.run_api = run_api
+    try:
+        yield
+    finally:
+        vce_api.run_api = original
 
 
 def run_flower_simulation(
     config: FederatedConfig,
     *,
+    backend: str = "ray",
     num_cpus: int | None = None,
-    client_num_cpus: float = 1.0,
-    client_num_gpus: float = 0.0,
+    client_num_cpus: float | None = None,
+    client_num_gpus: float | None = None,
     options: FlowerRunOptions | None = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Run `config` with `flwr.simulation.run_simulation`: the hf_perfit `ServerApp` and `ClientApp`, one virtual
-    SuperNode per client (`partition-id` = client index), the Ray backend.
+    SuperNode per client (`partition-id` = client index), the ClientApps in Ray workers or in this process.
 
     The Flower equivalent of [`run_federated`]; the outputs land in `config.output_dir` (`metrics.jsonl`,
-    `results.md`, `flower_run.json`, and each client's `clients/<client_id>/adapter`). Flower 1.41's simulation
-    dispatches each message as soon as it is pushed ([`fast_simulation_dispatch`]), and the ServerApp pulls replies
-    every [`SIMULATION_POLL_INTERVAL`] at most.
+    `results.md`, `flower_run.json`, and each client's `clients/<client_id>/adapter`), the same numbers with either
+    backend. Flower 1.41's simulation dispatches each message as soon as it is pushed ([`fast_simulation_dispatch`]),
+    and the ServerApp pulls replies every [`SIMULATION_POLL_INTERVAL`] at most.
 
     Args:
         config ([`FederatedConfig`]): the run.
-        num_cpus (`int`, *optional*): CPUs Ray may use (default: all of this machine's).
-        client_num_cpus (`float`, defaults to 1.0): CPUs per `ClientApp` worker; Ray runs
-            `num_cpus // client_num_cpus` clients at a time.
-        client_num_gpus (`float`, defaults to 0.0): GPUs per `ClientApp` worker (e.g. 0.5 to share one GPU by two).
+        backend (`str`, defaults to `"ray"`): `"ray"` (Flower's: ClientApps in Ray workers, several at a time, with
+            their own share of CPUs and GPUs) or `"inprocess"` ([`InProcessBackend`]: the ClientApp in this process,
+            one client at a time, this process's devices and torch threads, no Ray); see the module docstring.
+        num_cpus (`int`, *optional*): CPUs Ray may use (default: all of this machine's). Ray only.
+        client_num_cpus (`float`, *optional*): CPUs per `ClientApp` worker (default 1); Ray runs
+            `num_cpus // client_num_cpus` clients at a time. Ray only.
+        client_num_gpus (`float`, *optional*): GPUs per `ClientApp` worker (default 0: the workers see no GPU; e.g.
+            0.5 to share one GPU by two). Ray only.
         options ([`FlowerRunOptions`], *optional*): timeouts (default: `poll_interval=SIMULATION_POLL_INTERVAL`).
         verbose (`bool`, defaults to `False`): Flower's debug logs.
 
     Returns:
         `dict`: the last round's summary record.
+
+    Raises:
+        ValueError: an unknown `backend`, or Ray's resource arguments with `backend="inprocess"`.
+        RuntimeError: `backend="inprocess"` with another Flower version than 1.41.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown Flower simulation backend {backend!r}; choose one of {list(BACKENDS)}.")
+    given = {"num_cpus": num_cpus, "client_num_cpus": client_num_cpus, "client_num_gpus": client_num_gpus}
+    if backend == "inprocess" and any(v is not None for v in given.values()):
+        names = ", ".join(k for k, v in given.items() if v is not None)
+        raise ValueError(
+            f"{names}: Ray's resources, which backend='inprocess' does not use (its ClientApp runs in this process, "
+            "one client at a time, with this process's devices and torch threads); drop them or use backend='ray'."
+        )
     from flwr.simulation import run_simulation
 
     from .client_app import app as client_app
@@ -111,16 +308,21 @@ def run_flower_simulation(
     if num_cpus is not None:
         init_args["num_cpus"] = int(num_cpus)
     backend_config = {
-        "client_resources": {"num_cpus": float(client_num_cpus), "num_gpus": float(client_num_gpus)},
+        "client_resources": {
+            "num_cpus": float(1.0 if client_num_cpus is None else client_num_cpus),
+            "num_gpus": float(client_num_gpus or 0.0),
+        },
         "init_args": init_args,
     }
     result: list[dict[str, Any]] = []
     options = options or FlowerRunOptions(poll_interval=SIMULATION_POLL_INTERVAL)
-    with fast_simulation_dispatch():
+    runtime = inprocess_backend() if backend == "inprocess" else contextlib.nullcontext()
+    with runtime, fast_simulation_dispatch():
         run_simulation(
             server_app=make_server_app(config, options, result),
             client_app=client_app,
             num_supernodes=config.num_clients,
+            backend_name=backend,
             backend_config=backend_config,
             verbose_logging=verbose,
         )
