@@ -9,14 +9,17 @@ The same federated run (tiny random Llama from the tests, 3 clients with one cat
    this process, the `ClientApp` in a Ray worker) with Ray given 1 CPU: one client at a time, one torch thread (Ray
    sets `OMP_NUM_THREADS=1` in a 1-CPU worker), like (2): the difference is Flower's own cost;
 4. `flower_simulation`: Ray given every usable CPU, 1 per worker (clients in parallel);
-5. `flower_deployment_warm` (with `--deployment`): a real deployment on 127.0.0.1 ([`LocalFederation`]: a
+5. `flower_simulation_inprocess`: Flower's simulation runtime with the in-process backend
+   (`run_flower_simulation(backend="inprocess")`: the `ClientApp` in this process, no Ray), one torch thread like (2):
+   the difference is Flower's messaging and the Flower transport's own work;
+6. `flower_deployment_warm` (with `--deployment`): a real deployment on 127.0.0.1 ([`LocalFederation`]: a
    `flower-superlink` and 3 `flower-supernode --isolation process` processes, each with a long-running ClientApp
    process `python -m hf_perfit.flower.warm` that keeps the model loaded; `flwr run recipes/flower`);
-6. `flower_deployment_warm_fastpoll` (with `--deployment`): the same with the SuperNodes started by
+7. `flower_deployment_warm_fastpoll` (with `--deployment`): the same with the SuperNodes started by
    `python -m hf_perfit.flower.supernode --poll-interval 0.1` (the documented command: Flower's SuperNode with its
    waits for its own ClientApp woken by the node's state, its 3 s idle poll capped at 0.1 s and its 1 s first retry
    of a download at 20 ms);
-7. `flower_deployment_cold` (with `--cold_deployment`): Flower's default, every message starts a fresh
+8. `flower_deployment_cold` (with `--cold_deployment`): Flower's default, every message starts a fresh
    `flwr-clientapp` process (slow: about a minute a round here).
 
 A round's wall time runs from the client sampling to the end of the round's evaluation of every client (the
@@ -202,11 +205,23 @@ def _run_in_process(FederatedSimulation, config) -> tuple[list[float], float, fl
     return [ends[r] - starts[r] for r in sorted(starts)], total, float(summary["mean_perplexity"])
 
 
-def run_flower_sim(config, num_cpus: int | None) -> tuple[list[float], float, float]:
+def run_flower_sim(config, num_cpus: int | None, backend: str = "ray") -> tuple[list[float], float, float]:
+    """(round wall times, total wall, final mean perplexity) of `run_flower_simulation`: with Ray given `num_cpus`
+    CPUs, or with the in-process backend and one torch thread (`backend="inprocess"`)."""
+    import torch
+
     from hf_perfit.flower import run_flower_simulation
 
+    before = torch.get_num_threads()
     t0 = time.perf_counter()
-    summary = run_flower_simulation(config, num_cpus=num_cpus, client_num_cpus=1.0)
+    try:
+        if backend == "inprocess":
+            torch.set_num_threads(1)  # like in_process_1thread and a 1-CPU Ray worker
+            summary = run_flower_simulation(config, backend="inprocess")
+        else:
+            summary = run_flower_simulation(config, num_cpus=num_cpus, client_num_cpus=1.0)
+    finally:
+        torch.set_num_threads(before)
     total = time.perf_counter() - t0
     report = json.loads((Path(config.output_dir) / "flower_run.json").read_text())
     return [float(x) for x in report["round_wall_seconds"]], total, float(summary["mean_perplexity"])
@@ -244,7 +259,13 @@ def main(argv: list[str] | None = None) -> None:
     except AttributeError:
         usable = os.cpu_count() or 1
     num_cpus = args.num_cpus or usable
-    arms = ["in_process", "in_process_1thread", "flower_simulation_1cpu", "flower_simulation"]
+    arms = [
+        "in_process",
+        "in_process_1thread",
+        "flower_simulation_1cpu",
+        "flower_simulation",
+        "flower_simulation_inprocess",
+    ]
     deployments = ["flower_deployment_warm", "flower_deployment_warm_fastpoll"] if args.deployment else []
     deployments += ["flower_deployment_cold"] if args.cold_deployment else []
     arms += deployments
@@ -273,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
                     r, total, p = run_flower_sim(config, 1)
                 elif arm == "flower_simulation":
                     r, total, p = run_flower_sim(config, num_cpus)
+                elif arm == "flower_simulation_inprocess":
+                    r, total, p = run_flower_sim(config, None, backend="inprocess")
                 elif arm == "flower_deployment_warm":
                     r, total, p = run_deployment(config, root / f"{arm}_{rep}_fed")
                 elif arm == "flower_deployment_warm_fastpoll":

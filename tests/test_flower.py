@@ -712,8 +712,9 @@ def test_fast_simulation_dispatch_wakes_flowers_dispatcher_on_a_push_and_restore
 
 
 def test_fast_simulation_dispatch_wakes_a_reply_pull_when_a_reply_is_stored(monkeypatch):
-    """Within the block, the simulation's reply store loop signals each reply it stored, and a pull of replies that
-    found none waits for that signal and pulls again (instead of returning empty to a ServerApp that then sleeps)."""
+    """Within the block, a worker's put of a reply stores it into the LinkState and signals it, and a pull of replies
+    that found none waits for that signal and pulls again (instead of returning empty to a ServerApp that then
+    sleeps)."""
     import queue
     import threading
 
@@ -725,15 +726,21 @@ def test_fast_simulation_dispatch_wakes_a_reply_pull_when_a_reply_is_stored(monk
     replies: queue.Queue = queue.Queue()
     stored, pulls = [], []
 
+    workers = []
+
     def pull(self, ids):
         pulls.append(list(ids))
-        if len(pulls) == 2:  # the worker finishes right after the first look of the second pull
-            replies.put("reply to m1")
         out, stored[:] = list(stored), []
+        if len(pulls) == 2:  # a worker replies right after the first look of the second pull
+            workers.append(threading.Thread(target=replies.put, args=("reply to m1",)))
+            workers[-1].start()
         return out
+
+    storers = []
 
     class State:
         def store_message_res(self, message):
+            storers.append(threading.current_thread())
             stored.append(message)
 
     monkeypatch.setattr(InMemoryGrid, "pull_messages", pull)
@@ -743,11 +750,16 @@ def test_fast_simulation_dispatch_wakes_a_reply_pull_when_a_reply_is_stored(monk
         stop = threading.Event()
         store = threading.Thread(target=vce_api.put_message_into_state, args=(State(), replies, stop))
         store.start()
+        while "put" not in vars(replies):  # the loop's first act: the queue's put now stores
+            time.sleep(0.001)
         try:
             assert InMemoryGrid.pull_messages(object(), []) == [] and pulls == [[]]  # nothing asked: no wait
             assert InMemoryGrid.pull_messages(object(), ["m1"]) == ["reply to m1"]
             assert pulls == [[], ["m1"], ["m1"]]  # found nothing, waited for the store, pulled again
+            assert storers == workers  # the worker's put stored the reply itself (no hand-over to the store loop)
         finally:
             stop.set()
             store.join()
+            for worker in workers:
+                worker.join()
     assert InMemoryGrid.pull_messages is pull and vce_api.put_message_into_state is original_store

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from queue import Empty
@@ -34,6 +35,8 @@ __all__ = [
     "run_flower_simulation",
 ]
 
+logger = logging.getLogger(__name__)
+
 BACKENDS = ("ray", "inprocess")
 """The simulation backends [`run_flower_simulation`] knows (see the module docstring)."""
 
@@ -51,22 +54,27 @@ before it returns empty: Flower's own pause between two pulls (`InMemoryGrid.pul
 
 @contextlib.contextmanager
 def fast_simulation_dispatch() -> Iterator[bool]:
-    """Within the block, Flower 1.41's simulation runtime hands a message pushed by the ServerApp to its Ray workers at
-    once instead of at its next 0.1 s tick; restored on exit.
+    """Within the block, Flower 1.41's simulation runtime hands a message pushed by the ServerApp to its workers at
+    once instead of at its next 0.1 s tick, and a stored reply to the ServerApp at once instead of at its next poll;
+    restored on exit.
 
     Flower's simulation moves new messages from the LinkState to the workers' queue in a thread that looks every
     0.1 s (`flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue`, a fixed private `f_stop.wait(0.1)`), so
     each phase of a round (train, then evaluate) waited 0-100 ms before its first message reached a worker
-    (measured: 30-60 ms a phase, `docs/flower.md`, section 1). Within this block that function is the same loop (one message per node and
-    look, in the same order) whose wait also ends when the in-memory grid (`InMemoryGrid.push_messages`) stored new
-    messages; the 0.1 s wait remains the longest, so a stop is still seen within 0.1 s.
+    (measured: 30-60 ms a phase, `docs/flower.md`, section 1). Within this block that function is the same loop (one
+    message per node and look, in the same order, one look at a time) whose wait also ends when the in-memory grid
+    (`InMemoryGrid.push_messages`) stored new messages, and the push itself takes that look right away, so the
+    workers get the messages from the pushing thread without a hand-over to the loop's thread; the 0.1 s wait remains
+    the longest, so a stop is still seen within 0.1 s.
 
-    The way back is woken the same way: the thread that stores the workers' replies into the LinkState
-    (`vce_api.put_message_into_state`, the same loop) signals each stored reply, and a pull of replies
+    The way back likewise: Flower's workers put their replies into a queue that another thread
+    (`vce_api.put_message_into_state`) stores into the LinkState, where the ServerApp's next pull (every
+    `FlowerRunOptions.poll_interval`) finds them. Within this block the queue's `put` stores the reply at once (that
+    loop only stores what was queued before), each stored reply is signalled, and a pull of replies
     (`InMemoryGrid.pull_messages`) that finds none of its messages answered waits for that signal (at most
-    [`SIMULATION_REPLY_WAIT`]) and pulls once more, so the ServerApp sees the last reply of a phase when it is stored
-    instead of at its next poll (up to `FlowerRunOptions.poll_interval` later, 5 ms). Nothing else changes, and only
-    for Flower 1.41 (other versions run unchanged; `flwr` is pinned `<1.42`).
+    [`SIMULATION_REPLY_WAIT`]) and pulls once more. Each thread-to-thread hand-over saved costs a scheduler wake-up:
+    well under a millisecond on an idle machine, several on a loaded one. Nothing else changes, and only for Flower
+    1.41 (other versions run unchanged; `flwr` is pinned `<1.42`).
 
     Yields:
         `bool`: whether the fast dispatch is on (Flower 1.41).
@@ -85,34 +93,61 @@ def fast_simulation_dispatch() -> Iterator[bool]:
     wake = threading.Event()
     replied = threading.Condition()
     stored = [0]  # replies stored so far (under `replied`)
+    looking = threading.Lock()  # one look at a time: Flower marks a message delivered after its look returned it
+    running: list[tuple[Any, Any, Any]] = []  # (state, workers' queue, nodes) of the simulations running now
     original_add, original_push = vce_api.add_messages_to_queue, InMemoryGrid.push_messages
     original_store, original_pull = vce_api.put_message_into_state, InMemoryGrid.pull_messages
 
-    def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: threading.Event) -> None:
-        """Flower 1.41's loop, waking on a push as well as every 0.1 s."""
-        while not f_stop.is_set():
-            wake.clear()  # before the look: a push during it sets it again, so the wait below ends at once
+    def look(state: Any, queue: Any, nodes_mapping: Any) -> None:
+        """One look of Flower 1.41's loop: at most one new message per node, in the nodes' order."""
+        with looking:
             for node_id in nodes_mapping.keys():
                 for msg in state.get_message_ins(node_id=node_id, limit=1):
                     queue.put(msg)
-            wake.wait(0.1)
+
+    def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: threading.Event) -> None:
+        """Flower 1.41's loop, waking on a push as well as every 0.1 s."""
+        entry = (state, queue, nodes_mapping)
+        running.append(entry)
+        try:
+            while not f_stop.is_set():
+                wake.clear()  # before the look: a push during it sets it again, so the wait below ends at once
+                look(*entry)
+                wake.wait(0.1)
+        finally:
+            running.remove(entry)
 
     def push_messages(self: Any, messages: Any) -> Any:
         ids = original_push(self, messages)
+        for entry in list(running):  # the look, done at once by the pushing thread (no hand-over to the loop)
+            if entry[0] is getattr(self, "state", None):
+                look(*entry)
         wake.set()
         return ids
 
+    def store(state: Any, reply: Any) -> None:
+        try:
+            state.store_message_res(reply)
+        except Exception:  # as in Flower's loop, a reply that cannot be stored is lost, not the simulation
+            logger.exception("a ClientApp reply could not be stored in the LinkState")
+        with replied:
+            stored[0] += 1
+            replied.notify_all()
+
     def put_message_into_state(state: Any, queue: Any, f_stop: threading.Event) -> None:
-        """Flower 1.41's loop, signalling each stored reply."""
+        """Flower 1.41's loop, signalling each stored reply; the workers store their replies themselves (the
+        queue's `put` stores), this loop only what they queued before."""
+
+        def put(reply: Any, *args: Any, **kwargs: Any) -> None:
+            store(state, reply)
+
+        queue.put = put  # this simulation's reply queue only (an attribute of the instance)
         while not f_stop.is_set():
             try:
                 reply = queue.get(timeout=1.0)
             except Empty:
                 continue
-            state.store_message_res(reply)
-            with replied:
-                stored[0] += 1
-                replied.notify_all()
+            store(state, reply)
 
     def pull_messages(self: Any, message_ids: Any) -> Any:
         ids = list(message_ids)
