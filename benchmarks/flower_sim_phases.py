@@ -1,11 +1,13 @@
 """Where a round of Flower's simulation runtime goes: a per-phase breakdown of the `flower_simulation_1cpu` arm of
-`flower_overhead.py` (the same tiny work: 3 clients, PerFIT, 2 rounds of 4 local steps, Ray given 1 CPU).
+`flower_overhead.py` (the same tiny work: 3 clients, PerFIT, 2 rounds of 4 local steps, Ray given 1 CPU), or with
+`--backend inprocess` of its `flower_simulation_inprocess` arm (the ClientApp in this process, one torch thread).
 
 Every step of a message's way is time-stamped (wall clock, shared by the driver and the Ray worker) by wrapping, for
 this process only, the functions it passes through: the ServerApp's push and its last pull of a phase
 (`hf_perfit.flower.transport.send_and_receive`), the simulation's queue of messages for the workers (a worker takes
-a message from it), `RayBackend.process_message` (submit to the Ray actor, its result back), the `ClientApp` call
-inside the actor, and the reply's store into the LinkState. Per phase (train, evaluate) it prints the mean of:
+a message from it), the backend's `process_message` (`RayBackend`: submit to the Ray actor, its result back;
+`InProcessBackend`: the copies and the call), the `ClientApp` call inside it, and the reply's store into the
+LinkState (`InMemoryLinkState.store_message_res`). Per phase (train, evaluate) it prints the mean of:
 
 - `push -> first message taken by a worker`: the simulation's hand-over from the LinkState to its workers (Flower
   1.41 looks every 0.1 s; `run_flower_simulation` wakes it on a push);
@@ -19,6 +21,7 @@ inside the actor, and the reply's store into the LinkState. Per phase (train, ev
 
     python benchmarks/flower_sim_phases.py                    # as run_flower_simulation runs it
     python benchmarks/flower_sim_phases.py --flower_defaults  # Flower 1.41's 0.1 s hand-over, 50 ms pulls
+    python benchmarks/flower_sim_phases.py --backend inprocess   # run_flower_simulation(backend="inprocess")
 """
 
 from __future__ import annotations
@@ -86,23 +89,34 @@ class _Queue:
 
 
 @contextlib.contextmanager
-def traced(path: str) -> Any:
+def traced(path: str, backend: str = "ray") -> Any:
     """Wrap the functions a message passes through (see the module docstring); undone on exit."""
+    import pickle
+
     import flwr.server.superlink.fleet.vce.vce_api as vce_api
-    import ray.cloudpickle as cloudpickle
-    from flwr.server.superlink.fleet.vce.backend import raybackend
+    from flwr.server.superlink.linkstate import InMemoryLinkState
 
     import hf_perfit.flower.client_app as client_app
     import hf_perfit.flower.transport as transport
+    from hf_perfit.flower.simulation import InProcessBackend
 
+    if backend == "ray":
+        import ray.cloudpickle as cloudpickle
+        from flwr.server.superlink.fleet.vce.backend import raybackend
+
+        backend_class: Any = raybackend.RayBackend
+    else:
+        cloudpickle, backend_class = pickle, InProcessBackend
     saved = [
-        (raybackend.RayBackend, "process_message"),
+        (backend_class, "process_message"),
         (vce_api, "worker"),
         (transport, "send_and_receive"),
         (client_app, "app"),
+        (InMemoryLinkState, "store_message_res"),
     ]
     saved = [(owner, name, getattr(owner, name)) for owner, name in saved]
     process_message, worker, send_and_receive = (s[2] for s in saved[:3])
+    store_message_res = saved[4][2]
     sent: list[tuple[Any, Any]] = []
 
     def timed_process_message(self: Any, message: Any, context: Any) -> Any:
@@ -122,16 +136,23 @@ def traced(path: str) -> Any:
         event(path, "pulled")
         return out
 
-    raybackend.RayBackend.process_message = timed_process_message
+    def timed_store(self: Any, message: Any) -> Any:
+        out = store_message_res(self, message)
+        event(path, "stored")
+        return out
+
+    backend_class.process_message = timed_process_message
     vce_api.worker = timed_worker
     transport.send_and_receive = timed_send_and_receive
     client_app.app = TimedApp(saved[3][2], path)
+    InMemoryLinkState.store_message_res = timed_store
     try:
         yield
     finally:
         for owner, name, value in saved:
             setattr(owner, name, value)
-        for message, context in sent:  # what Ray pickles per message besides the (same) ClientApp loader
+        for message, context in sent:  # what Ray pickles per message besides the (same) ClientApp loader (the
+            # in-process backend pickles nothing: this is only for comparison)
             t = time.perf_counter()
             blob = cloudpickle.dumps((message, context))
             event(path, "pickle", nbytes=len(blob), ms=1000 * (time.perf_counter() - t))
@@ -173,64 +194,127 @@ def breakdown(path: str) -> dict[str, dict[str, float]]:
     return out
 
 
+STEPS = [
+    # (module, owner, attribute, label): the steps of a round outside Flower's messaging, timed in both engines
+    ("hf_perfit.federated.coordinator", "Coordinator", "plan_round", "server: plan (sampling, strategy)"),
+    ("hf_perfit.federated.coordinator", "Coordinator", "save_result", "server: persist each result (pending file)"),
+    ("hf_perfit.federated.coordinator", "Coordinator", "aggregate_round", "server: aggregate"),
+    ("hf_perfit.federated.coordinator", "Coordinator", "_write_checkpoint", "server: checkpoint"),
+    ("hf_perfit.flower.transport", "FlowerTransport", "train_messages", "server: build train messages"),
+    ("hf_perfit.flower.transport", "FlowerTransport", "read_train_replies", "server: read train replies"),
+    ("hf_perfit.flower.transport", "FlowerTransport", "eval_messages", "server: build evaluate messages"),
+    ("hf_perfit.flower.transport", "FlowerTransport", "read_eval_replies", "server: read evaluate replies"),
+    ("hf_perfit.flower.transport", "FlowerTransport", "report", "server: flower_run.json"),
+    ("hf_perfit.federated.simulation", None, "client_update", "client: client_update (training)"),
+    ("hf_perfit.federated.simulation", None, "evaluate_perplexity", "client: evaluation"),
+    ("hf_perfit.flower.client_app", None, "client_update", "client: client_update (training)"),
+    ("hf_perfit.flower.client_app", None, "evaluate_perplexity", "client: evaluation"),
+    ("hf_perfit.flower.client_app", None, "decode_instruction", "client: decode the message"),
+    ("hf_perfit.flower.client_app", None, "decode_tensors", "client: decode the message"),
+    ("hf_perfit.flower.client_app", None, "encode_update", "client: encode the reply"),
+    ("hf_perfit.federated.run", "ClientStateStore", "load", "client: load its state from its disk"),
+    ("hf_perfit.federated.run", "ClientStateStore", "save", "client: save its state to its disk"),
+]
+
+
+@contextlib.contextmanager
+def timed_steps(totals: dict[str, float]) -> Any:
+    """Add each call's wall time of the [`STEPS`] to `totals[label]` (seconds); undone on exit."""
+    import importlib
+
+    saved = []
+    for module, owner_name, attr, label in STEPS:
+        mod = importlib.import_module(module)
+        owner = getattr(mod, owner_name) if owner_name else mod
+        original = getattr(owner, attr)
+
+        def timed(*args: Any, _f: Any = original, _label: str = label, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return _f(*args, **kwargs)
+            finally:
+                totals[_label] = totals.get(_label, 0.0) + time.perf_counter() - t
+
+        saved.append((owner, attr, original))
+        setattr(owner, attr, timed)
+    try:
+        yield
+    finally:
+        for owner, attr, original in reversed(saved):
+            setattr(owner, attr, original)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--flower_defaults", action="store_true", help="Flower 1.41's hand-over tick, 50 ms reply pulls")
+    p.add_argument("--backend", choices=["ray", "inprocess"], default="ray", help="run_flower_simulation's backend")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    import flwr.server.superlink.fleet.vce.vce_api as vce_api
 
     import hf_perfit.flower.simulation as simulation
     from hf_perfit.flower import FlowerRunOptions
 
     work = argparse.Namespace(num_rounds=2, local_steps=4)
+    steps: dict[str, dict[str, list[float]]] = {"in-process": {}, "Flower": {}}
     with tempfile.TemporaryDirectory(prefix="flower_sim_phases_") as tmp:
         root = Path(tmp)
         path = str(root / "events.jsonl")
         flower_overhead.make_assets(root)
         flower_overhead.run_in_process(flower_overhead.make_config(work, root, root / "warm_up"))
-        ratios, walls = [], []
+        ratios, walls, inproc_walls = [], [], []
         for rep in range(args.repeats):
-            inproc, _, _ = flower_overhead.run_in_process(
-                flower_overhead.make_config(work, root, root / f"in_{rep}"), threads=1
-            )
+            totals: dict[str, float] = {}
+            with timed_steps(totals):
+                inproc, _, _ = flower_overhead.run_in_process(
+                    flower_overhead.make_config(work, root, root / f"in_{rep}"), threads=1
+                )
+            for k, v in totals.items():
+                steps["in-process"].setdefault(k, []).append(1000 * v / work.num_rounds)
+            inproc_walls += inproc
             config = flower_overhead.make_config(work, root, root / f"sim_{rep}")
             dispatch = contextlib.nullcontext() if args.flower_defaults else simulation.fast_simulation_dispatch()
             options = FlowerRunOptions() if args.flower_defaults else None
-            with traced(path), dispatch:
-                # stored replies: the simulation's own queue of replies, read by its LinkState writer
-                store = vce_api.put_message_into_state
+            totals = {}
+            with traced(path, args.backend), dispatch, timed_steps(totals), contextlib.ExitStack() as stack:
+                if args.flower_defaults:  # run_flower_simulation must not switch the fast dispatch on
+                    stack.enter_context(_patched(simulation, "fast_simulation_dispatch", _off))
+                if args.backend == "inprocess":
+                    import torch
 
-                def timed_store(state: Any, queue: Any, f_stop: Any, _store: Any = store) -> None:
-                    _store(state, _Queue(queue, path, "stored", None), f_stop)
-
-                vce_api.put_message_into_state = timed_store
-                try:
-                    with contextlib.ExitStack() as stack:
-                        if args.flower_defaults:  # run_flower_simulation must not switch the fast dispatch on
-                            stack.enter_context(_patched(simulation, "fast_simulation_dispatch", _off))
-                        simulation.run_flower_simulation(config, num_cpus=1, client_num_cpus=1.0, options=options)
-                finally:
-                    vce_api.put_message_into_state = store
+                    before = torch.get_num_threads()
+                    torch.set_num_threads(1)  # like the in-process run and a 1-CPU Ray worker
+                    stack.callback(torch.set_num_threads, before)
+                    simulation.run_flower_simulation(config, backend="inprocess", options=options)
+                else:
+                    simulation.run_flower_simulation(config, num_cpus=1, client_num_cpus=1.0, options=options)
+            for k, v in totals.items():
+                steps["Flower"].setdefault(k, []).append(1000 * v / work.num_rounds)
             sim = json.loads((Path(config.output_dir) / "flower_run.json").read_text())["round_wall_seconds"]
             walls += sim
             ratios.append(statistics.median(sim) / statistics.median(inproc))
             print(f"repeat {rep}: in-process rounds {inproc}, Flower simulation rounds {sim}")
         pickles = [json.loads(line) for line in Path(path).read_text().splitlines() if '"pickle"' in line]
         table = breakdown(path)
-    print(f"\n{'(ms, mean per phase)':44s} {'train':>9s} {'evaluate':>9s}")
+    who = "Ray" if args.backend == "ray" else "in-process backend"
+    print(f"\nbackend: {args.backend}; {'(ms, mean per phase)':44s} {'train':>9s} {'evaluate':>9s}")
     for k in table["train"]:
         if not k.startswith("_"):
-            print(f"{k:44s} {table['train'][k]:9.1f} {table['evaluate'][k]:9.1f}")
+            name = k.replace("Ray", who).replace("in the actor", "in the ClientApp")
+            print(f"{name:52s} {table['train'][k]:9.1f} {table['evaluate'][k]:9.1f}")
     rest = (1000 * sum(walls) - table["train"]["_sum"] - table["evaluate"]["_sum"]) / len(walls)
     print(
         f"rest of a round, outside the two phases (strategy, messages built and read, checkpoint): {rest:.1f} ms; "
-        f"round: {1000 * statistics.mean(walls):.1f} ms"
+        f"round: {1000 * statistics.mean(walls):.1f} ms (in-process engine: {1000 * statistics.mean(inproc_walls):.1f})"
     )
+    print(f"\n{'steps, ms per round (mean over repeats)':52s} {'in-process':>11s} {'Flower':>9s}")
+    labels = list(dict.fromkeys([*steps["in-process"], *steps["Flower"]]))
+    for k in labels:
+        a, b = (statistics.mean(steps[e][k]) if k in steps[e] else 0.0 for e in ("in-process", "Flower"))
+        print(f"{k:52s} {a:11.1f} {b:9.1f}")
     print(
-        "\nper message, its message and context pickled for Ray: "
+        "\nper message, its message and context pickled (what Ray sends; the in-process backend sends nothing): "
         f"{statistics.mean(x['nbytes'] for x in pickles):.0f} bytes in "
         f"{statistics.mean(x['ms'] for x in pickles):.2f} ms; Flower simulation round / in-process round (1 thread), "
         f"per repeat: {[round(r, 2) for r in ratios]}"

@@ -28,6 +28,7 @@ from .server_app import FlowerRunOptions, make_server_app
 __all__ = [
     "BACKENDS",
     "SIMULATION_POLL_INTERVAL",
+    "SIMULATION_DISPATCH_WAIT",
     "SIMULATION_REPLY_WAIT",
     "InProcessBackend",
     "fast_simulation_dispatch",
@@ -43,13 +44,19 @@ BACKENDS = ("ray", "inprocess")
 SIMULATION_POLL_INTERVAL = 0.005
 """The ServerApp's longest wait between two pulls of replies in Flower's simulation (`FlowerRunOptions.poll_interval`;
 0.05 s in a deployment). A pull there is one call into the in-memory LinkState (a lock and a dict look-up per pending
-message), and the last reply of a phase is seen within 5 ms instead of up to 50 ms (measured: 25-30 ms a phase with
-0.05 s, 1-3 ms with 5 ms; `docs/flower.md`, section 1)."""
+message); within [`fast_simulation_dispatch`] a pull that finds nothing also waits for the next stored reply, so this
+is only the pause after a pull that found some replies (measured without that wait: 25-30 ms a phase with 0.05 s,
+1-3 ms with 5 ms; `docs/flower.md`, section 1)."""
 
-SIMULATION_REPLY_WAIT = 0.1
+SIMULATION_REPLY_WAIT = 1.0
 """The longest a pull of replies in Flower's simulation waits for a reply to be stored ([`fast_simulation_dispatch`])
-before it returns empty: Flower's own pause between two pulls (`InMemoryGrid.pull_interval`), so a phase's
-`round_timeout` is overrun by at most that, as with Flower's loop."""
+before it returns empty; a phase's `round_timeout` is overrun by at most that (Flower's own workers and reply store
+look for work every 1 s too). Long, because the wait ends on the signal of a stored reply anyway: each time-out wakes
+the ServerApp's thread, which on a loaded machine takes the interpreter lock from the thread that trains."""
+
+SIMULATION_DISPATCH_WAIT = 1.0
+"""The longest Flower's dispatcher loop waits between two looks for new messages within [`fast_simulation_dispatch`]
+(Flower 1.41: a fixed 0.1 s), where the push itself takes the look; a safety net that wakes once a second."""
 
 
 @contextlib.contextmanager
@@ -64,8 +71,8 @@ def fast_simulation_dispatch() -> Iterator[bool]:
     (measured: 30-60 ms a phase, `docs/flower.md`, section 1). Within this block that function is the same loop (one
     message per node and look, in the same order, one look at a time) whose wait also ends when the in-memory grid
     (`InMemoryGrid.push_messages`) stored new messages, and the push itself takes that look right away, so the
-    workers get the messages from the pushing thread without a hand-over to the loop's thread; the 0.1 s wait remains
-    the longest, so a stop is still seen within 0.1 s.
+    workers get the messages from the pushing thread without a hand-over to the loop's thread; the loop itself then
+    looks every [`SIMULATION_DISPATCH_WAIT`] (1 s, as Flower's workers look for work), so a stop is seen within 1 s.
 
     The way back likewise: Flower's workers put their replies into a queue that another thread
     (`vce_api.put_message_into_state`) stores into the LinkState, where the ServerApp's next pull (every
@@ -73,7 +80,8 @@ def fast_simulation_dispatch() -> Iterator[bool]:
     loop only stores what was queued before), each stored reply is signalled, and a pull of replies
     (`InMemoryGrid.pull_messages`) that finds none of its messages answered waits for that signal (at most
     [`SIMULATION_REPLY_WAIT`]) and pulls once more. Each thread-to-thread hand-over saved costs a scheduler wake-up:
-    well under a millisecond on an idle machine, several on a loaded one. Nothing else changes, and only for Flower
+    well under a millisecond on an idle machine, several on a loaded one; so does each time-out of a thread that
+    waits, which is why both waits are long (1 s) and end on their signal. Nothing else changes, and only for Flower
     1.41 (other versions run unchanged; `flwr` is pinned `<1.42`).
 
     Yields:
@@ -106,14 +114,14 @@ def fast_simulation_dispatch() -> Iterator[bool]:
                     queue.put(msg)
 
     def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: threading.Event) -> None:
-        """Flower 1.41's loop, waking on a push as well as every 0.1 s."""
+        """Flower 1.41's loop, waking on a push as well as every `SIMULATION_DISPATCH_WAIT`."""
         entry = (state, queue, nodes_mapping)
         running.append(entry)
         try:
             while not f_stop.is_set():
                 wake.clear()  # before the look: a push during it sets it again, so the wait below ends at once
                 look(*entry)
-                wake.wait(0.1)
+                wake.wait(SIMULATION_DISPATCH_WAIT)
         finally:
             running.remove(entry)
 
