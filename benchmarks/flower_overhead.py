@@ -22,8 +22,9 @@ The same federated run (tiny random Llama from the tests, 3 clients with one cat
 8. `flower_deployment_cold` (with `--cold_deployment`): Flower's default, every message starts a fresh
    `flwr-clientapp` process (slow: about a minute a round here).
 
-A round's wall time runs from the client sampling to the end of the round's evaluation of every client (the
-in-process arm includes its checkpoint write, a few ms). Arms alternate within each repeat. Every arm must reach the
+A round's wall time runs from the client sampling to the end of the round's checkpoint; the last round also exports
+every client's final adapter (Flower's ClientApps do it in that round's evaluation, the in-process engine after its
+checkpoint: its export time is added to its last round). Arms alternate within each repeat. Every arm must reach the
 same mean personalized perplexity (the engines run the same code).
 
     python benchmarks/flower_overhead.py                  # writes its section of docs/benchmarks.md
@@ -199,10 +200,23 @@ def _run_in_process(FederatedSimulation, config) -> tuple[list[float], float, fl
         checkpoint(completed, records)
         ends[completed - 1] = time.perf_counter()
 
+    # Like for like with Flower, whose ClientApps export their final adapters inside the last round's evaluation
+    # (`final` evaluate messages; some 30 ms per client here): the in-process engine exports them after the last
+    # checkpoint (`transport.export`), so that export's time joins its last round.
+    export, exported = sim.transport.export, []
+
+    def timed_export(jobs):
+        t = time.perf_counter()
+        export(jobs)
+        exported.append(time.perf_counter() - t)
+
     sim.strategy.configure_round, sim._checkpoint = timed_configure_round, timed_checkpoint
+    sim.transport.export = timed_export
     summary = sim.run()
     total = time.perf_counter() - t0
-    return [ends[r] - starts[r] for r in sorted(starts)], total, float(summary["mean_perplexity"])
+    walls = [ends[r] - starts[r] for r in sorted(starts)]
+    walls[-1] += sum(exported)
+    return walls, total, float(summary["mean_perplexity"])
 
 
 def run_flower_sim(config, num_cpus: int | None, backend: str = "ray") -> tuple[list[float], float, float]:
@@ -319,9 +333,12 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     ratio: dict[str, float] = {}
+    min_ratio: dict[str, float] = {}
+    max_ratio: dict[str, float] = {}
     for arm in arms:
         pairs = [per_repeat[arm][k] / per_repeat[base][k] for k in per_repeat[arm]]
         ratio[arm] = statistics.median(pairs)
+        min_ratio[arm], max_ratio[arm] = min(pairs), max(pairs)
         lines.append(
             f"| {arm} | {fmt_stats(rounds[arm])} | {statistics.median(first[arm]):.2f} | "
             f"{statistics.median(later[arm]) if later[arm] else float('nan'):.2f} | {len(rounds[arm])} | {ratio[arm]:.2f} "
@@ -354,12 +371,16 @@ Machine:
 Work: tiny random Llama (the tests' `tiny_llama`: 2 layers, hidden 16) and character tokenizer, 3 clients (one
 category each, 9 training rows), PerFIT (r = 2, γ = 4), {args.num_rounds} round(s) of {args.local_steps} local steps
 of batch 2 (the search in round 0), every client trained and evaluated every round. A round runs from the client
-sampling to the end of the evaluation of every client.
+sampling to the end of its checkpoint; the last one includes the export of every client's final adapter (Flower's
+ClientApps write it in the final evaluation, so the in-process arms' export time, after their last checkpoint, is
+added to their last round: like for like).
 
 Arms: `in_process` (torch's default of {torch.get_num_threads()} threads) and `in_process_1thread`: the in-process
 simulation; `flower_simulation_1cpu`: Flower's simulation runtime with Ray given 1 CPU (one client at a time, one
 torch thread: like for like with `in_process_1thread`); `flower_simulation`: Ray given {num_cpus} CPUs ({num_cpus}
-clients at a time); deployments: a `flower-superlink` and 3 SuperNodes on 127.0.0.1 (one torch thread each),
+clients at a time); `flower_simulation_inprocess`: Flower's simulation runtime with the in-process backend
+(`run_flower_simulation(backend="inprocess")`: the ClientApp in this process, no Ray; one torch thread, like for like
+with `in_process_1thread`); deployments: a `flower-superlink` and 3 SuperNodes on 127.0.0.1 (one torch thread each),
 `flwr run recipes/flower`: `flower_deployment_warm` (`flower-supernode --isolation process` + a long-running
 `python -m hf_perfit.flower.warm` ClientApp process per node, the model loaded once per run),
 `flower_deployment_warm_fastpoll` (the same, SuperNodes started with `python -m hf_perfit.flower.supernode
@@ -379,6 +400,13 @@ Reading:
   pulls the replies every 5 ms at most; what remains is Ray's actor call (some 6 ms per message, 6 messages a
   round one after the other on 1 CPU) and the Flower transport's bookkeeping between the phases (docs/flower.md,
   section 1). With a real model the client's training dominates it.
+- Without Ray (`flower_simulation_inprocess`, the same Flower runtime with the ClientApp in this process; goal
+  ≤ 1.1×): {med["flower_simulation_inprocess"] - med[base]:+.2f} s per round ({ratio["flower_simulation_inprocess"]:.2f}×
+  [{min_ratio["flower_simulation_inprocess"]:.2f}, {max_ratio["flower_simulation_inprocess"]:.2f}]). Flower's
+  messaging itself costs a few milliseconds a phase here (the pushing thread hands the messages to the worker, the
+  worker stores its replies, the ServerApp's pull wakes on them); what remains is the Flower transport's own work
+  around it (building and reading the messages, each client's state read from and written to its disk), measured
+  step by step with `python benchmarks/flower_sim_phases.py --backend inprocess` (docs/flower.md, section 1).
 - With {num_cpus} CPUs Flower trains {num_cpus} clients at a time (`flower_simulation`,
   {ratio["flower_simulation"]:.2f}×).
 - `in_process` with {torch.get_num_threads()} threads is slower and erratic here: on a shared machine, torch's
@@ -386,7 +414,9 @@ Reading:
   second thread.
 - Start-up: the fresh Ray workers' cold start (imports, model load, tokenization) happens in the hello message
   before round 0, so round 0 and later rounds cost the same; the whole-run column adds it and Ray's start and stop
-  (about 20 s) to the Flower runs.
+  (about 20 s) to the Flower runs with Ray; the in-process backend starts no Ray
+  ({statistics.median(totals["flower_simulation_inprocess"]):.1f} s a whole run, against
+  {statistics.median(totals[base]):.1f} s for `in_process_1thread`).
 """
     if args.deployment:
         text += f"""- Deployment with warm ClientApp processes (goal ≤ 1.5×): {ratio["flower_deployment_warm"]:.1f}× with
