@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,46 @@ def _store(config: FederatedConfig, client_id: str) -> ClientStateStore:
     return ClientStateStore(Path(config.output_dir) / STATE_DIR / client_id)
 
 
+_STATES: OrderedDict[str, tuple[int, Any, int]] = OrderedDict()
+"""This process's copy of the newest state of each client it serves: `(round, state, bytes)` by state folder, least
+recently used first, within the config's `client_state_memory_mb` (as the in-process engine keeps its clients'
+states). A round's `train` saves the state that the same round's `evaluate` and the next round's `train` read back
+(two safetensors reads per client and round otherwise); the disk stays the truth: a copy is used only for the round
+the server names (`state-round`) and while that version's file exists."""
+
+
+def _state_bytes(state: Any) -> int:
+    tensors, masks, _ = state
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + sum(m.numel() for m in (masks or {}).values())
+
+
+def _remember_state(config: FederatedConfig, store: ClientStateStore, round_idx: int, state: Any) -> None:
+    key = str(store.root)
+    _STATES.pop(key, None)
+    size = _state_bytes(state)
+    budget = int(float(config.client_state_memory_mb) * 2**20)
+    if size > budget:
+        return
+    _STATES[key] = (int(round_idx), state, size)
+    while sum(v[2] for v in _STATES.values()) > budget:
+        _STATES.popitem(last=False)
+
+
+def _load_state(config: FederatedConfig, store: ClientStateStore, round_idx: int) -> Any:
+    """The client's state after round `round_idx` (`None` before its first), from this process's copy when it holds
+    that version, else from its disk ([`ClientStateStore.load`], with its errors)."""
+    if round_idx < 0:
+        return None
+    key = str(store.root)
+    hit = _STATES.get(key)
+    if hit is not None and hit[0] == round_idx and store._path(round_idx).is_file():
+        _STATES.move_to_end(key)
+        return hit[1]
+    state = store.load(round_idx)
+    _remember_state(config, store, round_idx, state)
+    return state
+
+
 def _reply(message: Message, content: RecordDict) -> Message:
     return Message(content, reply_to=message)
 
@@ -194,7 +235,9 @@ def hello(message: Message, context: Context) -> Message:
     meta = message.content[META]
     rt, data, node = _runtime(meta, context)
     if not bool(meta.get("resume", False)):  # a resumed run continues from the states this node kept
-        _store(rt.config, data.client_id).reset()
+        store = _store(rt.config, data.client_id)
+        _STATES.pop(str(store.root), None)
+        store.reset()
     with rt.model.disable_adapter():
         ev = evaluate_perplexity(rt.model, rt.tokenizer, data.test, rt.config.eval_batch_size)
     content = RecordDict()
@@ -225,7 +268,7 @@ def train(message: Message, context: Context) -> Message:
     rt, data, _ = _runtime(meta, context)
     store = _store(rt.config, data.client_id)
     accepted = int(meta["state-round"])
-    state = store.load(accepted)
+    state = _load_state(rt.config, store, accepted)
     instruction = decode_instruction(message.content, state[1] if state is not None else None)
     result = client_update(
         rt.model,
@@ -242,6 +285,7 @@ def train(message: Message, context: Context) -> Message:
         round_idx=int(meta["round"]),
     )
     store.save(int(meta["round"]), result.state, keep=accepted)
+    _remember_state(rt.config, store, int(meta["round"]), result.state)
     content = encode_update(
         result.update,
         {
@@ -260,7 +304,7 @@ def evaluate(message: Message, context: Context) -> Message:
     says `own`), with this client's own masks and search progress; exported in the last round."""
     meta = message.content[META]
     rt, data, _ = _runtime(meta, context)
-    state = _store(rt.config, data.client_id).load(int(meta["state-round"]))
+    state = _load_state(rt.config, _store(rt.config, data.client_id), int(meta["state-round"]))
     own_tensors, masks, state_meta = state if state is not None else (None, None, {})
     if meta.get("tensors-mode") == OWN:
         if own_tensors is None:
