@@ -397,19 +397,19 @@ Reading:
   `in_process_1thread`; goal ≤ 1.1×): {med["flower_simulation_1cpu"] - med[base]:+.2f} s per round
   ({ratio["flower_simulation_1cpu"]:.2f}×), for a round of 3 client trainings and 3 evaluations of a tiny model.
   `run_flower_simulation` hands each pushed message to a Ray worker at once (Flower 1.41 looks every 0.1 s) and
-  pulls the replies every 5 ms at most; what remains is Ray's actor call (some 6 ms per message, 6 messages a
-  round one after the other on 1 CPU) and the Flower transport's bookkeeping between the phases (docs/flower.md,
-  section 1). With a real model the client's training dominates it.
+  the ServerApp's pull wakes on the stored reply; what remains is Ray's actor call (some 6 ms per message, 6
+  messages a round one after the other on 1 CPU) and the Flower transport's bookkeeping between the phases
+  (docs/flower.md, section 1). With a real model the client's training dominates it.
 - Without Ray (`flower_simulation_inprocess`, the same Flower runtime with the ClientApp in this process; goal
   ≤ 1.1×): {med["flower_simulation_inprocess"] - med[base]:+.2f} s per round ({ratio["flower_simulation_inprocess"]:.2f}×
   [{min_ratio["flower_simulation_inprocess"]:.2f}, {max_ratio["flower_simulation_inprocess"]:.2f}]). Flower's
   messaging itself costs a few milliseconds a phase here (the pushing thread hands the messages to the worker, the
   worker stores its replies, the ServerApp's pull wakes on them); what remains is the Flower transport's own work
-  around it (building and reading the messages, each client's state read from and written to its disk), measured
+  around it (building and reading the messages, each client's state written to its disk), measured
   step by step with `python benchmarks/flower_sim_phases.py --backend inprocess` (docs/flower.md, section 1).
 - With {num_cpus} CPUs Flower trains {num_cpus} clients at a time (`flower_simulation`,
   {ratio["flower_simulation"]:.2f}×).
-- `in_process` with {torch.get_num_threads()} threads is slower and erratic here: on a shared machine, torch's
+- `in_process` with {torch.get_num_threads()} threads is erratic here: on a shared machine, torch's
   threads wait for each other whenever another process holds a core, and matrices this small gain nothing from a
   second thread.
 - Start-up: the fresh Ray workers' cold start (imports, model load, tokenization) happens in the hello message
