@@ -763,3 +763,55 @@ def test_fast_simulation_dispatch_wakes_a_reply_pull_when_a_reply_is_stored(monk
             for worker in workers:
                 worker.join()
     assert InMemoryGrid.pull_messages is pull and vce_api.put_message_into_state is original_store
+
+
+def test_fast_simulation_dispatch_hands_a_push_to_the_workers_from_the_pushing_thread(monkeypatch):
+    """Within the block, a push into a running simulation's LinkState takes the dispatcher's look itself: the
+    message reaches the workers' queue before the push returns, without waiting for the dispatcher's thread."""
+    import queue
+    import threading
+
+    import flwr.server.superlink.fleet.vce.vce_api as vce_api
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    import hf_perfit.flower.simulation as simulation
+
+    class State:
+        def __init__(self):
+            self.inbox, self.looks, self.takers = [], 0, []
+
+        def get_message_ins(self, node_id, limit):
+            self.looks += 1
+            if not self.inbox:
+                return []
+            self.takers.append(threading.current_thread())
+            return [self.inbox.pop(0)]
+
+    state = State()
+
+    def push(self, messages):
+        state.inbox.extend(messages)
+        return [f"id-{m}" for m in messages]
+
+    class Grid:
+        pass
+
+    grid = Grid()
+    grid.state = state
+    monkeypatch.setattr(InMemoryGrid, "push_messages", push)
+    monkeypatch.setattr(simulation, "SIMULATION_DISPATCH_WAIT", 600.0)  # the loop looks at its start, then on a wake
+    workers: queue.Queue = queue.Queue()
+    with simulation.fast_simulation_dispatch():
+        stop = threading.Event()
+        loop = threading.Thread(target=vce_api.add_messages_to_queue, args=(state, workers, {7: 0}, stop))
+        loop.start()
+        while state.looks == 0:  # its first look (nothing yet); now it waits for a wake
+            time.sleep(0.001)
+        try:
+            assert InMemoryGrid.push_messages(grid, ["m1"]) == ["id-m1"]
+            assert workers.get_nowait() == "m1"  # already queued when the push returned
+            assert state.takers == [threading.current_thread()]  # taken by the pushing thread
+        finally:
+            stop.set()
+            InMemoryGrid.push_messages(grid, [])  # wakes the loop, which sees the stop
+            loop.join()
