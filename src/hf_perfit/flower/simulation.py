@@ -6,7 +6,8 @@ Which backend:
 - `"ray"` (the default, Flower's own): each `ClientApp` runs in a Ray worker process with its share of the CPUs and
   GPUs (`client_num_cpus`, `client_num_gpus`), so several clients train at once and a GPU can be split between
   workers; every message costs a Ray actor call (some 6 ms on a 2-core machine) and the run starts and stops Ray
-  (about 10 s each way). A worker with `client_num_gpus=0` sees no GPU.
+  and its workers (the benchmark's tiny run takes 15.4 s with Ray, 1.6 s without: `docs/benchmarks.md`, "Flower
+  overhead"). A worker with `client_num_gpus=0` sees no GPU.
 - `"inprocess"` ([`InProcessBackend`]): one worker, the `ClientApp` called in this process (one client at a time,
   this process's devices and torch threads, like `perfit federate`); no Ray at all, not even imported. For one
   client at a time, on one device, short rounds, tests and debugging (a breakpoint in the ClientApp works).
