@@ -201,7 +201,7 @@ def _run_in_process(FederatedSimulation, config) -> tuple[list[float], float, fl
         ends[completed - 1] = time.perf_counter()
 
     # Like for like with Flower, whose ClientApps export their final adapters inside the last round's evaluation
-    # (`final` evaluate messages; some 30 ms per client here): the in-process engine exports them after the last
+    # (`final` evaluate messages; some 15 ms per client here): the in-process engine exports them after the last
     # checkpoint (`transport.export`), so that export's time joins its last round.
     export, exported = sim.transport.export, []
 
