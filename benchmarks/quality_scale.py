@@ -59,6 +59,10 @@ RESULTS_PATH = REPO_ROOT / "docs" / "results" / "quality.json"
 # The human reading of the tables, kept in its own file so that rebuilding the generated section never loses it.
 ANALYSIS_PATH = REPO_ROOT / "docs" / "quality_scale_analysis.md"
 DEFAULT_ROOT = REPO_ROOT / "outputs" / "quality"
+MASK_OVERLAP_FILE = (
+    "mask_overlap.json"  # [`mask_overlap`] kept in a cell packed without its state (quality_transfer.py)
+)
+IMPORTED_FILE = "imported.json"  # a cell trained elsewhere (a GPU session): records only, never resumed or forked
 TINY_ROOT = REPO_ROOT / "outputs" / "quality-scale-tiny"
 GOAL_RATIO = q.GOAL_RATIO  # PerFIT's geometric mean at most 0.77 x FedIT's
 TIE = 0.01  # a client's perplexities within 1% of each other are a tie
@@ -352,6 +356,7 @@ def fork_source(folder: Path, config) -> Path | None:
             other == folder
             or not (other / "state" / "checkpoint.json").is_file()
             or not (other / "results.md").is_file()
+            or (other / IMPORTED_FILE).is_file()  # its tensors stayed where it ran: nothing to continue from
         ):
             continue
         saved = json.loads((other / "state" / "checkpoint.json").read_text())
@@ -495,6 +500,16 @@ class CellLock:
             return None
         return "a lock that keeps coming back"
 
+    def holder(self) -> str | None:
+        """Who holds the lock when a live process does (a lock of a gone process on this host counts as free)."""
+        try:
+            other = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if other.get("host") == socket.gethostname() and not _alive(int(other.get("pid", -1))):
+            return None
+        return f"pid {other.get('pid')} on {other.get('host')}"
+
     def release(self) -> None:
         if self.held:
             self.path.unlink(missing_ok=True)
@@ -595,6 +610,11 @@ def run_cells(args, cells: list[dict[str, Any]]) -> dict[str, int]:
                 counts["skipped"] += 1
                 continue
             if cell["status"] == "missing" and not args.no_fork and not folder.exists():  # never over a run
+                waits = _fork_source_running(cell, todo)
+                if waits:  # another `run` (e.g. a parallel worker on a GPU) is computing the run to fork from
+                    print(f"  skipped: waits for {waits} (locked by another run); a later call forks it")
+                    counts["skipped"] += 1
+                    continue
                 source = fork_source(folder, cell["config"])
                 if source is not None:
                     fork_finetune(source, folder, cell["config"])
@@ -621,6 +641,21 @@ def run_cells(args, cells: list[dict[str, Any]]) -> dict[str, int]:
         finally:
             lock.release()
     return counts
+
+
+def _fork_source_running(cell: dict[str, Any], cells: list[dict[str, Any]]) -> str | None:
+    """For a fine-tuning cell (`finetune_steps > 0`): the folder name of the cell of this plan it would fork from
+    (the same config without fine-tuning, same seed), when another process holds that cell's lock; else `None`."""
+    config = cell["config"]
+    if not config.finetune_steps:
+        return None
+    want = {**q._comparable(config.to_dict()), "finetune_steps": 0}
+    for other in cells:
+        if other is cell or other.get("config") is None or other["folder"].parent != cell["folder"].parent:
+            continue
+        if q._comparable(other["config"].to_dict()) == want and CellLock(other["folder"]).holder():
+            return other["folder"].name
+    return None
 
 
 def _rouge_missing(cell: dict[str, Any]) -> bool:
@@ -797,6 +832,9 @@ def mask_overlap(cell: dict[str, Any]) -> dict[str, Any] | None:
         return None
     pointer = json.loads(ckpt.read_text())
     path = state / pointer["folder"] / "strategy.safetensors"
+    kept = cell["folder"] / MASK_OVERLAP_FILE
+    if not path.is_file() and kept.is_file():  # packed on another machine without its state (quality_transfer.py)
+        return json.loads(kept.read_text())
     meta = pointer.get("strategy_meta", {})
     clients = meta.get("mask_clients") or []
     if len(clients) < 1 or not path.is_file():
@@ -1176,6 +1214,12 @@ def report(args, root: Path) -> dict[str, Any]:
         "in the last 15 minutes (`--force` takes it) and the cells a running `benchmarks/quality.py` process of the "
         "same machine computes (its `--output-root` and `--methods`, read from /proc; e.g. flan8_recipe seed 0's "
         "local, fedit, perfit).",
+        '- **On a GPU** (docs/quality_scale_analysis.md, "Running the cells on a GPU"): `benchmarks/gpu_quality.sh` '
+        "runs several `run` workers over one plan (the cell locks make them a queue; a `fedit_ft` waits for the "
+        "`fedit` it forks from), and `benchmarks/quality_transfer.py` brings the finished cells back as records only "
+        "(a FLAN-8 cell's 38 MB are nearly all tensors the report does not read; the GPU machine returns files of "
+        "≤ 16 MiB); an imported cell is marked `imported.json`, never overwrites a local one, and is never resumed "
+        "or forked from.",
         "- **Heterogeneity sweep** (α = 0.1, 0.5, 1.0, IID; local, FedIT, PerFIT): the 40-client, 20% schedule; "
         "`alpha0.5` is `dirichlet40_f20` itself.",
         "- **FedIT-FT**: FedIT's run, then every client fine-tunes the final global adapter for one round's local "
