@@ -17,7 +17,14 @@ This launcher runs Flower's own `flower-supernode` entry point with:
 - the idle wait between two asks to the SuperLink capped at `--poll-interval` seconds (default 0.1) while the node
   is active (it stored a message or an object within the last minute; after that it asks every 3 s again, as
   Flower does): the SuperLink cannot notify a node, so this one stays a poll;
-- the first retry of a download of arrays not yet on the SuperLink after 20 ms (doubling up to the cap).
+- the first retry of a download of arrays not yet on the SuperLink after 20 ms (doubling up to the cap);
+- its Runtime API's answers to the node's ClientApp process **held** while there is nothing to give: an
+  `AcquireTask` with no task waits until the node stores a message (at most [`HOLD`] seconds), a `PullObject` of an
+  object the node is still downloading from the SuperLink until it arrives. A long-running ClientApp process
+  ([`hf_perfit.flower.warm`], which asks again at once after a held answer) thus gets a message's task and objects
+  as soon as the node has them, instead of at its next poll (it polled every 5-200 ms, one request each; measured,
+  some 100 ms of each phase of a round, `docs/flower.md`, section 2). Flower's own SuperExec (`--isolation
+  subprocess`) gets its tasks sooner the same way.
 
 Everything else is Flower's SuperNode, unchanged. The cost: during a run a node asks the SuperLink for messages
 `1 / cap` times a second instead of once every 3 s (one small HTTP request each); with hundreds of nodes on one
@@ -35,7 +42,17 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-__all__ = ["ACTIVE_WINDOW", "DEFAULT_CAP", "NODE_ACTIVITY", "NodeActivity", "capped_time", "main", "notify_after"]
+__all__ = [
+    "ACTIVE_WINDOW",
+    "DEFAULT_CAP",
+    "HOLD",
+    "NODE_ACTIVITY",
+    "NodeActivity",
+    "capped_time",
+    "held",
+    "main",
+    "notify_after",
+]
 
 DEFAULT_CAP = 0.1
 IDLE_WAIT = 3.0
@@ -43,6 +60,9 @@ IDLE_WAIT = 3.0
 ACTIVE_WINDOW = 60.0
 """Seconds after the node's last stored message or object during which an empty ask is repeated after the cap;
 after that the node is idle and asks every 3 s again, as Flower does (a run's first message then waits up to 3 s)."""
+HOLD = 1.0
+"""The longest the node's Runtime API holds an empty `AcquireTask` or a `PullObject` of an object still on its way
+(see [`held`]): an idle ClientApp process then asks about once a second, like Flower's SuperExec."""
 
 
 class NodeActivity:
@@ -51,12 +71,21 @@ class NodeActivity:
     def __init__(self) -> None:
         self.changed = threading.Condition()
         self.last = time.monotonic()
+        self.count = 0
+        """Changes so far: a wait that read it before looking at the state misses no change made after."""
 
     def touch(self) -> None:
         """Record a change and wake every wait on it."""
         with self.changed:
             self.last = time.monotonic()
+            self.count += 1
             self.changed.notify_all()
+
+    def wait_change(self, since: int, timeout: float) -> bool:
+        """Wait until a change after the `since`-th ([`count`] read earlier), at most `timeout` seconds; whether one
+        came."""
+        with self.changed:
+            return self.changed.wait_for(lambda: self.count != since, max(timeout, 0.0))
 
 
 NODE_ACTIVITY = NodeActivity()
@@ -110,9 +139,32 @@ def notify_after(method: Callable[..., Any], activity: NodeActivity) -> Callable
     return wrapper
 
 
+def held(
+    handler: Callable[..., Any], ready: Callable[[Any], bool], activity: NodeActivity, hold: float = HOLD
+) -> Callable[..., Any]:
+    """`handler` (a Runtime API handler of the SuperNode), whose answer is held while it is not `ready`: asked again
+    after each change of `activity`, until it is ready or `hold` seconds passed (then the last answer, as Flower
+    would give it at once). Runtime API handlers are plain functions that Flower's HTTP server runs in its thread
+    pool, so a held answer blocks one of those threads, not the server."""
+
+    @functools.wraps(handler)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + hold
+        while True:
+            since = activity.count
+            answer = handler(*args, **kwargs)
+            left = deadline - time.monotonic()
+            if ready(answer) or left <= 0:
+                return answer
+            activity.wait_change(since, left)
+
+    return wrapper
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run `flower-supernode` with the arguments given (minus `--poll-interval SECONDS`) and capped polls."""
     import flwr
+    import flwr.supernode.servicer.runtime.runtime_handlers as handlers
     import flwr.supernode.start_client_internal as internal
     from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
     from flwr.supernode.cli.flower_supernode import flower_supernode
@@ -137,6 +189,11 @@ def main(argv: list[str] | None = None) -> None:
     InMemoryNodeState.store_message = notify_after(InMemoryNodeState.store_message, NODE_ACTIVITY)
     InMemoryObjectStore.put = notify_after(InMemoryObjectStore.put, NODE_ACTIVITY)
     internal.time = capped_time(cap, NODE_ACTIVITY)
+    # the Runtime API router calls `handlers.<name>` at each request, so these take effect for every request
+    handlers.acquire_task = held(handlers.acquire_task, lambda r: r.HasField("task"), NODE_ACTIVITY)
+    handlers.pull_object = held(  # not found: not this node's (Flower's answer at once); found: wait until there
+        handlers.pull_object, lambda r: r.object_available or not r.object_found, NODE_ACTIVITY
+    )
     internal.pull_objects = functools.partial(  # Flower's overall deadline (PULL_MAX_TIME) still applies
         internal.pull_objects, initial_backoff=min(0.02, cap), backoff_cap=cap, max_tries_per_object=None
     )

@@ -63,6 +63,10 @@ __all__ = ["DEFAULT_APP", "WarmClientAppRunner", "main"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_APP = "hf_perfit.flower.client_app:app"
+HELD_ANSWER = 0.25
+"""An empty `AcquireTask` answer that took at least this long was held by the SuperNode until a task came or its hold
+ran out (`hf_perfit.flower.supernode`, about 1 s): the next poll follows at once, since the SuperNode's hold is the
+wait. Flower's own SuperNode answers at once (milliseconds); then the process waits 5-200 ms between polls."""
 
 
 def load_app(reference: str) -> ClientApp:
@@ -130,7 +134,9 @@ class WarmClientAppRunner:
         app (`str`, defaults to `"hf_perfit.flower.client_app:app"`): the ClientApp to serve.
         poll_interval (`float`, defaults to 0.2): the longest wait between two task polls during a run; after a
             task the wait restarts at 5 ms and doubles up to it (the next message of a round usually follows within
-            milliseconds; Flower's SuperExec polls every second, `FLWR_SUPEREXEC_TASK_POLL_INTERVAL`).
+            milliseconds; Flower's SuperExec polls every second, `FLWR_SUPEREXEC_TASK_POLL_INTERVAL`). A SuperNode
+            started with `python -m hf_perfit.flower.supernode` holds an empty answer until a task comes (up to
+            about 1 s); the process then asks again at once, without waiting.
         idle_poll_interval (`float`, defaults to 1.0): the longest wait once no task came for `idle_after` seconds
             (between runs), so an idle process asks its SuperNode about once a second, like Flower's SuperExec.
         idle_after (`float`, defaults to 60): seconds without a task after which the process counts as idle.
@@ -233,6 +239,7 @@ class WarmClientAppRunner:
         logger.info("serving %s for the SuperNode at %s", self.app_ref, self.address)
         delay = 0.005
         while max_tasks is None or self.tasks_done < max_tasks:
+            asked = time.monotonic()
             try:
                 token = self.acquire()
             except httpx.HTTPError as err:  # the SuperNode is (re)starting: wait for its Runtime API
@@ -240,6 +247,9 @@ class WarmClientAppRunner:
                 time.sleep(0.5)
                 continue
             if token is None:
+                if time.monotonic() - asked >= HELD_ANSWER:  # the SuperNode held the answer: it wakes us, ask again
+                    delay = 0.005
+                    continue
                 time.sleep(delay)
                 delay = min(2 * delay, self.next_poll_cap())
                 continue
