@@ -123,6 +123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_rounds", type=int, default=2)
     p.add_argument("--local_steps", type=int, default=4)
     p.add_argument("--node_poll_interval", type=float, default=0.1, help="hf_perfit.flower.supernode --poll-interval")
+    p.add_argument(
+        "--in_node", action="store_true", help="the ClientApp inside each SuperNode (--clientapp), no warm processes"
+    )
     p.add_argument("--keep", type=Path, default=None, help="copy the traces into this folder")
     return p.parse_args(argv)
 
@@ -204,11 +207,16 @@ def phases(rows: list[dict]) -> list[dict[str, Any]]:
                 if got["t1"] >= bound:
                     continue  # this node has no message in this phase
                 conf = _first(rows, node, "/fleet/confirm-message-received", got["t1"])
-                task = _first(rows, warm, "/runtime/acquire-task", t0, nonempty=True, by="t1")
-                w_conf = _first(rows, warm, "/runtime/confirm-message-received", task["t1"])
-                w_push = _first(rows, warm, "/runtime/push-messages", w_conf["t1"])
-                w_out = _first(rows, warm, "/runtime/push-task-output", w_push["t1"])
-                n_push = _first(rows, node, "/fleet/push-messages", w_push["t0"])
+                if any(r["proc"] == warm for r in rows):
+                    task = _first(rows, warm, "/runtime/acquire-task", t0, nonempty=True, by="t1")
+                    w_conf = _first(rows, warm, "/runtime/confirm-message-received", task["t1"])
+                    w_push = _first(rows, warm, "/runtime/push-messages", w_conf["t1"])
+                    w_out = _first(rows, warm, "/runtime/push-task-output", w_push["t1"])
+                    n_push = _first(rows, node, "/fleet/push-messages", w_push["t0"])
+                    warm_times = [task["t1"], w_conf["t1"], w_push["t0"], w_out["t1"]]
+                else:  # the ClientApp runs inside the SuperNode (--clientapp): no HTTP to time between them
+                    n_push = _first(rows, node, "/fleet/push-messages", conf["t1"])
+                    warm_times = [float("nan")] * 4
                 n_next = _first(rows, node, "/fleet/pull-messages", n_push["t1"])["t0"]
                 n_done = max(
                     [n_push["t1"]]
@@ -228,10 +236,7 @@ def phases(rows: list[dict]) -> list[dict[str, Any]]:
                 pushed,
                 got["t1"],
                 conf["t1"],
-                task["t1"],
-                w_conf["t1"],
-                w_push["t0"],
-                w_out["t1"],
+                *warm_times,
                 n_done,
                 s_got["t1"],
                 s_conf["t1"],
@@ -267,7 +272,11 @@ def main(argv: list[str] | None = None) -> None:
             )
             config = flower_overhead.make_config(cfg_args, root, root / f"out{run}")
             fed = LocalFederation(
-                root / f"fed{run}", num_nodes=3, threads_per_node=1, node_poll_interval=args.node_poll_interval
+                root / f"fed{run}",
+                num_nodes=3,
+                threads_per_node=1,
+                node_poll_interval=args.node_poll_interval,
+                in_node=args.in_node,
             )
             with fed:
                 run_id = fed.run(config, flower_overhead.APP_DIR)
@@ -294,7 +303,8 @@ def main(argv: list[str] | None = None) -> None:
             for j, (label, _) in enumerate(MILESTONES):
                 vals = [c[j] for p in sel for c in p["clients"].values()]
                 last = [max(c[j] for c in p["clients"].values()) for p in sel]
-                print(f"  {label:34s} {statistics.mean(vals) * 1e3:7.1f} {statistics.mean(last) * 1e3:7.1f}")
+                if vals and vals[0] == vals[0]:  # NaN: not timed (the ClientApp inside the SuperNode)
+                    print(f"  {label:34s} {statistics.mean(vals) * 1e3:7.1f} {statistics.mean(last) * 1e3:7.1f}")
             req = collections.Counter()
             for p in sel:
                 req.update(p["paths"])

@@ -354,6 +354,14 @@ def test_strategy_warm_process_and_supernode_launcher_refuse_what_they_cannot_se
         supernode_main(["--poll-interval", "5"])
     with pytest.raises(SystemExit, match="needs a number of seconds"):
         supernode_main(["--poll-interval"])
+    with pytest.raises(SystemExit, match="--isolation subprocess would start another one"):
+        supernode_main(["--clientapp", DEFAULT_APP, "--isolation", "subprocess"])
+    with pytest.raises(SystemExit, match="--clientapp hf_perfit.flower.client_app: .*must be 'module:attribute'"):
+        supernode_main(["--clientapp", "hf_perfit.flower.client_app"])
+    with pytest.raises(SystemExit, match="--clientapp needs a value"):
+        supernode_main(["--clientapp"])
+    with pytest.raises(ValueError, match="in_node=True runs the ClientApp inside hf_perfit's SuperNode launcher"):
+        LocalFederation(tmp_path / "fed", num_nodes=1, node_poll_interval=None, in_node=True)
 
     from hf_perfit.flower.warm import WarmClientAppRunner
 
@@ -625,6 +633,23 @@ def test_deployment_on_localhost_then_a_supernode_killed_mid_round(tmp_path, ass
         assert (tmp_path / "killed" / "clients" / "client_0" / "adapter" / "adapter_model.safetensors").is_file()
         assert not (tmp_path / "killed" / "clients" / "client_1").exists()
         assert "## Failures" in (tmp_path / "killed" / "results.md").read_text()
+    finally:
+        fed.close()
+
+
+def test_deployment_with_the_clientapp_inside_each_supernode_matches_the_in_process_run(tmp_path, assets):
+    """`python -m hf_perfit.flower.supernode --clientapp hf_perfit.flower.client_app:app`: one process per node, the
+    ClientApp's Runtime API calls answered in that process. Same adapters and metrics as the in-process engine."""
+    fed = LocalFederation(tmp_path, num_nodes=2, threads_per_node=1, in_node=True)
+    try:
+        fed.start()
+        assert set(fed.procs) == {"superlink", "node0", "node1"}  # no ClientApp process next to the nodes
+        config = _config(assets, tmp_path / "deployed", num_clients=2, num_rounds=1)
+        run_id = fed.run(config, APP_DIR)
+        report = fed.wait(tmp_path / "deployed", run_id, alive=tuple(fed.procs))
+        assert report["status"] == "completed" and report["flwr_status"] == "finished:completed", report
+        run_federated(_config(assets, tmp_path / "reference", num_clients=2, num_rounds=1))
+        _assert_same_run(tmp_path / "reference", tmp_path / "deployed", ("client_0", "client_1"))
     finally:
         fed.close()
 

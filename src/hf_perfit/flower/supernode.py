@@ -161,14 +161,55 @@ def held(
     return wrapper
 
 
+def _option(args: list[str], name: str) -> str | None:
+    """Remove `name VALUE` from `args`; the value (`None` when absent)."""
+    if name not in args:
+        return None
+    i = args.index(name)
+    if i + 1 >= len(args):
+        raise SystemExit(f"{name} needs a value.")
+    value = args[i + 1]
+    del args[i : i + 2]
+    return value
+
+
+def serve_in_node(app: str, factory: Any, cap: float) -> threading.Thread:
+    """Start a daemon thread that runs the node's ClientApp tasks in this process (`--clientapp`): a
+    [`WarmClientAppRunner`] whose Runtime API calls go straight to the node's handlers. Should the runner itself
+    fail (not the ClientApp: its exceptions are its error replies), the SuperNode is stopped, so that the failure is
+    seen, not a node that never answers."""
+    import os
+    import signal
+
+    from .warm import WarmClientAppRunner
+
+    def run() -> None:
+        try:
+            while factory.state_instance is None:  # Flower creates the node state when the node starts
+                time.sleep(0.05)
+            runner = WarmClientAppRunner("in-process", app=app, poll_interval=cap, node_state=factory.state_instance)
+            runner.serve()
+        except BaseException:  # pragma: no cover - reported, then the node stops
+            import logging
+
+            logging.getLogger(__name__).exception("the in-node ClientApp runner failed; stopping the SuperNode")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=run, name="hf_perfit-clientapp", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run `flower-supernode` with the arguments given (minus `--poll-interval SECONDS`) and capped polls."""
+    """Run `flower-supernode` with the arguments given (minus `--poll-interval SECONDS` and `--clientapp
+    MODULE:ATTR`) and capped polls."""
     import flwr
     import flwr.supernode.servicer.runtime.runtime_handlers as handlers
     import flwr.supernode.start_client_internal as internal
     from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
     from flwr.supernode.cli.flower_supernode import flower_supernode
     from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+    from flwr.supernode.nodestate.nodestate_factory import NodeStateFactory
 
     if not flwr.__version__.startswith("1.41."):
         raise SystemExit(
@@ -186,6 +227,21 @@ def main(argv: list[str] | None = None) -> None:
         if not 0 < cap <= 3:
             raise SystemExit(f"--poll-interval {cap} must be in (0, 3] seconds.")
         del args[i : i + 2]
+    app = _option(args, "--clientapp")
+    if app is not None:
+        isolation = _option(args, "--isolation")
+        if isolation not in (None, "process"):
+            raise SystemExit(
+                f"--clientapp runs the ClientApp in the SuperNode's process; --isolation {isolation} would start "
+                "another one: leave --isolation out (or give --isolation process)."
+            )
+        from .warm import load_app
+
+        try:
+            load_app(app)  # a bad reference fails here, before the node connects
+        except (ImportError, AttributeError, ValueError, TypeError) as err:
+            raise SystemExit(f"--clientapp {app}: {err}") from None
+        args += ["--isolation", "process"]  # Flower starts no SuperExec: the tasks are this process's
     InMemoryNodeState.store_message = notify_after(InMemoryNodeState.store_message, NODE_ACTIVITY)
     InMemoryObjectStore.put = notify_after(InMemoryObjectStore.put, NODE_ACTIVITY)
     internal.time = capped_time(cap, NODE_ACTIVITY)
@@ -197,8 +253,32 @@ def main(argv: list[str] | None = None) -> None:
     internal.pull_objects = functools.partial(  # Flower's overall deadline (PULL_MAX_TIME) still applies
         internal.pull_objects, initial_backoff=min(0.02, cap), backoff_cap=cap, max_tries_per_object=None
     )
+    if app is not None:
+        factories: list[Any] = []
+        init = NodeStateFactory.__init__
+
+        @functools.wraps(init)
+        def remembered(self: Any, *a: Any, **k: Any) -> None:
+            init(self, *a, **k)
+            factories.append(self)
+
+        NodeStateFactory.__init__ = remembered  # type: ignore[method-assign]
+        _Pending(factories, app, cap).start()
     sys.argv = ["flower-supernode", *args]
     flower_supernode()
+
+
+class _Pending(threading.Thread):
+    """Waits for Flower to create the node's state factory, then [`serve_in_node`] on it."""
+
+    def __init__(self, factories: list[Any], app: str, cap: float) -> None:
+        super().__init__(name="hf_perfit-clientapp-start", daemon=True)
+        self.factories, self.app, self.cap = factories, app, cap
+
+    def run(self) -> None:
+        while not self.factories:
+            time.sleep(0.05)
+        serve_in_node(self.app, self.factories[0], self.cap)
 
 
 if __name__ == "__main__":

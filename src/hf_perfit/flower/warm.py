@@ -58,7 +58,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-__all__ = ["DEFAULT_APP", "WarmClientAppRunner", "main"]
+__all__ = ["DEFAULT_APP", "InProcessRuntimeClient", "WarmClientAppRunner", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,61 @@ def pull_task_input(client: RuntimeHttpClient, first_retry: float = 0.02) -> tup
     return message, context, fab_from_proto(task.fab)
 
 
+class InProcessRuntimeClient:
+    """The calls of Flower's `RuntimeHttpClient` that [`WarmClientAppRunner`] makes, answered by the SuperNode's
+    Runtime API handlers **in this process** (the SuperNode's own, see `hf_perfit.flower.supernode --clientapp`):
+    the same functions Flower's Runtime API server runs for each request, on the same node state, without HTTP.
+
+    Args:
+        state: the SuperNode's `NodeState`.
+        token (`str`, *optional*): the task's token (what `RuntimeTokenHttpInterceptor` sends); `None` for the
+            calls that need none (`AcquireTask`).
+    """
+
+    def __init__(self, state: Any, token: str | None = None) -> None:
+        import flwr.supernode.servicer.runtime.runtime_handlers as handlers
+        from flwr.supercore.servicer.runtime import runtime_handlers as core_handlers
+
+        self.state, self.token = state, token
+        self._handlers, self._core = handlers, core_handlers
+
+    def _task(self) -> Any:
+        task = self.state.get_task_by_token(self.token) if self.token else None
+        if task is None:  # what the Runtime API answers an unknown or expired token
+            raise RuntimeError("Runtime task-token authentication failed (the task is unknown or expired).")
+        return task
+
+    def AcquireTask(self, request: Any) -> Any:  # noqa: N802 - Flower's method names
+        return self._handlers.acquire_task(request, self.state)  # looked up per call: the launcher's held one
+
+    def SendTaskHeartbeat(self, request: Any) -> Any:  # noqa: N802
+        return self._core.send_task_heartbeat(request, self.state, self._task())
+
+    def PullTaskInput(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.pull_task_input(request, self.state, self._task())
+
+    def PullMessages(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.pull_messages(request, self.state, self._task())
+
+    def PullObject(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.pull_object(request, self.state, self._task())
+
+    def ConfirmMessageReceived(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.confirm_message_received(request, self.state, self._task())
+
+    def PushMessages(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.push_messages(request, self.state, self._task())
+
+    def PushObject(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.push_object(request, self.state, self._task())
+
+    def PushTaskOutput(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.push_task_output(request, self.state, self._task())
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 class WarmClientAppRunner:
     """Acquires a SuperNode's ClientApp tasks and runs each in this process (see the module docstring).
 
@@ -140,6 +195,9 @@ class WarmClientAppRunner:
         idle_poll_interval (`float`, defaults to 1.0): the longest wait once no task came for `idle_after` seconds
             (between runs), so an idle process asks its SuperNode about once a second, like Flower's SuperExec.
         idle_after (`float`, defaults to 60): seconds without a task after which the process counts as idle.
+        node_state (*optional*): the SuperNode's `NodeState` when this runner runs inside the SuperNode's process
+            (`hf_perfit.flower.supernode --clientapp`): its Runtime API handlers are called directly
+            ([`InProcessRuntimeClient`]) instead of over HTTP at `runtime_api_address`.
     """
 
     def __init__(
@@ -151,6 +209,7 @@ class WarmClientAppRunner:
         poll_interval: float = 0.2,
         idle_poll_interval: float = 1.0,
         idle_after: float = 60.0,
+        node_state: Any = None,
     ) -> None:
         self.address = runtime_api_address
         self.insecure = insecure
@@ -162,13 +221,18 @@ class WarmClientAppRunner:
         self.idle_after = float(idle_after)
         self.tasks_done = 0
         self._last_task = time.monotonic()
-        self._control = RuntimeHttpClient.from_server_address(
-            server_address=runtime_api_address,
-            insecure=insecure,
-            root_certificates=root_certificates,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-            retry_invoker=make_simple_http_retry_invoker(),
-        )
+        self.node_state = node_state
+        self._control: Any
+        if node_state is not None:
+            self._control = InProcessRuntimeClient(node_state)
+        else:
+            self._control = RuntimeHttpClient.from_server_address(
+                server_address=runtime_api_address,
+                insecure=insecure,
+                root_certificates=root_certificates,
+                interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+                retry_invoker=make_simple_http_retry_invoker(),
+            )
 
     def acquire(self) -> str | None:
         """One poll: the token of a `flwr-clientapp` task the SuperNode hands out, or `None`."""
@@ -180,16 +244,20 @@ class WarmClientAppRunner:
     def run_task(self, token: str) -> None:
         """Run one task with Flower's `flwr-clientapp` calls: pull its message and context, call the ClientApp, push
         the reply (an `Error` reply when it raised) and the task's output (the updated context)."""
-        client = RuntimeHttpClient.from_server_address(
-            server_address=self.address,
-            insecure=self.insecure,
-            root_certificates=self.root_certificates,
-            interceptors=[
-                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                RuntimeTokenHttpInterceptor(token),
-            ],
-            retry_invoker=make_simple_http_retry_invoker(),
-        )
+        client: Any
+        if self.node_state is not None:
+            client = InProcessRuntimeClient(self.node_state, token)
+        else:
+            client = RuntimeHttpClient.from_server_address(
+                server_address=self.address,
+                insecure=self.insecure,
+                root_certificates=self.root_certificates,
+                interceptors=[
+                    RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                    RuntimeTokenHttpInterceptor(token),
+                ],
+                retry_invoker=make_simple_http_retry_invoker(),
+            )
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
         heartbeat.start()
         message: Message | None = None
