@@ -284,7 +284,12 @@ def _ratios(ratio: dict[str, float]) -> str:
         "flower_deployment_warm_fastpoll": "with `hf_perfit.flower.supernode` and a warm ClientApp process per node",
         "flower_deployment_warm": "with Flower's own SuperNode and a warm ClientApp process per node",
     }
-    return ", ".join(f"{ratio[arm]:.1f}× {text}" for arm, text in words.items() if arm in ratio)
+    return "; ".join(f"{ratio[arm]:.1f}× {text}" for arm, text in words.items() if arm in ratio)
+
+
+def _ratio_lines(ratio: dict[str, float]) -> str:
+    """The deployment arms' ratios, one indented line each."""
+    return "\n".join(f"  {part}" for part in _ratios(ratio).split("; "))
 
 
 def deployment_only_block(
@@ -314,8 +319,9 @@ reached the same mean personalized perplexity: {"yes" if same else "NO"}.
 
 {table}
 
-- Deployment (goal ≤ 1.5×): {_ratios(ratio)}; the in-process round took {med["in_process_1thread"]:.2f} s. Where a
-  round goes, hop by hop: docs/flower.md, section 2 (`benchmarks/flower_deploy_phases.py`).
+- Deployment (goal ≤ 1.5×), against the in-process round of {med["in_process_1thread"]:.2f} s:
+{_ratio_lines(ratio)}
+  Where a round goes, hop by hop: docs/flower.md, section 2 (`benchmarks/flower_deploy_phases.py`).
 - Flower's default deployment (a fresh `flwr-clientapp` process per message, which imports torch and loads the
   model every time) was measured at 59.2 s per round, 41.5× `in_process_1thread`, on 2026-11-22 (commit 772c2b0, same
   machine and work); `--cold_deployment` measures it again (about a minute a round).

@@ -1,4 +1,5 @@
-"""`flower-supernode` without its fixed waits: `python -m hf_perfit.flower.supernode [flower-supernode args]`.
+"""`flower-supernode` without its fixed waits, optionally with the ClientApp in its own process:
+`python -m hf_perfit.flower.supernode [--poll-interval S] [--clientapp MODULE:ATTR] [flower-supernode args]`.
 
 Flower 1.41's SuperNode asks the SuperLink for a new message, and when there is none waits a fixed **3 s** before
 asking again; while its ClientApp works it checks for the reply every **0.5 s**, and again every 0.5 s for each of
@@ -26,10 +27,18 @@ This launcher runs Flower's own `flower-supernode` entry point with:
   some 100 ms of each phase of a round, `docs/flower.md`, section 2). Flower's own SuperExec (`--isolation
   subprocess`) gets its tasks sooner the same way.
 
+With `--clientapp MODULE:ATTR` (e.g. `hf_perfit.flower.client_app:app`) the node runs with `--isolation process` and
+a thread of this process serves its ClientApp tasks ([`serve_in_node`]): a [`hf_perfit.flower.warm`] runner whose
+Runtime API calls go straight to the node's handlers (`hf_perfit.flower.warm.InProcessRuntimeClient`), the same
+functions Flower's Runtime API server runs per request. One process per node, the model loaded once per run, and no
+HTTP request between the node and its ClientApp (some 13 per client and phase with a separate process; measured,
+a round 1.51 s -> 1.17 s, `docs/flower.md`, section 2). The price is isolation: a crash of the process (not a Python
+exception of the ClientApp, which is its error reply) stops the node.
+
 Everything else is Flower's SuperNode, unchanged. The cost: during a run a node asks the SuperLink for messages
 `1 / cap` times a second instead of once every 3 s (one small HTTP request each); with hundreds of nodes on one
-SuperLink, raise the cap. It patches private details of Flower 1.41 (the pinned `flwr>=1.41,<1.42`) and refuses any other
-version.
+SuperLink, raise the cap. It patches private details of Flower 1.41 (the pinned `flwr>=1.41,<1.42`) and refuses any
+other version.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ __all__ = [
     "held",
     "main",
     "notify_after",
+    "serve_in_node",
 ]
 
 DEFAULT_CAP = 0.1
