@@ -142,7 +142,7 @@ def test_packed_messages_round_trip_bit_for_bit(monkeypatch):
     what the unpacked one does: same keys in the same order, dtypes, shapes and bits (NaN payloads, -0.0,
     subnormals, bf16 cast up exactly), mask bits, extra tensors, and an empty adapter; the byte accounting is the
     same."""
-    from flwr.app import Array, ArrayRecord, RecordDict
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
     from hf_perfit.flower import records
     from hf_perfit.flower.records import (
@@ -206,6 +206,10 @@ def test_packed_messages_round_trip_bit_for_bit(monkeypatch):
             assert (a.metrics, a.num_examples, a.mask_changed) == (b.metrics, b.num_examples, b.mask_changed)
             if update.masks is None:
                 same(b.tensors, {k: t.float() for k, t in update.tensors.items()})
+    old_reply = encode_update(ClientUpdate("client_0", 7, dense, metrics={"loss": 0.5}))  # hf_perfit before:
+    old_reply["metrics"] = MetricRecord({k: v for k, v in old_reply["metrics"].items() if not k.startswith("update/")})
+    old_reply["update-metrics"] = MetricRecord({"loss": 0.5})  # the update's metrics in a record of their own
+    assert decode_update(old_reply, shapes, None).metrics == {"loss": 0.5}
     alone = RecordDict()  # no meta record to hold the blob: a ConfigRecord of its own
     put_arrays(alone, {"tensors": dense}, pack=True)
     assert list(alone.config_records) == [PACKED] and list(alone.array_records) == []

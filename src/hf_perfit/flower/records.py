@@ -518,12 +518,15 @@ def decode_update(
         raise ValueError(f"client {client_id!r} uploaded no tensors.")
     check_tensor_shapes(f"client {client_id!r}: tensors", tensors, shapes, complete=False)
     counts = content[METRICS]
+    own = {k[len(UPDATE_METRIC) :]: float(v) for k, v in counts.items() if k.startswith(UPDATE_METRIC)}
+    if "update-metrics" in content.metric_records:  # a reply of hf_perfit before the metrics shared one record
+        own.update({k: float(v) for k, v in content["update-metrics"].items()})
     return ClientUpdate(
         client_id=client_id,
         num_examples=int(counts["num-examples"]),
         tensors=tensors,
         masks=masks,
         mask_changed=mask_changed,
-        metrics={k[len(UPDATE_METRIC) :]: float(v) for k, v in counts.items() if k.startswith(UPDATE_METRIC)},
+        metrics=own,
         extra_tensors=dict(groups.get(EXTRA, {})),
     )
