@@ -21,6 +21,10 @@ python -m hf_perfit.flower.warm --runtime-api-address 127.0.0.1:9094 --insecure
 
 It serves hf_perfit's ClientApp (`hf_perfit.flower.client_app:app`, or `--app module:attr`) and answers tasks of
 runs whose Flower app names another ClientApp with an error (it does not install or load apps at run time).
+
+The same runner also works inside the SuperNode's own process (`python -m hf_perfit.flower.supernode --clientapp
+hf_perfit.flower.client_app:app`): its Runtime API calls then go straight to the node's handlers
+([`InProcessRuntimeClient`]), with no HTTP request between the node and its ClientApp (`docs/flower.md`, section 2).
 """
 
 from __future__ import annotations
