@@ -1,32 +1,22 @@
-"""Where a round of a Flower deployment goes: a per-hop breakdown of the `flower_deployment_warm_fastpoll` arm of
-`flower_overhead.py` (the same tiny work: 3 clients, PerFIT, 2 rounds of 4 local steps; a `flower-superlink`, 3
-SuperNodes started with `python -m hf_perfit.flower.supernode` and a warm ClientApp process each, on 127.0.0.1).
+"""Where a phase of a Flower deployment's round goes, step by step: the `flower_deployment_warm_fastpoll` and
+`flower_deployment_in_node` arms of `flower_overhead.py` (the same tiny work: 3 clients, PerFIT, 2 rounds of 4 local
+steps; a `flower-superlink` and 3 SuperNodes started with `python -m hf_perfit.flower.supernode` on 127.0.0.1, each
+with a warm ClientApp process next to it, or with `--in_node` the ClientApp inside it: `--clientapp`).
 
 Every HTTP request of every process of the federation (the ServerApp, the SuperNodes, the ClientApp processes) is
 time-stamped: the benchmark puts a `sitecustomize` on the processes' `PYTHONPATH` that wraps Flower's
 protobuf-over-HTTP client (`flwr.supercore.protobuf.client.ProtobufClient._unary_unary`, through which every request
 of Flower 1.41 goes) and appends `(process, path, start, end, response bytes)` to a file per process. From these
-timelines, per phase of a round (train, then evaluate) and per client, it prints the mean of each hop of a message's
-way, one after the other:
+timelines it prints, per phase of a round (train, then evaluate), when each step of a message's way ended, in ms
+from the start of the ServerApp's push (the mean over clients and phases, and the mean of the last client's), see
+[`MILESTONES`]: the ServerApp pushed; the SuperNode got the message (its poll of the SuperLink) and its objects; the
+ClientApp process got the task, has the message, answered (its work), pushed the reply (not timed with `--in_node`:
+no HTTP between the node and its ClientApp); the SuperNode pushed the reply; the ServerApp got it (its poll) and has
+it. Then the requests each process made in the phase, by path. The phase runs from the start of the ServerApp's
+push to the end of its last reply's confirmation.
 
-- `ServerApp push`: the ServerApp's `push-messages` and `push-object` requests to the SuperLink;
-- `SuperLink -> SuperNode`: from the end of that push to the end of the SuperNode's `pull-messages` that got the
-  message (the SuperNode's poll of the SuperLink);
-- `SuperNode pull objects`: its `pull-object`s and `confirm-message-received`;
-- `SuperNode -> ClientApp process`: to the end of the ClientApp process's `acquire-task` that got the task;
-- `ClientApp pull`: its `pull-task-input`, `pull-messages`, `pull-object`s, `confirm-message-received`;
-- `ClientApp compute`: from there to its reply's `push-messages` (the ClientApp's own work);
-- `ClientApp push`: its reply's `push-messages`, `push-object`s and `push-task-output`;
-- `ClientApp -> SuperNode push`: to the start of the SuperNode's `push-messages` to the SuperLink;
-- `SuperNode push`: its `push-messages` and `push-object`s;
-- `SuperLink -> ServerApp`: from there to the end of the ServerApp's `pull-messages` that got the reply (its poll);
-- `ServerApp pull`: its `pull-object`s and `confirm-message-received` of that reply;
-
-and the requests each process made in the phase. The phase runs from the start of the ServerApp's push to the end
-of its last reply's confirmation.
-
-    python benchmarks/flower_deploy_phases.py
-    python benchmarks/flower_deploy_phases.py --node_poll_interval 0.1 --runs 2
+    python benchmarks/flower_deploy_phases.py --num_rounds 3            # warm ClientApp processes
+    python benchmarks/flower_deploy_phases.py --num_rounds 3 --in_node  # the ClientApp inside each SuperNode
 """
 
 from __future__ import annotations
