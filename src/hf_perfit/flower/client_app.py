@@ -198,7 +198,7 @@ def hello(message: Message, context: Context) -> Message:
     with rt.model.disable_adapter():
         ev = evaluate_perplexity(rt.model, rt.tokenizer, data.test, rt.config.eval_batch_size)
     content = RecordDict()
-    content[META] = ConfigRecord(
+    reply_meta = ConfigRecord(
         {
             "client-id": data.client_id,
             "adapter-digest": tensor_digest(rt.init_tensors),
@@ -215,7 +215,8 @@ def hello(message: Message, context: Context) -> Message:
         }
     )
     if bool(meta.get("send-initial-adapter", False)):
-        put_arrays(content, {TENSORS: rt.init_tensors}, pack=bool(meta.get(PACK_FLAG, False)))
+        put_arrays(content, {TENSORS: rt.init_tensors}, pack=bool(meta.get(PACK_FLAG, False)), meta=reply_meta)
+    content[META] = reply_meta
     return _reply(message, content)
 
 
@@ -284,8 +285,7 @@ def evaluate(message: Message, context: Context) -> Message:
         metrics["density"] = float(rt.model.density())
     if bool(meta.get("final", False)):
         rt.model.save_pretrained(Path(rt.config.output_dir) / "clients" / data.client_id / "adapter")
-    content = RecordDict()
-    content[META] = ConfigRecord({"client-id": data.client_id})
+    content = RecordDict()  # the metrics alone: the server knows whom it asked (one object less on the wire)
     content[METRICS] = MetricRecord(metrics)
     return _reply(message, content)
 
