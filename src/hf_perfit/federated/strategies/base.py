@@ -143,6 +143,18 @@ class Strategy(ABC):
         adapter; strategies with personal state override it. `local_tensors` is the client's own last adapter."""
         return self.global_tensors
 
+    def personal_parts(self) -> list[str]:
+        """The adapter matrices (e.g. `["lora_B"]`) every client keeps to itself: never sent, never aggregated
+        (`ClientInstruction.config["personal"]`). Their personalized values exist only in the clients' own states, so
+        a transport must hold those states next to the coordinator (`Roster.state_with_coordinator`). Default: none."""
+        return []
+
+    def finetune_instruction(self, client_id: str, personalized: dict[str, Tensor]) -> ClientInstruction:
+        """What client `client_id` fine-tunes from after the last round (`finetune_steps`): by default its
+        personalized adapter `personalized` ([`personalized_tensors`]), dense. Strategies whose clients already hold
+        part of it (a PerFIT mask, personal matrices) send less."""
+        return ClientInstruction(tensors=personalized)
+
     @abstractmethod
     def configure_client(self, client_id: str, round_idx: int) -> ClientInstruction:
         """What client `client_id` starts round `round_idx` from.
