@@ -15,6 +15,7 @@ trains, nothing is invented: a cell not finished is shown as pending).
 
     python benchmarks/quality_scale.py run --setting flan8_recipe --seeds 0 1 2                # table 1
     python benchmarks/quality_scale.py run --setting flan8_recipe --seeds 0 1 2 --methods ablations
+    python benchmarks/quality_scale.py run --setting flan8_recipe --seeds 0 1 2 --methods perfit perfit_pb perfit_ft
     python benchmarks/quality_scale.py run --setting dirichlet40_f20 dirichlet40_f05 --seeds 0 1 2
     python benchmarks/quality_scale.py run --setting alpha0.1 alpha0.5 alpha1.0 iid --seeds 0 1 2
     python benchmarks/quality_scale.py plan --setting flan8_recipe --seeds 0 1 2              # status + estimate
@@ -25,6 +26,12 @@ trains, nothing is invented: a cell not finished is shown as pending).
 Any other `--key value` overrides a `FederatedConfig` key of every cell (read as benchmarks/quality.py reads its
 overrides, with `hf_perfit.federated.federated_parser`); such cells go into a `--root` of their own. `--tiny` applies
 benchmarks/settings/tiny.yaml over each setting's YAML (its sampled fraction stays).
+
+PerFIT's named variants (docs/perfit.md, "Variants"; rows of the ablation group, the faithful `perfit` rows stay):
+`perfit_pb` (personal B: only the LoRA A matrices are aggregated and sent, every client keeps its own B) differs from
+`perfit` only in B's aggregation, `perfit_ft` (then one round's local steps of fine-tuning, forked from the same
+seed's `perfit` cell) only in the fine-tuning after the last round; the report states the goal for each in place of
+`perfit`.
 
 Per-client numbers: the list of a client is `[perplexity of the base model, after round 1, ..., after round T]`
 (index t = after t training rounds; the run records call these rounds -1, 0, ..., T-1), plus, for the fine-tuned rows
@@ -123,6 +130,7 @@ ABLATIONS = (
     "perfit_pb",
     "perfit_ft",
 )
+VARIANTS = ("perfit_pb", "perfit_ft")  # PerFIT's named variants: the report states the goal for each, next to perfit
 SWEEP = ("local", "fedit", "perfit")
 # 40 clients at 20% for 20 rounds and at 5% for 80 rounds: both 160 client-rounds, so each client trains in ~4 rounds
 # (40 local steps, ~2.7 epochs of its ~60 rows) in either, and the two differ in how many clients each aggregation
@@ -1047,7 +1055,26 @@ def _standing(setting: Setting, cells, stats, geo) -> list[str]:
     elif setting.partition == "iid":
         met = ratio <= 1.0 + TIE
         text += f" Goal (no worse than FedIT, within {TIE:.0%}): **{'met' if met else 'missed'}**{so_far}."
-    return [text, ""]
+    lines = [text, ""]
+    for v in VARIANTS:  # each variant in place of perfit among the main rows (the faithful rows stay as they are)
+        if v not in geo:
+            continue
+        common = [s for s in stats[v] if s in stats["fedit"]]
+        ratio = _mean(stats[v][s]["geo"] for s in common) / _mean(stats["fedit"][s]["geo"] for s in common)
+        rival = [m for m in setting.methods if m in geo and m != "perfit"]
+        lowest = min([*rival, v], key=geo.get)
+        text = (
+            f"Variant {v} / FedIT geometric mean: **{ratio:.3f}** over seed(s) {', '.join(map(str, common))}; "
+            f"lowest geometric mean of the main rows with {v} in place of perfit: {lowest}."
+        )
+        pending = [f"{3 - len(stats[v])} {v} seed(s)"] if len(stats[v]) < 3 else []
+        pending += [m for m in setting.methods if m not in geo]
+        so_far = f" so far (pending: {', '.join(pending)})" if pending else ""
+        if setting.name == "flan8_recipe":
+            met = ratio <= GOAL_RATIO and lowest == v
+            text += f" Goal for {v}: **{'met' if met else 'missed'}**{so_far}."
+        lines += [text, ""]
+    return lines
 
 
 def _overlap_lines(cells) -> list[str]:
@@ -1071,7 +1098,7 @@ def _overlap_lines(cells) -> list[str]:
         return ["Mask overlap: pending (no PerFIT cell has aggregated a round yet).", ""]
     return [
         "Mask overlap after the search (the masks the server holds after the last committed round; fractions of all "
-        "expanded elements; own exclusive: mean share of a client's kept elements no other client keeps; Jaccard: "
+        "expanded elements, of the A elements for perfit_pb, whose server never sees B's masks; own exclusive: mean share of a client's kept elements no other client keeps; Jaccard: "
         "mean over client pairs):",
         "",
         "| method | seed | rounds | masks | density | kept by ≥ 2 | kept by 1 | kept by none | own exclusive | "
