@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from hf_perfit.federated.coordinator import Coordinator, Roster, RoundCallback
+from hf_perfit.federated.coordinator import Coordinator, Roster
 from hf_perfit.federated.messages import PERSONAL, ClientUpdate, is_personal_key
 from hf_perfit.federated.simulation import FederatedConfig, FederatedSimulation
 from hf_perfit.federated.strategies import PerFITStrategy
@@ -209,16 +209,21 @@ def test_perfit_pb_round_shares_a_per_element_and_keeps_each_clients_own_b(tmp_p
         assert all(bool((own[k][~mask[k]] == 0).all()) for k in b_keys)
 
 
-def test_perfit_pb_counts_the_a_values_only_resumes_exactly_and_exports_plain_peft(tmp_path):
-    class Stop(RoundCallback):
-        def on_round_end(self, coordinator, round_idx, summary):
+def test_perfit_pb_counts_the_a_values_only_resumes_exactly_and_exports_plain_peft(tmp_path, monkeypatch):
+    from hf_perfit.federated import coordinator
+
+    def crash(name: str) -> None:  # killed in round 1 after two clients' results were saved, before aggregating
+        if name == "round1.client1.after_save":
             raise KeyboardInterrupt
 
     full = _cfg(tmp_path / "full", **PB)
     _sim(full).run()
     cut = _cfg(tmp_path / "cut", **PB)
+    monkeypatch.setattr(coordinator, "crash_point", crash)
     with pytest.raises(KeyboardInterrupt):
-        _sim(cut, callbacks=[Stop()]).run()
+        _sim(cut).run()
+    monkeypatch.undo()
+    assert len(list((tmp_path / "cut" / "state" / "pending_1").iterdir())) == 2  # A-only uploads, read back
     resumed = _sim(dataclasses.replace(cut, resume=True))
     resumed.run()
     assert _records(tmp_path / "full") == _records(tmp_path / "cut")  # every evaluation and byte count, exactly

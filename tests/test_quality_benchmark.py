@@ -87,8 +87,9 @@ def test_run_status_tolerates_keys_added_later(tmp_path):
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "quality_configs.json").read_text())
 """`FederatedConfig.to_dict()` of every run the benchmarks built at commit 6705756, before their settings became YAML
-(written by tests/fixtures/make_quality_configs.py with that commit's code): cached runs are reused only while the
-same command line gives exactly the same dict."""
+(written by tests/fixtures/make_quality_configs.py with that commit's code; rows added later, PerFIT's variants
+`perfit_pb` and `perfit_ft`, pinned by its `--add` with the code that added them): cached runs are reused only while
+the same command line gives exactly the same dict."""
 
 
 def _quality_configs(command: str, data: Path, root: Path) -> dict[str, dict]:
