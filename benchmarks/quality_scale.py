@@ -435,8 +435,9 @@ def estimate_s(config, done: int) -> float:
     return steps * SEC_PER_STEP + evals * SEC_PER_EVAL * min(1.0, config.max_eval_examples / 50)
 
 
-def table_cost_h(setting: Setting, methods: tuple[str, ...], seeds: int = 3) -> float:
-    """Rough CPU hours of a whole table from scratch (`estimate_s` per cell, plus ROUGE-L where the setting has it)."""
+def table_cost_h(setting: Setting, methods: tuple[str, ...], seeds: int = 3, computed: tuple[str, ...] = ()) -> float:
+    """Rough CPU hours of a whole table from scratch (`estimate_s` per cell, plus ROUGE-L where the setting has it); a
+    fine-tuned row whose source row is among `methods` or `computed` (rows computed anyway) costs only its fine-tuning."""
     from types import SimpleNamespace
 
     total = 0.0
@@ -453,7 +454,7 @@ def table_cost_h(setting: Setting, methods: tuple[str, ...], seeds: int = 3) -> 
         )
         rouge = setting.num_clients * SEC_PER_ROUGE if setting.rouge_examples else 0.0
         # forked from the same seed's run of the row it continues (`fork_finetune`) when that row is in the table
-        done = plan.num_rounds if ft and METHODS[m].fork_of in methods else 0
+        done = plan.num_rounds if ft and METHODS[m].fork_of in (*methods, *computed) else 0
         total += seeds * (estimate_s(config, done) + rouge)
     return total / 3600
 
@@ -914,7 +915,11 @@ def render_setting(setting: Setting, cells: dict[str, dict[int, dict]], plot: st
             f"Cost from scratch, 3 seeds (rough, at the rates measured on this 2-core machine under load: "
             f"{SEC_PER_STEP} s per step, {SEC_PER_EVAL:.0f} s per client evaluation): ~{main_h:.0f} CPU h for the "
             f"{len(setting.methods)} methods"
-            + (f", ~{table_cost_h(setting, abl):.0f} CPU h more for the {len(abl)} ablations" if abl else "")
+            + (
+                f", ~{table_cost_h(setting, abl, computed=setting.methods):.0f} CPU h more for the {len(abl)} ablations"
+                if abl
+                else ""
+            )
             + "; `plan` prints what is left.",
             "",
         ]
