@@ -11,12 +11,12 @@ import pytest
 import torch
 from peft import PeftModel
 
-from hf_perfit.federated.coordinator import Coordinator, Roster
 from hf_perfit.federated.messages import PERSONAL, ClientUpdate, is_personal_key
 from hf_perfit.federated.simulation import FederatedConfig, FederatedSimulation
 from hf_perfit.federated.strategies import PerFITStrategy
 
 from .conftest import build_tokenizer, tiny_llama
+from .test_flower import assets, task_identity  # noqa: F401  (fixtures of the Flower test below)
 from .test_simulation import _clients
 
 A, B = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
@@ -104,24 +104,6 @@ def test_personal_b_state_round_trip_keeps_a_masks_only():
     r.load_state_dict(tensors, json.loads(json.dumps(meta)))
     assert r.client_mask("a")[A].tolist() == [True, True, False]
     assert all(torch.equal(r.global_tensors[k], s.global_tensors[k]) for k in (A, B))
-
-
-def test_personal_b_is_refused_where_client_states_live_on_the_clients(tmp_path):
-    class OnTheNodes:  # what the Flower transport reports: the clients keep their states
-        is_main_process = True
-
-        def start(self):
-            return Roster(["a", "b"], _state([0.0, 0.0, 0.0], [1.0, 1.0]), state_with_coordinator=False)
-
-        def barrier(self):
-            return None
-
-    config = FederatedConfig(
-        strategy="perfit", num_clients=2, output_dir=str(tmp_path / "run"), strategy_options={"personal_b": True}
-    )
-    with pytest.raises(ValueError, match=r"keeps the clients' \['lora_B'\] personal.*in-process engine"):
-        Coordinator(config, OnTheNodes()).prepare()
-    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------- through the simulation
@@ -290,3 +272,23 @@ def test_a_result_whose_upload_is_part_of_its_state_is_saved_once_and_read_back(
     assert set(back.update.tensors) == set(back.update.masks) == {A}
     assert torch.equal(back.update.tensors[A], state[0][A]) and torch.equal(back.update.masks[A], state[1][A])
     assert set(back.state[0]) == {A, B} and torch.equal(back.state[0][B], state[0][B])
+
+
+def test_perfit_pb_on_flower_equals_in_process_and_b_stays_on_the_nodes(tmp_path, assets, task_identity):  # noqa: F811
+    from hf_perfit.federated.simulation import run_federated
+    from hf_perfit.flower import FlowerCoordinator, FlowerRunOptions
+    from hf_perfit.flower.records import get_arrays
+
+    from .test_flower import CLIENTS, _assert_same_run, _LocalGrid
+    from .test_flower import _config as flower_config
+
+    run_federated(flower_config(assets, tmp_path / "in_process", **PB))
+    grid = _LocalGrid(3)
+    FlowerCoordinator(
+        grid, flower_config(assets, tmp_path / "flower", **PB), FlowerRunOptions(poll_interval=0.0)
+    ).run()
+    _assert_same_run(tmp_path / "in_process", tmp_path / "flower", CLIENTS)  # records (bytes too) and adapters
+    moved = [m for m in grid.sent + grid.answered if m.metadata.message_type in ("train", "evaluate")]
+    assert moved
+    for message in moved:  # B's values and masks stay on the nodes, both ways
+        assert not [k for group in get_arrays(message.content).values() for k in group if ".lora_B." in k]

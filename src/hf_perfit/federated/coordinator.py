@@ -367,14 +367,6 @@ class Coordinator:
         if len(set(self.client_ids)) != len(self.client_ids):
             raise ValueError(f"the clients' ids are not unique: {self.client_ids}.")
         self.initial_tensors = roster.initial_tensors
-        if self.strategy.personal_parts() and not roster.state_with_coordinator:
-            raise ValueError(
-                f"strategy {cfg.strategy!r} with options {self.strategy.options} keeps the clients' "
-                f"{self.strategy.personal_parts()} personal: they never leave the clients, so the personalized adapters "
-                "exist only in the clients' own states, and this transport keeps those on the clients (the Flower "
-                "engine evaluates what the server sends). Run it with the in-process engine (`perfit federate`, "
-                "`run_federated`), or drop the option (e.g. perfit's personal_b)."
-            )
         self.transport.barrier()  # every process checked the output folder before the main one changes it
         if cfg.resume:
             self._restore()

@@ -145,8 +145,9 @@ class Strategy(ABC):
 
     def personal_parts(self) -> list[str]:
         """The adapter matrices (e.g. `["lora_B"]`) every client keeps to itself: never sent, never aggregated
-        (`ClientInstruction.config["personal"]`). Their personalized values exist only in the clients' own states, so
-        a transport must hold those states next to the coordinator (`Roster.state_with_coordinator`). Default: none."""
+        (`ClientInstruction.config["personal"]`). Their personalized values exist only in the clients' own states:
+        [`personalized_tensors`] takes them from `local_tensors` where the transport holds them (in-process), and the
+        client adds its own where it does not (Flower's `ClientApp`). Default: none."""
         return []
 
     def finetune_instruction(self, client_id: str, personalized: dict[str, Tensor]) -> ClientInstruction:

@@ -146,19 +146,18 @@ class PerFITStrategy(Strategy):
 
     def personalized_tensors(self, client_id: str, local_tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         """`θ_g ⊙ m_k` for a client whose mask is known, else `θ_g`; with `personal_b`, the B tensors are the
-        client's own (`local_tensors`: already 0 outside its mask)."""
+        client's own (`local_tensors`: already 0 outside its mask), left out where `local_tensors` lacks them (a
+        transport that keeps the client states on the clients: the client adds its own)."""
         glob = self._require_global()
         mask = self._masks.get(client_id)
         personal = self._personal_keys()
         out = {}
         for k, t in glob.items():
             if k in personal:
-                if k not in local_tensors:
-                    raise ValueError(
-                        f"personal_b: the adapter of client {client_id!r} lacks its own {k!r}; its personal B "
-                        "lives in its state, which this transport does not hold."
-                    )
-                out[k] = local_tensors[k].detach().to(device="cpu", dtype=torch.float32, copy=True)
+                # the client's own B; a server copy without it (Flower keeps the uploads, which leave B out) sends
+                # the shared tensors only, and the client fills in its own B (hf_perfit.flower.client_app)
+                if k in local_tensors:
+                    out[k] = local_tensors[k].detach().to(device="cpu", dtype=torch.float32, copy=True)
             elif mask is None:
                 out[k] = t.clone()
             else:
