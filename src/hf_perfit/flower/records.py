@@ -416,6 +416,8 @@ def _decode_tensors(
         raise ValueError(f"{what}: unknown tensors-mode {mode!r}.")
     if masks is None:
         raise ValueError(f"{what} carry kept values only, but the receiver holds no mask for them.")
+    if set(values) < set(masks):  # part of the adapter (PerFIT's personal_b: A only): the masks of those tensors
+        masks = {k: masks[k] for k in values}
     if mask_digest(masks) != meta.get("mask-digest"):
         raise ValueError(
             f"{what} carry the kept values of a mask that differs from the receiver's own (digest mismatch): the "
@@ -454,6 +456,8 @@ def decode_instruction(content: RecordDict, own_masks: Mapping[str, Tensor] | No
     meta = content[META]
     tensors = decode_tensors(content, meta, own_masks, "the server's instruction tensors")
     mask = dict(own_masks) if meta.get("tensors-mode") == KEPT and own_masks is not None else None
+    if mask is not None and tensors is not None:  # the masks of the tensors sent (all, or A only with personal_b)
+        mask = {k: mask[k] for k in tensors}
     return ClientInstruction(tensors=tensors, mask=mask, config=json.loads(str(meta["instruction-config"])))
 
 
@@ -510,7 +514,8 @@ def decode_update(
     masks: dict[str, Tensor] | None = None
     if MASKS in groups:
         masks = bits_to_masks(groups[MASKS], shapes)
-        check_tensor_shapes(f"client {client_id!r}: masks", masks, shapes)
+        # PerFIT's personal_b uploads A's masks only; the strategy checks which keys it needs
+        check_tensor_shapes(f"client {client_id!r}: masks", masks, shapes, complete=False)
     elif meta.get("tensors-mode") == KEPT:
         masks = None if known_masks is None else dict(known_masks)
     tensors = _decode_tensors(groups, meta, masks, f"client {client_id!r}'s upload")
