@@ -19,7 +19,10 @@ The same federated run (tiny random Llama from the tests, 3 clients with one cat
    `python -m hf_perfit.flower.supernode --poll-interval 0.1` (the documented command: Flower's SuperNode with its
    waits for its own ClientApp woken by the node's state, its 3 s idle poll capped at 0.1 s and its 1 s first retry
    of a download at 20 ms);
-8. `flower_deployment_cold` (with `--cold_deployment`): Flower's default, every message starts a fresh
+8. `flower_deployment_in_node` (with `--deployment`): SuperNodes started by `python -m hf_perfit.flower.supernode
+   --poll-interval 0.1 --clientapp hf_perfit.flower.client_app:app` (the documented command): the ClientApp runs
+   inside each SuperNode's process, no ClientApp process next to it;
+9. `flower_deployment_cold` (with `--cold_deployment`): Flower's default, every message starts a fresh
    `flwr-clientapp` process (slow: about a minute a round here).
 
 A round's wall time runs from the client sampling to the end of the round's checkpoint; the last round also exports
@@ -31,9 +34,12 @@ same mean personalized perplexity (the engines run the same code).
     python benchmarks/flower_overhead.py --repeats 1 --no-write
     python benchmarks/flower_overhead.py --deployment     # also the localhost deployments (warm ClientApp processes)
     python benchmarks/flower_overhead.py --deployment --cold_deployment   # and Flower's default (a minute a round)
+    python benchmarks/flower_overhead.py --deployment_only --deployment_arms warm_fastpoll in_node
 
 A run without `--deployment` keeps the deployment results already in the section (their table rows and reading,
 under the date, commit and command of the run that measured them), so the simulation arms can be re-measured alone.
+`--deployment_only` is the converse: it times `in_process_1thread` and the deployment arms only, and replaces only
+that kept block of deployment results (the simulation arms and their reading stay as they are).
 """
 
 from __future__ import annotations
@@ -60,6 +66,12 @@ APP_DIR = REPO_ROOT / "recipes" / "flower"
 KEPT_START = "<!-- deployment results kept from an earlier run (flower_overhead.py without --deployment) -->"
 KEPT_END = "<!-- end of the kept deployment results -->"
 _DEPLOYMENT_BULLETS = ("- Deployment", "- Before (commit", "- Flower's default deployment")
+DEPLOYMENT_ARMS = {
+    "warm": "flower_deployment_warm",
+    "warm_fastpoll": "flower_deployment_warm_fastpoll",
+    "in_node": "flower_deployment_in_node",
+}
+"""`--deployment_arms` choices and the arms they name."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,6 +82,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deployment", action="store_true", help="also time localhost SuperLink + SuperNodes runs")
     p.add_argument("--cold_deployment", action="store_true", help="also time Flower's default (process per message)")
     p.add_argument("--deployment_repeats", type=int, default=1)
+    p.add_argument(
+        "--deployment_arms",
+        nargs="+",
+        choices=sorted(DEPLOYMENT_ARMS),
+        default=list(DEPLOYMENT_ARMS),
+        help="which deployments --deployment / --deployment_only time",
+    )
+    p.add_argument(
+        "--deployment_only",
+        action="store_true",
+        help="time in_process_1thread and the deployment arms only; replace only the kept deployment block",
+    )
     p.add_argument("--num_cpus", type=int, default=None, help="CPUs for Ray (default: all usable)")
     p.add_argument("--no-write", dest="write", action="store_false", help="print only, leave docs/benchmarks.md")
     p.add_argument("--output", type=Path, default=DOC_PATH, help="markdown file to update")
@@ -129,6 +153,18 @@ def kept_deployment(doc: str) -> str:
         f"{base} s (the ratios are to it):"
     )
     return "\n".join([KEPT_START, intro, "", lines[header], lines[header + 1], *rows, "", *bullets, KEPT_END])
+
+
+def replace_kept(section: str, block: str) -> str:
+    """`section` (the "Flower overhead" section's text) with its kept deployment block replaced by `block`, or,
+    without one, `block` added before the section's closing paragraph ("The machine is shared ...") or at its end."""
+    if KEPT_START in section and KEPT_END in section:
+        start, end = section.index(KEPT_START), section.index(KEPT_END) + len(KEPT_END)
+        return section[:start] + block + section[end:]
+    closing = section.rfind("\nThe machine is shared with other work")
+    if closing < 0:
+        return section.rstrip("\n") + "\n\n" + block + "\n"
+    return section[:closing].rstrip("\n") + "\n\n" + block + "\n" + section[closing:]
 
 
 def make_assets(root: Path) -> None:
@@ -242,13 +278,18 @@ def run_flower_sim(config, num_cpus: int | None, backend: str = "ray") -> tuple[
 
 
 def run_deployment(
-    config, work: Path, warm: bool = True, node_poll_interval: float | None = None
+    config, work: Path, warm: bool = True, node_poll_interval: float | None = None, in_node: bool = False
 ) -> tuple[list[float], float, float]:
     from hf_perfit.flower.localhost import LocalFederation
 
     t0 = time.perf_counter()
     fed = LocalFederation(
-        work, num_nodes=config.num_clients, threads_per_node=1, warm=warm, node_poll_interval=node_poll_interval
+        work,
+        num_nodes=config.num_clients,
+        threads_per_node=1,
+        warm=warm,
+        node_poll_interval=node_poll_interval,
+        in_node=in_node,
     )
     with fed:
         run_id = fed.run(config, APP_DIR)
@@ -262,6 +303,64 @@ def run_deployment(
 def fmt_stats(xs: list[float]) -> str:
     med = statistics.median(xs)
     return f"{med:.2f} | {min(xs):.2f} – {max(xs):.2f}"
+
+
+def _ratios(ratio: dict[str, float]) -> str:
+    """The deployment arms' ratios in words."""
+    words = {
+        "flower_deployment_in_node": "with the ClientApp inside each SuperNode (`hf_perfit.flower.supernode "
+        "--clientapp`, the documented command)",
+        "flower_deployment_warm_fastpoll": "with `hf_perfit.flower.supernode` and a warm ClientApp process per node",
+        "flower_deployment_warm": "with Flower's own SuperNode and a warm ClientApp process per node",
+    }
+    return "; ".join(f"{ratio[arm]:.1f}× {text}" for arm, text in words.items() if arm in ratio)
+
+
+def _ratio_lines(ratio: dict[str, float]) -> str:
+    """The deployment arms' ratios, one indented line each."""
+    return "\n".join(f"  {part}" for part in _ratios(ratio).split("; "))
+
+
+def deployment_only_block(
+    args: argparse.Namespace,
+    table: str,
+    ratio: dict[str, float],
+    med: dict[str, float],
+    same: bool,
+    wall_min: float,
+) -> None:
+    """`--deployment_only`: the kept deployment block (its own command, machine, table and reading) into the
+    section of `args.output`, leaving the rest of the section as it is."""
+    notes = "".join(f"- {n}\n" for n in args.machine_note)
+    block = f"""{KEPT_START}
+Deployment arms, measured apart from the arms above by
+
+```bash
+{command_line()}
+```
+
+on this machine:
+
+{machine_lines()}{notes}- total benchmark wall time: {wall_min:.1f} min; {args.repeats} repeat(s), arms alternating
+
+Same work as above; `in_process_1thread` was timed alongside (the ratios are to it, repeat by repeat). Every run
+reached the same mean personalized perplexity: {"yes" if same else "NO"}.
+
+{table}
+
+- Deployment (goal ≤ 1.5×), against the in-process round of {med["in_process_1thread"]:.2f} s:
+{_ratio_lines(ratio)}
+  Where a round goes, hop by hop: docs/flower.md, section 2 (`benchmarks/flower_deploy_phases.py`).
+- Flower's default deployment (a fresh `flwr-clientapp` process per message, which imports torch and loads the
+  model every time) was measured at 59.2 s per round, 41.5× `in_process_1thread`, on 2026-11-22 (commit 772c2b0, same
+  machine and work); `--cold_deployment` measures it again (about a minute a round).
+{KEPT_END}"""
+    print(block)
+    if args.write:
+        doc = args.output.read_text(encoding="utf-8") if args.output.is_file() else ""
+        section = _section_text(doc) or f"{SECTION}\n"
+        update_doc(args.output, SECTION, replace_kept(section, block))
+        print(f"updated the kept deployment block of {args.output}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -280,7 +379,10 @@ def main(argv: list[str] | None = None) -> None:
         "flower_simulation",
         "flower_simulation_inprocess",
     ]
-    deployments = ["flower_deployment_warm", "flower_deployment_warm_fastpoll"] if args.deployment else []
+    if args.deployment_only:
+        arms = ["in_process_1thread"]
+    deployed = args.deployment or args.deployment_only
+    deployments = [DEPLOYMENT_ARMS[a] for a in DEPLOYMENT_ARMS if a in args.deployment_arms] if deployed else []
     deployments += ["flower_deployment_cold"] if args.cold_deployment else []
     arms += deployments
     rounds: dict[str, list[float]] = {a: [] for a in arms}
@@ -314,6 +416,10 @@ def main(argv: list[str] | None = None) -> None:
                     r, total, p = run_deployment(config, root / f"{arm}_{rep}_fed")
                 elif arm == "flower_deployment_warm_fastpoll":
                     r, total, p = run_deployment(config, root / f"{arm}_{rep}_fed", node_poll_interval=0.1)
+                elif arm == "flower_deployment_in_node":
+                    r, total, p = run_deployment(
+                        config, root / f"{arm}_{rep}_fed", node_poll_interval=0.1, in_node=True
+                    )
                 else:
                     r, total, p = run_deployment(config, root / f"{arm}_{rep}_fed", warm=False)
                 rounds[arm] += r
@@ -346,6 +452,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     table = "\n".join(lines)
     med = {arm: statistics.median(rounds[arm]) for arm in arms}
+    if args.deployment_only:
+        deployment_only_block(args, table, ratio, med, same, wall_min)
+        return
     all_ppl = sorted(set().union(*ppl.values()))
     import torch
 
@@ -419,9 +528,7 @@ Reading:
   {statistics.median(totals[base]):.1f} s for `in_process_1thread`).
 """
     if args.deployment:
-        text += f"""- Deployment with warm ClientApp processes (goal ≤ 1.5×): {ratio["flower_deployment_warm"]:.1f}× with
-  Flower's own SuperNode, {ratio["flower_deployment_warm_fastpoll"]:.1f}× with `hf_perfit.flower.supernode` (the
-  documented command). The model and the client's tokenized data are loaded once per run (in the hello message);
+        text += f"""- Deployment (goal ≤ 1.5×): {_ratios(ratio)}. The model and the client's tokenized data are loaded once per run (in the hello message);
   every message carries its tensors as one packed array, and the ServerApp retries a reply's arrays after 10 ms
   (Flower's HTTP grid waits 1 s). What remains per phase of a round (train, then evaluate) is Flower's messaging: a
   chain of some 30 HTTP requests (the ServerApp pushes the message and its 3-8 objects to the SuperLink, the

@@ -15,6 +15,7 @@ trains, nothing is invented: a cell not finished is shown as pending).
 
     python benchmarks/quality_scale.py run --setting flan8_recipe --seeds 0 1 2                # table 1
     python benchmarks/quality_scale.py run --setting flan8_recipe --seeds 0 1 2 --methods ablations
+    python benchmarks/quality_scale.py run --setting flan8_recipe --seeds 0 1 2 --methods perfit perfit_pb perfit_ft
     python benchmarks/quality_scale.py run --setting dirichlet40_f20 dirichlet40_f05 --seeds 0 1 2
     python benchmarks/quality_scale.py run --setting alpha0.1 alpha0.5 alpha1.0 iid --seeds 0 1 2
     python benchmarks/quality_scale.py plan --setting flan8_recipe --seeds 0 1 2              # status + estimate
@@ -26,9 +27,15 @@ Any other `--key value` overrides a `FederatedConfig` key of every cell (read as
 overrides, with `hf_perfit.federated.federated_parser`); such cells go into a `--root` of their own. `--tiny` applies
 benchmarks/settings/tiny.yaml over each setting's YAML (its sampled fraction stays).
 
+PerFIT's named variants (docs/perfit.md, "Variants"; rows of the ablation group, the faithful `perfit` rows stay):
+`perfit_pb` (personal B: only the LoRA A matrices are aggregated and sent, every client keeps its own B) differs from
+`perfit` only in B's aggregation, `perfit_ft` (then one round's local steps of fine-tuning, forked from the same
+seed's `perfit` cell) only in the fine-tuning after the last round; the report states the goal for each in place of
+`perfit`.
+
 Per-client numbers: the list of a client is `[perplexity of the base model, after round 1, ..., after round T]`
-(index t = after t training rounds; the run records call these rounds -1, 0, ..., T-1), plus, for `fedit_ft`, one
-more entry after its fine-tuning steps. In the sampled settings (fraction < 1) a client is evaluated only in the
+(index t = after t training rounds; the run records call these rounds -1, 0, ..., T-1), plus, for the fine-tuned rows
+(`fedit_ft`, `perfit_ft`), one more entry after their fine-tuning steps. In the sampled settings (fraction < 1) a client is evaluated only in the
 rounds it trains and in the last one (the engine's `eval_clients: auto`), so its other entries are `null`.
 """
 
@@ -59,6 +66,10 @@ RESULTS_PATH = REPO_ROOT / "docs" / "results" / "quality.json"
 # The human reading of the tables, kept in its own file so that rebuilding the generated section never loses it.
 ANALYSIS_PATH = REPO_ROOT / "docs" / "quality_scale_analysis.md"
 DEFAULT_ROOT = REPO_ROOT / "outputs" / "quality"
+MASK_OVERLAP_FILE = (
+    "mask_overlap.json"  # [`mask_overlap`] kept in a cell packed without its state (quality_transfer.py)
+)
+IMPORTED_FILE = "imported.json"  # a cell trained elsewhere (a GPU session): records only, never resumed or forked
 TINY_ROOT = REPO_ROOT / "outputs" / "quality-scale-tiny"
 GOAL_RATIO = q.GOAL_RATIO  # PerFIT's geometric mean at most 0.77 x FedIT's
 TIE = 0.01  # a client's perplexities within 1% of each other are a tie
@@ -117,7 +128,13 @@ ABLATIONS = (
     "perfit_mixed",
     "perfit_fedavg",
     "perfit_hetero",
+    # PerFIT's named variants (docs/perfit.md, "Variants"), each one change away from `perfit`, which isolates it:
+    # perfit_pb differs from perfit only in B's aggregation (never: each client keeps its own), perfit_ft only in the
+    # fine-tuning after the last round.
+    "perfit_pb",
+    "perfit_ft",
 )
+VARIANTS = ("perfit_pb", "perfit_ft")  # PerFIT's named variants: the report states the goal for each, next to perfit
 SWEEP = ("local", "fedit", "perfit")
 # 40 clients at 20% for 20 rounds and at 5% for 80 rounds: both 160 client-rounds, so each client trains in ~4 rounds
 # (40 local steps, ~2.7 epochs of its ~60 rows) in either, and the two differ in how many clients each aggregation
@@ -181,12 +198,14 @@ SETTINGS: dict[str, Setting] = {
 class Method:
     """A row: a benchmarks/quality.py method (`base`), with `FederatedConfig` keys over the setting's YAML
     (`overrides`, read as the YAML's are: PerFIT's keys count for PerFIT's rows) and set on the finished config
-    (`config`; the value `"local_steps"` stands for the setting's local steps)."""
+    (`config`; the value `"local_steps"` stands for the setting's local steps). A row with `finetune_steps` names
+    the row it continues (`fork_of`: its rounds are that row's, see [`fork_source`])."""
 
     base: str
     about: str
     overrides: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    fork_of: str | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -196,6 +215,7 @@ METHODS: dict[str, Method] = {
         "fedit",
         "FedIT, then every client fine-tunes the global adapter for one round's local steps",
         config={"finetune_steps": "local_steps"},
+        fork_of="fedit",
     ),
     "fedprox": Method("fedprox", "FedIT with FedProx's proximal term (μ of the recipe)"),
     "perfit": Method("perfit", "PerFIT as the paper: γ = 4, symmetric init, taylor1, foresight search"),
@@ -221,6 +241,18 @@ METHODS: dict[str, Method] = {
         "perfit",
         f"PerFIT with budget multipliers {', '.join(f'{b:g}' for b in HETERO_CYCLE)} by client index (mean 1)",
         config={"budget_multipliers": "hetero"},
+    ),
+    "perfit_pb": Method(
+        "perfit",
+        "variant PerFIT with personal B: only the LoRA A matrices are aggregated (per element, over the clients that "
+        "kept them) and sent; every client keeps its own masked B (FedSA-LoRA's split); perfit otherwise",
+        config={"strategy_options": {"personal_b": True}},
+    ),
+    "perfit_ft": Method(
+        "perfit",
+        "variant PerFIT, then every client fine-tunes its personalized (masked) adapter for one round's local steps",
+        config={"finetune_steps": "local_steps"},
+        fork_of="perfit",
     ),
 }
 GROUPS = {"main": None, "ablations": None, "all": None}  # resolved per setting in [`methods_of`]
@@ -342,8 +374,8 @@ def cell_config(
 
 
 def fork_source(folder: Path, config) -> Path | None:
-    """For a cell with `finetune_steps > 0` (`fedit_ft`): the finished cell of the same seed whose config differs
-    only in `finetune_steps` (FedIT's), else `None`. Its rounds are exactly this cell's first `num_rounds` rounds:
+    """For a cell with `finetune_steps > 0` (`fedit_ft`, `perfit_ft`): the finished cell of the same seed whose config
+    differs only in `finetune_steps` (FedIT's, PerFIT's: the row's `Method.fork_of`), else `None`. Its rounds are exactly this cell's first `num_rounds` rounds:
     `finetune_steps` changes nothing before the fine-tuning phase (same sampling, seeds, strategy and evaluation)."""
     if not config.finetune_steps or not folder.parent.is_dir():
         return None
@@ -352,6 +384,7 @@ def fork_source(folder: Path, config) -> Path | None:
             other == folder
             or not (other / "state" / "checkpoint.json").is_file()
             or not (other / "results.md").is_file()
+            or (other / IMPORTED_FILE).is_file()  # its tensors stayed where it ran: nothing to continue from
         ):
             continue
         saved = json.loads((other / "state" / "checkpoint.json").read_text())
@@ -407,8 +440,9 @@ def estimate_s(config, done: int) -> float:
     return steps * SEC_PER_STEP + evals * SEC_PER_EVAL * min(1.0, config.max_eval_examples / 50)
 
 
-def table_cost_h(setting: Setting, methods: tuple[str, ...], seeds: int = 3) -> float:
-    """Rough CPU hours of a whole table from scratch (`estimate_s` per cell, plus ROUGE-L where the setting has it)."""
+def table_cost_h(setting: Setting, methods: tuple[str, ...], seeds: int = 3, computed: tuple[str, ...] = ()) -> float:
+    """Rough CPU hours of a whole table from scratch (`estimate_s` per cell, plus ROUGE-L where the setting has it); a
+    fine-tuned row whose source row is among `methods` or `computed` (rows computed anyway) costs only its fine-tuning."""
     from types import SimpleNamespace
 
     total = 0.0
@@ -424,7 +458,8 @@ def table_cost_h(setting: Setting, methods: tuple[str, ...], seeds: int = 3) -> 
             max_eval_examples=plan.max_eval_examples,
         )
         rouge = setting.num_clients * SEC_PER_ROUGE if setting.rouge_examples else 0.0
-        done = plan.num_rounds if ft and "fedit" in methods else 0  # forked from FedIT's run (`fork_finetune`)
+        # forked from the same seed's run of the row it continues (`fork_finetune`) when that row is in the table
+        done = plan.num_rounds if ft and METHODS[m].fork_of in (*methods, *computed) else 0
         total += seeds * (estimate_s(config, done) + rouge)
     return total / 3600
 
@@ -494,6 +529,16 @@ class CellLock:
             self.held = True
             return None
         return "a lock that keeps coming back"
+
+    def holder(self) -> str | None:
+        """Who holds the lock when a live process does (a lock of a gone process on this host counts as free)."""
+        try:
+            other = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if other.get("host") == socket.gethostname() and not _alive(int(other.get("pid", -1))):
+            return None
+        return f"pid {other.get('pid')} on {other.get('host')}"
 
     def release(self) -> None:
         if self.held:
@@ -595,6 +640,11 @@ def run_cells(args, cells: list[dict[str, Any]]) -> dict[str, int]:
                 counts["skipped"] += 1
                 continue
             if cell["status"] == "missing" and not args.no_fork and not folder.exists():  # never over a run
+                waits = _fork_source_running(cell, todo)
+                if waits:  # another `run` (e.g. a parallel worker on a GPU) is computing the run to fork from
+                    print(f"  skipped: waits for {waits} (locked by another run); a later call forks it")
+                    counts["skipped"] += 1
+                    continue
                 source = fork_source(folder, cell["config"])
                 if source is not None:
                     fork_finetune(source, folder, cell["config"])
@@ -621,6 +671,21 @@ def run_cells(args, cells: list[dict[str, Any]]) -> dict[str, int]:
         finally:
             lock.release()
     return counts
+
+
+def _fork_source_running(cell: dict[str, Any], cells: list[dict[str, Any]]) -> str | None:
+    """For a fine-tuning cell (`finetune_steps > 0`): the folder name of the cell of this plan it would fork from
+    (the same config without fine-tuning, same seed), when another process holds that cell's lock; else `None`."""
+    config = cell["config"]
+    if not config.finetune_steps:
+        return None
+    want = {**q._comparable(config.to_dict()), "finetune_steps": 0}
+    for other in cells:
+        if other is cell or other.get("config") is None or other["folder"].parent != cell["folder"].parent:
+            continue
+        if q._comparable(other["config"].to_dict()) == want and CellLock(other["folder"]).holder():
+            return other["folder"].name
+    return None
 
 
 def _rouge_missing(cell: dict[str, Any]) -> bool:
@@ -797,12 +862,16 @@ def mask_overlap(cell: dict[str, Any]) -> dict[str, Any] | None:
         return None
     pointer = json.loads(ckpt.read_text())
     path = state / pointer["folder"] / "strategy.safetensors"
+    kept = cell["folder"] / MASK_OVERLAP_FILE
+    if not path.is_file() and kept.is_file():  # packed on another machine without its state (quality_transfer.py)
+        return json.loads(kept.read_text())
     meta = pointer.get("strategy_meta", {})
     clients = meta.get("mask_clients") or []
     if len(clients) < 1 or not path.is_file():
         return None
     tensors = load_file(str(path))
-    keys = meta["keys"]
+    # perfit_pb's server holds the A part of each mask only (B never leaves the client): overlap over those elements
+    keys = [k for k in meta["keys"] if f"mask/{clients[0]}/{k}" in tensors]
     flat = torch.stack([torch.cat([tensors[f"mask/{c}/{k}"].flatten() for k in keys]) for c in clients])
     count = flat.sum(0)
     total = flat.shape[1]
@@ -884,7 +953,11 @@ def render_setting(setting: Setting, cells: dict[str, dict[int, dict]], plot: st
             f"Cost from scratch, 3 seeds (rough, at the rates measured on this 2-core machine under load: "
             f"{SEC_PER_STEP} s per step, {SEC_PER_EVAL:.0f} s per client evaluation): ~{main_h:.0f} CPU h for the "
             f"{len(setting.methods)} methods"
-            + (f", ~{table_cost_h(setting, abl):.0f} CPU h more for the {len(abl)} ablations" if abl else "")
+            + (
+                f", ~{table_cost_h(setting, abl, computed=setting.methods):.0f} CPU h more for the {len(abl)} ablations"
+                if abl
+                else ""
+            )
             + "; `plan` prints what is left.",
             "",
         ]
@@ -1025,7 +1098,26 @@ def _standing(setting: Setting, cells, stats, geo) -> list[str]:
     elif setting.partition == "iid":
         met = ratio <= 1.0 + TIE
         text += f" Goal (no worse than FedIT, within {TIE:.0%}): **{'met' if met else 'missed'}**{so_far}."
-    return [text, ""]
+    lines = [text, ""]
+    for v in VARIANTS:  # each variant in place of perfit among the main rows (the faithful rows stay as they are)
+        if v not in geo:
+            continue
+        common = [s for s in stats[v] if s in stats["fedit"]]
+        ratio = _mean(stats[v][s]["geo"] for s in common) / _mean(stats["fedit"][s]["geo"] for s in common)
+        rival = [m for m in setting.methods if m in geo and m != "perfit"]
+        lowest = min([*rival, v], key=geo.get)
+        text = (
+            f"Variant {v} / FedIT geometric mean: **{ratio:.3f}** over seed(s) {', '.join(map(str, common))}; "
+            f"lowest geometric mean of the main rows with {v} in place of perfit: {lowest}."
+        )
+        pending = [f"{3 - len(stats[v])} {v} seed(s)"] if len(stats[v]) < 3 else []
+        pending += [m for m in setting.methods if m not in geo]
+        so_far = f" so far (pending: {', '.join(pending)})" if pending else ""
+        if setting.name == "flan8_recipe":
+            met = ratio <= GOAL_RATIO and lowest == v
+            text += f" Goal for {v}: **{'met' if met else 'missed'}**{so_far}."
+        lines += [text, ""]
+    return lines
 
 
 def _overlap_lines(cells) -> list[str]:
@@ -1049,7 +1141,7 @@ def _overlap_lines(cells) -> list[str]:
         return ["Mask overlap: pending (no PerFIT cell has aggregated a round yet).", ""]
     return [
         "Mask overlap after the search (the masks the server holds after the last committed round; fractions of all "
-        "expanded elements; own exclusive: mean share of a client's kept elements no other client keeps; Jaccard: "
+        "expanded elements, of the A elements for perfit_pb, whose server never sees B's masks; own exclusive: mean share of a client's kept elements no other client keeps; Jaccard: "
         "mean over client pairs):",
         "",
         "| method | seed | rounds | masks | density | kept by ≥ 2 | kept by 1 | kept by none | own exclusive | "
@@ -1114,7 +1206,7 @@ def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: lis
     sampled = schedule(setting).fraction_clients < 1
     ax.set_xlabel(
         "training rounds done (0 = base model"
-        + ("; fedit_ft: last point after fine-tuning" if "fedit_ft" in cells else "")
+        + "".join(f"; {m}: last point after fine-tuning" for m in cells if METHODS.get(m) and METHODS[m].fork_of)
         + ")"
     )
     ax.set_ylabel("geometric mean personalized perplexity" + (" (evaluated clients)" if sampled else ""))
@@ -1153,7 +1245,7 @@ def report(args, root: Path) -> dict[str, Any]:
         " (benchmarks/quality.py's machinery); `run` computes the missing ones, `report` rebuilds this section, "
         f"`{q._rel(RESULTS_PATH)}` and the plots from the cache only. A cell not finished is *pending*; partial "
         "cells are listed with their rounds but enter no number. quality.json holds finished cells only: per client "
-        "`[base model, after round 1, ..., after round T]` (+ one entry after fine-tuning for `fedit_ft`; `null` "
+        "`[base model, after round 1, ..., after round T]` (+ one entry after fine-tuning for `fedit_ft` and `perfit_ft`; `null` "
         "where a sampled setting did not evaluate the client).",
         "",
         f"Common settings: SmolLM2-135M-Instruct (fp32, CPU unless the run had a GPU), {common_settings()}, "
@@ -1176,12 +1268,26 @@ def report(args, root: Path) -> dict[str, Any]:
         "in the last 15 minutes (`--force` takes it) and the cells a running `benchmarks/quality.py` process of the "
         "same machine computes (its `--output-root` and `--methods`, read from /proc; e.g. flan8_recipe seed 0's "
         "local, fedit, perfit).",
+        '- **On a GPU** (docs/quality_scale_analysis.md, "Running the cells on a GPU"): `benchmarks/gpu_quality.sh` '
+        "runs several `run` workers over one plan (the cell locks make them a queue; a `fedit_ft` waits for the "
+        "`fedit` it forks from), and `benchmarks/quality_transfer.py` brings the finished cells back as records only "
+        "(a FLAN-8 cell's 38 MB are nearly all tensors the report does not read; the GPU machine returns files of "
+        "≤ 16 MiB); an imported cell is marked `imported.json`, never overwrites a local one, and is never resumed "
+        "or forked from.",
         "- **Heterogeneity sweep** (α = 0.1, 0.5, 1.0, IID; local, FedIT, PerFIT): the 40-client, 20% schedule; "
         "`alpha0.5` is `dirichlet40_f20` itself.",
         "- **FedIT-FT**: FedIT's run, then every client fine-tunes the final global adapter for one round's local "
         "steps (10; `finetune_steps`), which is evaluated and exported. Its first rounds are FedIT's exactly, so "
         "`run` starts it as a copy of the same seed's finished `fedit` cell and runs only the fine-tuning "
-        "(`--no-fork`: from scratch; a test checks that both give the same records and adapters).",
+        "(`--no-fork`: from scratch; a test checks that both give the same records and adapters). `perfit_ft` is the "
+        "same for PerFIT: forked from the same seed's `perfit` cell, each client fine-tunes its masked personalized "
+        "adapter (pruned elements stay exactly 0).",
+        '- **PerFIT\'s variants** (docs/perfit.md, "Variants"; the faithful `perfit` rows stay): `perfit_pb` aggregates '
+        "and sends only the LoRA A matrices and every client keeps its own B (so its bytes are A's kept values only); "
+        "it differs from `perfit` in that alone, as `perfit_ft` differs from `perfit` only in the final fine-tuning: "
+        "each pair is the ablation that isolates what the change buys. Why they exist: the clients' masks overlap far "
+        "more than chance (the mask overlap table below), so PerFIT's per-element averaging shares most of what a client "
+        "trains.",
         f"- **Ties**: a client's perplexities within {TIE:.0%} of each other. **Heterogeneous budgets**: client k "
         f"gets b_k = {', '.join(f'{b:g}' for b in HETERO_CYCLE)} (k mod 4), mean 1.",
         "",
@@ -1255,7 +1361,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-fork",
         action="store_true",
-        help="train fedit_ft from scratch instead of continuing the same seed's finished fedit run",
+        help="train fedit_ft / perfit_ft from scratch instead of continuing the same seed's finished fedit / perfit run",
     )
     p.add_argument("--no-write", action="store_true", help="report: leave docs/benchmarks.md alone")
     p.add_argument("--results", type=Path, help="quality.json path (default: docs/results/quality.json)")

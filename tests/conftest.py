@@ -118,3 +118,14 @@ def save_run_assets(root, per_category: int):
     ]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Benchmarks called in-process (`quality_scale.main(["--threads", "1", ...])`) set torch's thread count for the
+    whole pytest process; a later test comparing a run with one in a subprocess (default threads) could then see
+    different float sums. Every test starts with the count the process started with."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

@@ -29,11 +29,13 @@ from hf_perfit.flower import FlowerCoordinator, FlowerRunOptions, run_flower_sim
 from hf_perfit.flower.client_app import app as client_app  # noqa: E402
 from hf_perfit.flower.localhost import LocalFederation  # noqa: E402
 from hf_perfit.flower.records import (  # noqa: E402
+    PACKED_ENTRY,
     decode_instruction,
     decode_update,
     encode_instruction,
     encode_update,
     payload_bytes,
+    unpack_blob,
 )
 
 from .conftest import save_run_assets, tiny_llama  # noqa: E402
@@ -139,13 +141,22 @@ def test_records_round_trip_and_match_the_byte_accounting():
         decode_update(encode_update(ClientUpdate("client_0", 7, {"x": torch.ones(2)})), shapes, None)
 
 
-def test_packed_messages_round_trip_bit_for_bit():
-    """A packed message (one uint8 array holding a safetensors blob) decodes to exactly what the unpacked one does:
-    same keys in the same order, dtypes, shapes and bits (NaN payloads, -0.0, subnormals, bf16 cast up exactly),
-    mask bits, extra tensors, and an empty adapter; the byte accounting is the same."""
-    from flwr.app import Array, ArrayRecord
+def test_packed_messages_round_trip_bit_for_bit(monkeypatch):
+    """A packed message (one safetensors blob: inside `meta` when small, else one uint8 array) decodes to exactly
+    what the unpacked one does: same keys in the same order, dtypes, shapes and bits (NaN payloads, -0.0,
+    subnormals, bf16 cast up exactly), mask bits, extra tensors, and an empty adapter; the byte accounting is the
+    same."""
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-    from hf_perfit.flower.records import PACKED, get_arrays, pack_arrays, unpack_arrays
+    from hf_perfit.flower import records
+    from hf_perfit.flower.records import (
+        PACKED,
+        array_bytes,
+        get_arrays,
+        pack_arrays,
+        put_arrays,
+        unpack_arrays,
+    )
 
     g = torch.Generator().manual_seed(1)
     special = torch.tensor([float("nan"), -0.0, 1e-45, float("inf"), -float("inf"), 3.0])
@@ -179,22 +190,39 @@ def test_packed_messages_round_trip_bit_for_bit():
         ClientUpdate("client_0", 0, {}),  # an empty adapter
     ):
         plain, packed = encode_update(update), encode_update(update, pack=True)
-        assert list(packed.array_records) == [PACKED]
-        assert len(packed[PACKED]) == 1 and packed[PACKED][PACKED].dtype == "uint8"
-        assert payload_bytes(packed) == payload_bytes(plain) == uplink_bytes(update)
+        # a small blob travels inside `meta` (no object of its own); a large one as one uint8 array
+        assert list(packed.array_records) == [] and isinstance(packed["meta"][PACKED_ENTRY], bytes)
+        monkeypatch.setattr(records, "INLINE_LIMIT", 0)
+        large = encode_update(update, pack=True)
+        monkeypatch.undo()
+        assert list(large.array_records) == [PACKED] and PACKED_ENTRY not in large["meta"]
+        assert len(large[PACKED]) == 1 and large[PACKED][PACKED].dtype == "uint8"
+        blob = packed["meta"][PACKED_ENTRY]
+        assert large[PACKED][PACKED].numpy().tobytes() == blob  # the same blob either way
+        assert array_bytes(packed) == len(blob) + len(PACKED_ENTRY)
+        assert payload_bytes(packed) == payload_bytes(large) == payload_bytes(plain) == uplink_bytes(update)
         a = decode_update(plain, shapes, masks)
-        b = decode_update(packed, shapes, masks)
-        same(a.tensors, b.tensors)
-        same(a.extra_tensors, b.extra_tensors)
-        assert (a.masks is None) == (b.masks is None)
-        assert a.masks is None or all(a.masks[k].equal(b.masks[k]) for k in a.masks)
-        assert (a.metrics, a.num_examples, a.mask_changed) == (b.metrics, b.num_examples, b.mask_changed)
-        if update.masks is None:
-            same(b.tensors, {k: t.float() for k, t in update.tensors.items()})
+        for b in (decode_update(packed, shapes, masks), decode_update(large, shapes, masks)):
+            same(a.tensors, b.tensors)
+            same(a.extra_tensors, b.extra_tensors)
+            assert (a.masks is None) == (b.masks is None)
+            assert a.masks is None or all(a.masks[k].equal(b.masks[k]) for k in a.masks)
+            assert (a.metrics, a.num_examples, a.mask_changed) == (b.metrics, b.num_examples, b.mask_changed)
+            if update.masks is None:
+                same(b.tensors, {k: t.float() for k, t in update.tensors.items()})
+    old_reply = encode_update(ClientUpdate("client_0", 7, dense, metrics={"loss": 0.5}))  # hf_perfit before:
+    old_reply["metrics"] = MetricRecord({k: v for k, v in old_reply["metrics"].items() if not k.startswith("update/")})
+    old_reply["update-metrics"] = MetricRecord({"loss": 0.5})  # the update's metrics in a record of their own
+    assert decode_update(old_reply, shapes, None).metrics == {"loss": 0.5}
+    alone = RecordDict()  # no meta record to hold the blob: a ConfigRecord of its own
+    put_arrays(alone, {"tensors": dense}, pack=True)
+    assert list(alone.config_records) == [PACKED] and list(alone.array_records) == []
+    same(get_arrays(alone)["tensors"], {k: t.float() for k, t in dense.items()})
 
     instruction = ClientInstruction(kept, masks, {"proximal_mu": 0.1})
     content = encode_instruction(instruction, {"round": 1}, pack=True)
-    assert content["meta"]["pack-arrays"] is True and list(content.array_records) == [PACKED]
+    assert content["meta"]["pack-arrays"] is True and list(content.array_records) == []
+    assert list(content.config_records) == ["meta"] and PACKED_ENTRY in content["meta"]
     assert payload_bytes(content) == downlink_bytes(instruction)
     same(
         decode_instruction(content, masks).tensors, decode_instruction(encode_instruction(instruction), masks).tensors
@@ -234,6 +262,37 @@ def test_supernode_launcher_waits_wake_on_the_nodes_state_and_cap_the_idle_poll(
     supernode.capped_time(0.1).sleep(3)  # no activity tracking: always the cap
     assert slept == [0.1, 3.0, 0.1]
     assert supernode.capped_time(0.1).monotonic is time.monotonic  # every other attribute is time's
+
+
+def test_supernode_launcher_holds_empty_runtime_answers_until_the_node_changes():
+    """The launcher's Runtime API handlers: an answer that is not ready (no task yet, an object still downloading)
+    is asked again after each change of the node's state and returned once ready, or as it is after the hold."""
+    import threading
+
+    from hf_perfit.flower import supernode
+
+    activity = supernode.NodeActivity()
+    tasks: list[str] = []
+    calls: list[int] = []
+
+    def acquire(request: str) -> str | None:  # Flower's handler: the oldest task, or nothing
+        calls.append(1)
+        return tasks.pop(0) if tasks else None
+
+    held = supernode.held(acquire, lambda answer: answer is not None, activity, hold=3600.0)
+    store = supernode.notify_after(tasks.append, activity)  # how the node stores a message: a change
+    threading.Timer(0.05, store, args=("task-1",)).start()
+    assert held("request") == "task-1"  # a missed wake-up would hang here for an hour, not pass
+    assert len(calls) == 2  # asked once, then again after the one change
+    tasks.append("task-2")
+    assert held("request") == "task-2" and len(calls) == 3  # ready at once: no wait
+    start = time.monotonic()
+    assert supernode.held(acquire, lambda a: a is not None, activity, hold=0.05)("request") is None
+    assert 0.05 <= time.monotonic() - start < 5  # nothing came: Flower's empty answer after the hold
+    before = activity.count
+    assert activity.wait_change(before, 0.0) is False
+    activity.touch()
+    assert activity.wait_change(before, 0.0) is True  # a change made before the wait is not missed
 
 
 def test_fast_reply_pulls_only_touch_a_deployments_http_grid(monkeypatch):
@@ -303,6 +362,14 @@ def test_strategy_warm_process_and_supernode_launcher_refuse_what_they_cannot_se
         supernode_main(["--poll-interval", "5"])
     with pytest.raises(SystemExit, match="needs a number of seconds"):
         supernode_main(["--poll-interval"])
+    with pytest.raises(SystemExit, match="--isolation subprocess would start another one"):
+        supernode_main(["--clientapp", DEFAULT_APP, "--isolation", "subprocess"])
+    with pytest.raises(SystemExit, match="--clientapp hf_perfit.flower.client_app: .*must be 'module:attribute'"):
+        supernode_main(["--clientapp", "hf_perfit.flower.client_app"])
+    with pytest.raises(SystemExit, match="--clientapp needs a value"):
+        supernode_main(["--clientapp"])
+    with pytest.raises(ValueError, match="in_node=True runs the ClientApp inside hf_perfit's SuperNode launcher"):
+        LocalFederation(tmp_path / "fed", num_nodes=1, node_poll_interval=None, in_node=True)
 
     from hf_perfit.flower.warm import WarmClientAppRunner
 
@@ -394,8 +461,11 @@ def test_failed_client_is_left_out_and_reported(tmp_path, assets, task_identity)
     allowed = {"client-id", "adapter-digest", "partition-id", "mask-changed", "tensors-mode", "mask-digest"}
     for reply in grid.answered:
         for record in reply.content.config_records.values():
-            assert set(record) <= allowed
-            assert not any("echo" in str(v) or "Task" in str(v) for v in record.values())
+            assert set(record) <= allowed | {PACKED_ENTRY}
+            assert not any("echo" in str(v) or "Task" in str(v) for k, v in record.items() if k != PACKED_ENTRY)
+            if PACKED_ENTRY in record:  # the packed tensors: float32 values and mask bits only
+                groups = unpack_blob(record[PACKED_ENTRY])
+                assert {t.dtype for g in groups.values() for t in g.values()} <= {torch.float32, torch.uint8}
         for record in reply.content.array_records.values():
             assert {a.dtype for a in record.values()} <= {"float32", "uint8"}
         for record in reply.content.metric_records.values():
@@ -648,6 +718,23 @@ def test_deployment_on_localhost_then_a_supernode_killed_mid_round(tmp_path, ass
         assert (tmp_path / "killed" / "clients" / "client_0" / "adapter" / "adapter_model.safetensors").is_file()
         assert not (tmp_path / "killed" / "clients" / "client_1").exists()
         assert "## Failures" in (tmp_path / "killed" / "results.md").read_text()
+    finally:
+        fed.close()
+
+
+def test_deployment_with_the_clientapp_inside_each_supernode_matches_the_in_process_run(tmp_path, assets):
+    """`python -m hf_perfit.flower.supernode --clientapp hf_perfit.flower.client_app:app`: one process per node, the
+    ClientApp's Runtime API calls answered in that process. Same adapters and metrics as the in-process engine."""
+    fed = LocalFederation(tmp_path, num_nodes=2, threads_per_node=1, in_node=True)
+    try:
+        fed.start()
+        assert set(fed.procs) == {"superlink", "node0", "node1"}  # no ClientApp process next to the nodes
+        config = _config(assets, tmp_path / "deployed", num_clients=2, num_rounds=1)
+        run_id = fed.run(config, APP_DIR)
+        report = fed.wait(tmp_path / "deployed", run_id, alive=tuple(fed.procs))
+        assert report["status"] == "completed" and report["flwr_status"] == "finished:completed", report
+        run_federated(_config(assets, tmp_path / "reference", num_clients=2, num_rounds=1))
+        _assert_same_run(tmp_path / "reference", tmp_path / "deployed", ("client_0", "client_1"))
     finally:
         fed.close()
 

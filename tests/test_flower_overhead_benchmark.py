@@ -75,3 +75,20 @@ def test_a_simulation_only_run_keeps_the_deployment_results():
     # no deployment rows: nothing to keep
     assert fo.kept_deployment(_SECTION.replace("| flower_deployment_warm | 7.39 | 7.20 – 7.80 |\n", "")) == ""
     assert fo.kept_deployment("# Benchmarks\n") == ""
+
+
+def test_a_deployment_only_run_replaces_only_the_kept_block():
+    """`--deployment_only` writes its own kept block: in place of an earlier one, else before the section's closing
+    paragraph; the simulation arms and their reading stay as they are."""
+    fo = _flower_overhead()
+    section = _SECTION.split("## Next section")[0].rstrip("\n") + (
+        "\n\nThe machine is shared with other work (see the load average), so absolute times drift.\n"
+    )
+    block = f"{fo.KEPT_START}\nnew deployment rows\n{fo.KEPT_END}"
+    once = fo.replace_kept(section, block)
+    assert once.index(block) < once.index("The machine is shared") and once.count(fo.KEPT_START) == 1
+    assert once.replace(block + "\n\n", "") == section  # nothing else changed
+    again = fo.replace_kept(once, block.replace("new", "newer"))
+    assert "newer deployment rows" in again and "new deployment rows" not in again
+    assert again.count(fo.KEPT_START) == 1 and again.replace("newer", "new") == once
+    assert fo.replace_kept("## Flower overhead\n", block) == f"## Flower overhead\n\n{block}\n"

@@ -87,8 +87,9 @@ def test_run_status_tolerates_keys_added_later(tmp_path):
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "quality_configs.json").read_text())
 """`FederatedConfig.to_dict()` of every run the benchmarks built at commit 6705756, before their settings became YAML
-(written by tests/fixtures/make_quality_configs.py with that commit's code): cached runs are reused only while the
-same command line gives exactly the same dict."""
+(written by tests/fixtures/make_quality_configs.py with that commit's code; rows added later, PerFIT's variants
+`perfit_pb` and `perfit_ft`, pinned by its `--add` with the code that added them): cached runs are reused only while
+the same command line gives exactly the same dict."""
 
 
 def _quality_configs(command: str, data: Path, root: Path) -> dict[str, dict]:
@@ -232,21 +233,41 @@ def test_quality_scale_overrides_need_a_root_of_their_own(tmp_path):
     assert s.overrides == ["--seed", "2", "--learning_rate", "1e-4"]
 
 
-def test_fedit_ft_forked_from_fedit_equals_fedit_ft_from_scratch(tmp_path, capsys):
+@pytest.mark.parametrize("source, tuned", [("fedit", "fedit_ft"), ("perfit", "perfit_ft")])
+def test_finetuned_row_forked_from_its_source_equals_it_from_scratch(source, tuned, tmp_path, capsys):
     from safetensors.torch import load_file
 
+    assert qs.METHODS[tuned].fork_of == source
     common = ["run", "--tiny", "--setting", "flan8_recipe", "--seeds", "0", "--no-report", "--threads", "1"]
-    assert qs.main([*common, "--methods", "fedit", "fedit_ft", "--root", str(tmp_path / "fork")]) == 0
-    assert "forked the finished run" in capsys.readouterr().out
-    assert qs.main([*common, "--methods", "fedit_ft", "--no-fork", "--root", str(tmp_path / "scratch")]) == 0
+    assert qs.main([*common, "--methods", source, tuned, "--root", str(tmp_path / "fork")]) == 0
+    assert (
+        f"forked the finished run {tmp_path / 'fork' / 'flan8_recipe' / 'seed0' / source}" in capsys.readouterr().out
+    )
+    assert qs.main([*common, "--methods", tuned, "--no-fork", "--root", str(tmp_path / "scratch")]) == 0
     assert "forked the finished run" not in capsys.readouterr().out
-    runs = {k: tmp_path / k / "flan8_recipe" / "seed0" / "fedit_ft" for k in ("fork", "scratch")}
+    runs = {k: tmp_path / k / "flan8_recipe" / "seed0" / tuned for k in ("fork", "scratch")}
     records = {k: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()] for k, p in runs.items()}
     assert records["fork"] == records["scratch"]  # every round's and the fine-tuning's evaluation, exactly
     assert any(r.get("finetune") for r in records["fork"])
     for cid in ("client_0", "client_1", "client_2"):
         a, b = (load_file(str(p / "clients" / cid / "adapter" / "adapter_model.safetensors")) for p in runs.values())
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+@pytest.mark.parametrize("tiny", [False, True], ids=["full", "tiny"])
+def test_perfit_variants_differ_from_perfit_in_their_one_change_only(tiny, tmp_path):
+    # the ablation that isolates each variant's gain: the same run as `perfit` but for one key
+    setting = qs.SETTINGS["flan8_recipe"]
+    assert {"perfit", "perfit_pb", "perfit_ft"} <= set(qs.methods_of(setting, ["ablations"]))
+    data = _client_folder(tmp_path / "data", 3 if tiny else 8)
+    configs = {m: qs.cell_config(setting, m, 0, tmp_path, data, tiny)[0].to_dict() for m in qs.METHODS}
+    changed = {
+        m: {k for k in configs["perfit"] if k != "output_dir" and configs[m][k] != configs["perfit"][k]}
+        for m in ("perfit_pb", "perfit_ft")
+    }
+    assert changed == {"perfit_pb": {"strategy_options"}, "perfit_ft": {"finetune_steps"}}
+    assert configs["perfit_pb"]["strategy_options"] == {"personal_b": True}
+    assert configs["perfit_ft"]["finetune_steps"] == configs["perfit"]["local_steps"]
 
 
 def test_run_leaves_the_cells_of_a_running_quality_py_alone(tmp_path, capsys):

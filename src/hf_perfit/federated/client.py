@@ -26,7 +26,7 @@ from ..callbacks import PerFITPruningCallback
 from ..model import PerFITModel
 from .comm import downlink_bytes, uplink_bytes
 from .config import FederatedConfig
-from .messages import ClientInstruction, ClientUpdate
+from .messages import PERSONAL, ClientInstruction, ClientUpdate, personal_keys
 
 # The TrainingArguments name of activation checkpointing in the installed transformers (renamed in 5.24).
 _CHECKPOINTING_ARG = (
@@ -400,7 +400,9 @@ def client_update(
         tokenizer: the tokenizer.
         train_ds: the client's tokenized training set (see [`tokenize_for_completion_loss`]).
         instruction: what the server sent. `tensors=None` keeps the client's own adapter (`local`);
-            `config["research"]` restarts PerFIT's architecture search; `config["proximal_mu"]` turns on FedProx.
+            `config["research"]` restarts PerFIT's architecture search; `config["proximal_mu"]` turns on FedProx;
+            `config["personal"]` (e.g. `["lora_B"]`, PerFIT's `personal_b`) keeps those matrices from the client's own
+            state (the tensors hold the other keys only), and the upload leaves them out.
         state: the client's state from its last round, or `None` in its first round.
         args: local training settings.
         client_id: the client's id (goes into the upload).
@@ -418,8 +420,11 @@ def client_update(
     meta = {**meta, "budget_multiplier": float(budget_multiplier)}
     if instruction.config.get("research"):
         masks, meta = None, {**meta, "search_step": 0, "prune_iterations_done": 0, "mask_uploaded": False}
+    personal = _personal_parts(instruction)
     if instruction.config.get("seeded_init") and state is None:
         tensors = initial_tensors  # the run's seeded init, rebuilt here: the server sends nothing (docs/perfit.md)
+    elif instruction.tensors is not None and personal:
+        tensors = _with_own(tensors, instruction.tensors, personal)
     elif instruction.tensors is not None:
         tensors = instruction.tensors
     model.set_adapter_state(tensors, masks, meta)
@@ -431,11 +436,17 @@ def client_update(
     searched = uses_masks and not model.is_searching
     mask_changed = searched and not meta.get("mask_uploaded", False)
     new_meta["mask_uploaded"] = bool(meta.get("mask_uploaded", False) or mask_changed)
+    sent_tensors, sent_masks = new_tensors, new_masks if searched else None
+    if personal:  # the personal matrices stay here: neither their values nor their masks are uploaded
+        mine = set(personal_keys(new_tensors, personal))
+        sent_tensors = {k: t for k, t in new_tensors.items() if k not in mine}
+        if sent_masks is not None:
+            sent_masks = {k: m for k, m in sent_masks.items() if k not in mine}
     update = ClientUpdate(
         client_id=client_id,
         num_examples=len(train_ds),
-        tensors=new_tensors,
-        masks=new_masks if searched else None,
+        tensors=sent_tensors,
+        masks=sent_masks,
         mask_changed=mask_changed,
         metrics={k: float(v) for k, v in metrics.items()},
         # FedAMoLE: the routing statistics the server assigns experts with
@@ -449,6 +460,34 @@ def client_update(
         train_loss=float(metrics["train_loss"]),
         density=model.density(),
     )
+
+
+def _personal_parts(instruction: ClientInstruction) -> list[str]:
+    """The matrix names of `instruction.config["personal"]` (empty when absent), checked."""
+    parts = instruction.config.get(PERSONAL) or []
+    if isinstance(parts, str) or not all(isinstance(p, str) and p for p in parts):
+        raise ValueError(
+            f"instruction config {PERSONAL}={parts!r} must be a list of adapter matrix names, e.g. ['lora_B']."
+        )
+    return list(parts)
+
+
+def _with_own(
+    own: dict[str, torch.Tensor], sent: dict[str, torch.Tensor], parts: list[str]
+) -> dict[str, torch.Tensor]:
+    """The adapter a client with personal matrices `parts` starts from: its own values of those keys (its last
+    state, or the seeded init before its first round), the server's `sent` values of every other key."""
+    mine = set(personal_keys(own, parts))
+    if not mine:
+        raise ValueError(f"the server asked to keep {parts} personal, but the adapter has no such tensors.")
+    expected = set(own) - set(mine)
+    if set(sent) != expected:
+        missing, extra = sorted(expected - set(sent)), sorted(set(sent) - expected)
+        raise ValueError(
+            f"the server's tensors do not fit an adapter whose {parts} stay personal: missing {missing[:3]}, "
+            f"unexpected {extra[:3]} (the server must send every other tensor and none of the personal ones)."
+        )
+    return {k: (own[k] if k in mine else sent[k]) for k in own}
 
 
 _EVAL_BATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -258,13 +258,18 @@ def save_fit_result(path: Path, result: FitResult) -> None:
         info["update_tensors"] = "state"
     elif u.tensors is state[0]:
         info["update_tensors"] = "state"
+    elif _part_of(u.tensors, state[0]):  # the state's tensors less the client's personal ones (perfit personal_b)
+        info["update_tensors"] = "state"
+        info["update_keys"] = list(u.tensors)
     else:
         info["update_tensors"] = "own"
         extra.update({f"u/{k}": v for k, v in u.tensors.items()})
     if u.masks is None:
         info["update_masks"] = None
-    elif state[1] is not None and u.masks is state[1]:
+    elif state[1] is not None and (u.masks is state[1] or _part_of(u.masks, state[1])):
         info["update_masks"] = "state"
+        if u.masks is not state[1]:
+            info["update_mask_keys"] = list(u.masks)
     else:
         info["update_masks"] = "own"
         extra.update({f"um/{k}": v.to(torch.uint8) for k, v in u.masks.items()})
@@ -279,10 +284,15 @@ def load_fit_result(path: Path) -> FitResult:
     own = {k[2:]: v for k, v in extra.items() if k.startswith("u/")}
     own_masks = {k[3:]: v.bool() for k, v in extra.items() if k.startswith("um/")}
     upd_masks = {"state": masks, "own": own_masks, None: None}[info["update_masks"]]
+    if "update_mask_keys" in info:
+        upd_masks = {k: upd_masks[k] for k in info["update_mask_keys"]}
+    upd_tensors = tensors if info["update_tensors"] == "state" else own
+    if "update_keys" in info:
+        upd_tensors = {k: upd_tensors[k] for k in info["update_keys"]}
     update = ClientUpdate(
         client_id=info["client_id"],
         num_examples=int(info["num_examples"]),
-        tensors=tensors if info["update_tensors"] == "state" else own,
+        tensors=upd_tensors,
         masks=upd_masks,
         mask_changed=bool(info["mask_changed"]),
         metrics=dict(info["update_metrics"]),
@@ -290,6 +300,11 @@ def load_fit_result(path: Path) -> FitResult:
     )
     state = (tensors, masks, meta) if info["has_state"] else None
     return FitResult(update=update, metrics=dict(info["metrics"]), state=state)
+
+
+def _part_of(part: Mapping[str, torch.Tensor], whole: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every tensor of `part` is the very tensor object of `whole` under the same key (a sub-dict)."""
+    return all(k in whole and whole[k] is t for k, t in part.items())
 
 
 # ---------------------------------------------------------------------- the coordinator
@@ -590,13 +605,13 @@ class Coordinator:
         the fine-tuned adapter is what is evaluated and exported."""
         jobs = []
         for i, cid in enumerate(self.client_ids):
-            tensors = self._personalized(cid)
+            instruction = self.strategy.finetune_instruction(cid, self._personalized(cid))
             jobs.append(
                 FitJob(
                     client_id=cid,
                     index=i,
                     round_idx=r,
-                    instruction=ClientInstruction(tensors=tensors),
+                    instruction=instruction,
                     seed=self._seed(r, i),
                     budget_multiplier=self._budget(i),
                     uses_masks=self.strategy.uses_masks,

@@ -8,10 +8,16 @@ and shapes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
+
+PERSONAL = "personal"
+"""`ClientInstruction.config` key: the names of the adapter matrices the client keeps from its own state instead of
+taking them from the server (PerFIT's `personal_b` option sends `["lora_B"]`). The instruction's `tensors` then hold
+the other keys only, and the client's upload leaves the personal ones out (they never leave the client)."""
 
 
 @dataclass
@@ -59,3 +65,15 @@ class ClientInstruction:
     tensors: dict[str, Tensor] | None
     mask: dict[str, Tensor] | None = None
     config: dict[str, Any] = field(default_factory=dict)
+
+
+def is_personal_key(key: str, parts: Sequence[str]) -> bool:
+    """Whether adapter key `key` names one of the matrices `parts` (e.g. `"lora_B"`): `key` has `.<part>.` as a
+    dotted component, as in `base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight`."""
+    dotted = f".{key}."
+    return any(f".{part}." in dotted for part in parts)
+
+
+def personal_keys(keys: Iterable[str], parts: Sequence[str]) -> list[str]:
+    """The keys among `keys` that [`is_personal_key`] selects, in their order."""
+    return [k for k in keys if is_personal_key(k, parts)]

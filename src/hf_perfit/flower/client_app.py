@@ -241,7 +241,7 @@ def hello(message: Message, context: Context) -> Message:
     with rt.model.disable_adapter():
         ev = evaluate_perplexity(rt.model, rt.tokenizer, data.test, rt.config.eval_batch_size)
     content = RecordDict()
-    content[META] = ConfigRecord(
+    reply_meta = ConfigRecord(
         {
             "client-id": data.client_id,
             "adapter-digest": tensor_digest(rt.init_tensors),
@@ -258,7 +258,8 @@ def hello(message: Message, context: Context) -> Message:
         }
     )
     if bool(meta.get("send-initial-adapter", False)):
-        put_arrays(content, {TENSORS: rt.init_tensors}, pack=bool(meta.get(PACK_FLAG, False)))
+        put_arrays(content, {TENSORS: rt.init_tensors}, pack=bool(meta.get(PACK_FLAG, False)), meta=reply_meta)
+    content[META] = reply_meta
     return _reply(message, content)
 
 
@@ -314,6 +315,7 @@ def evaluate(message: Message, context: Context) -> Message:
         tensors = decode_tensors(message.content, meta, masks, "the server's evaluation tensors")
         if tensors is None:
             raise ValueError("the server's evaluation message carries no adapter.")
+        tensors = _with_personal(rt, own_tensors, tensors)
     if not bool(meta["uses-masks"]):
         masks = None
     rt.model.set_adapter_state(tensors, masks, state_meta)
@@ -328,10 +330,21 @@ def evaluate(message: Message, context: Context) -> Message:
         metrics["density"] = float(rt.model.density())
     if bool(meta.get("final", False)):
         rt.model.save_pretrained(Path(rt.config.output_dir) / "clients" / data.client_id / "adapter")
-    content = RecordDict()
-    content[META] = ConfigRecord({"client-id": data.client_id})
+    content = RecordDict()  # the metrics alone: the server knows whom it asked (one object less on the wire)
     content[METRICS] = MetricRecord(metrics)
     return _reply(message, content)
+
+
+def _with_personal(rt: _Runtime, own: dict | None, sent: dict) -> dict:
+    """`sent` plus this client's own values of the matrices its strategy keeps personal (PerFIT's `personal_b`: B,
+    which the server never holds; the seeded init before the client's first round); `sent` itself otherwise."""
+    from ..federated.messages import personal_keys
+    from ..federated.strategies import get_strategy
+
+    parts = get_strategy(rt.config.strategy, **rt.config.resolved_strategy_options()).personal_parts()
+    base = own if own is not None else rt.init_tensors
+    mine = [k for k in personal_keys(base, parts) if k not in sent]
+    return {**sent, **{k: base[k] for k in mine}} if mine else sent
 
 
 def make_client_app(train_mods: list | None = None, mods: list | None = None) -> ClientApp:

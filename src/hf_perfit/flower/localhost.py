@@ -58,6 +58,10 @@ class LocalFederation:
             hf_perfit.flower.supernode --poll-interval <s>` (Flower's SuperNode with its waits for its own ClientApp
             woken by the node's state and its 3 s idle poll of the SuperLink capped at `s`; the documented
             deployment command); `None`: plain `flower-supernode`.
+        in_node (`bool`, defaults to `False`): with `warm` and the launcher (`node_poll_interval` set), run the
+            ClientApp inside each SuperNode's process (`python -m hf_perfit.flower.supernode --clientapp
+            hf_perfit.flower.client_app:app`) instead of in a `warm<k>` process next to it: no HTTP between the
+            node and its ClientApp, one process per node.
     """
 
     CONNECTION = "localhost"
@@ -70,13 +74,20 @@ class LocalFederation:
         threads_per_node: int | None = None,
         warm: bool = True,
         node_poll_interval: float | None = DEFAULT_CAP,
+        in_node: bool = False,
     ) -> None:
+        if in_node and (not warm or node_poll_interval is None):
+            raise ValueError(
+                "in_node=True runs the ClientApp inside hf_perfit's SuperNode launcher: it needs warm=True and a "
+                "node_poll_interval (the launcher), not plain flower-supernode."
+            )
         self.root = Path(workdir)
         self.num_nodes = int(num_nodes)
         self.bin = Path(bin_dir) if bin_dir is not None else Path(sys.executable).parent
         self.port = free_port()
         self.warm = bool(warm)
         self.node_poll_interval = node_poll_interval
+        self.in_node = bool(in_node)
         self.home = self.root / "flwr_home"
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(
@@ -139,6 +150,8 @@ class LocalFederation:
             else:
                 supernode = [sys.executable, "-m", "hf_perfit.flower.supernode"]
                 supernode += ["--poll-interval", str(self.node_poll_interval)]
+                if self.in_node:
+                    supernode += ["--clientapp", "hf_perfit.flower.client_app:app"]
             self._spawn(
                 f"node{k}",
                 [
@@ -153,7 +166,7 @@ class LocalFederation:
                     *(["--isolation", "process"] if self.warm else []),
                 ],
             )
-            if self.warm:
+            if self.warm and not self.in_node:
                 self._spawn(
                     f"warm{k}",
                     [

@@ -12,12 +12,14 @@ The in-process simulation passes [`ClientInstruction`] / [`ClientUpdate`] object
 - counts, settings and metrics in `ConfigRecord` / `MetricRecord` (numbers and short strings, never data).
 
 Packed messages (`pack=True`; the stock ServerApp's default, `FlowerRunOptions.pack_arrays`): Flower 1.41 moves every
-`Array` of a message as its own object (one HTTP request per array, per chunk and per hop: ServerApp -> SuperLink
--> SuperNode -> ClientApp, and back), so an adapter of 8 tensors costs some 20 requests per hop. A packed message
-carries all its tensor groups (`tensors`, `masks`, `extra`) as **one** `ArrayRecord` `packed` holding **one**
-`uint8` array: a safetensors blob of the same float32 values and mask bits, bit for bit, whose one metadata entry
-lists the groups and keys in order ([`pack_arrays`] / [`unpack_arrays`]). The receiver answers in the format it was
-asked in (the `pack-arrays` entry of the request's `meta`). Unpacked messages (one `Array` per tensor) remain for
+record, `Array` and array chunk of a message as its own object (one HTTP request per object and hop: ServerApp ->
+SuperLink -> SuperNode -> ClientApp, and back), so an adapter of 8 tensors costs some 20 requests per hop. A packed
+message carries all its tensor groups (`tensors`, `masks`, `extra`) as **one** safetensors blob of the same float32
+values and mask bits, bit for bit, whose one metadata entry lists the groups and keys in order ([`pack_blob`] /
+[`unpack_blob`]). A blob of at most [`INLINE_LIMIT`] bytes travels as a `bytes` entry `packed-tensors` of the
+message's `meta` `ConfigRecord` (no object of its own); a larger one as **one** `ArrayRecord` `packed` holding
+**one** `uint8` array ([`pack_arrays`] / [`unpack_arrays`]), which Flower cuts into chunks of 5 MB. The receiver
+reads both, and answers in the format it was asked in (the `pack-arrays` entry of the request's `meta`). Unpacked messages (one `Array` per tensor) remain for
 Flower mods and strategy wrappers that read a message's arrays key by key (`fixedclipping_mod` and the DP wrappers:
 `HFPerFITStrategy`'s default).
 """
@@ -42,11 +44,14 @@ from ..federated.messages import ClientInstruction, ClientUpdate
 
 __all__ = [
     "DENSE",
+    "INLINE_LIMIT",
     "KEPT",
     "NONE",
     "OWN",
     "PACKED",
+    "PACKED_ENTRY",
     "PACK_FLAG",
+    "UPDATE_METRIC",
     "WIRE_DTYPE",
     "array_bytes",
     "arrays_to_masks",
@@ -63,11 +68,13 @@ __all__ = [
     "mask_digest",
     "masks_to_arrays",
     "pack_arrays",
+    "pack_blob",
     "payload_bytes",
     "put_arrays",
     "tensor_digest",
     "tensors_to_arrays",
     "unpack_arrays",
+    "unpack_blob",
     "zero_outside",
 ]
 
@@ -86,7 +93,16 @@ EXTRA = "extra"
 META = "meta"
 METRICS = "metrics"
 PACKED = "packed"
-"""The one `ArrayRecord` of a packed message (see the module docstring)."""
+"""The one `ArrayRecord` of a packed message whose blob is larger than [`INLINE_LIMIT`] (see the module docstring)."""
+PACKED_ENTRY = "packed-tensors"
+"""The `bytes` entry of a `meta` `ConfigRecord` holding a packed message's blob (up to [`INLINE_LIMIT`] bytes)."""
+INLINE_LIMIT = 4 * 1024 * 1024
+"""The largest blob that travels inside `meta` (4 MiB): below Flower 1.41's 5 MB array chunks, so no object of a
+packed message is larger than Flower's own largest. Each object it saves is one HTTP request per hop: a `train`
+message goes from 6 objects to 3, its reply from 8 to 5 (`docs/flower.md`, section 2)."""
+UPDATE_METRIC = "update/"
+"""Prefix of a [`ClientUpdate`]'s own metrics in the reply's `metrics` record (one record: one object less on the
+wire than a record of their own)."""
 PACK_FLAG = "pack-arrays"
 """`meta` entry of a request: `True` asks the receiver to pack the arrays of its reply."""
 _LAYOUT = "layout"  # the packed blob's one metadata key: [[group, [key, ...]], ...], in order
@@ -128,18 +144,15 @@ def arrays_to_tensors(record: ArrayRecord) -> dict[str, Tensor]:
     return {key: torch.from_numpy(np.array(array.numpy(), copy=True)) for key, array in record.items()}
 
 
-def pack_arrays(groups: Mapping[str, Mapping[str, Tensor]]) -> ArrayRecord:
-    """Named groups of tensors as **one** `ArrayRecord` holding **one** `uint8` array: a safetensors blob.
+def pack_blob(groups: Mapping[str, Mapping[str, Tensor]]) -> bytes:
+    """Named groups of tensors as **one** safetensors blob.
 
     The values are those [`tensors_to_arrays`] would send (float32 for floating point, other dtypes as they are),
-    byte for byte; the blob's one metadata entry lists the groups and their keys in order, so [`unpack_arrays`]
+    byte for byte; the blob's one metadata entry lists the groups and their keys in order, so [`unpack_blob`]
     returns the same groups, keys, order, dtypes, shapes and bits (empty groups included).
 
     Args:
         groups (`Mapping[str, Mapping[str, Tensor]]`): e.g. `{"tensors": {...}, "masks": {...}}`.
-
-    Returns:
-        `ArrayRecord`: `{"packed": Array(uint8, 1-D)}`.
     """
     layout = [[str(group), [str(key) for key in tensors]] for group, tensors in groups.items()]
     flat = {
@@ -147,9 +160,18 @@ def pack_arrays(groups: Mapping[str, Mapping[str, Tensor]]) -> ArrayRecord:
         for g, tensors in enumerate(groups.values())
         for key, t in tensors.items()
     }
-    blob = _st_save(flat, metadata={_LAYOUT: json.dumps(layout)})
+    return _st_save(flat, metadata={_LAYOUT: json.dumps(layout)})
+
+
+def pack_arrays(groups: Mapping[str, Mapping[str, Tensor]]) -> ArrayRecord:
+    """[`pack_blob`] as **one** `ArrayRecord` holding **one** `uint8` array (how a blob larger than
+    [`INLINE_LIMIT`] travels).
+
+    Returns:
+        `ArrayRecord`: `{"packed": Array(uint8, 1-D)}`.
+    """
     record = ArrayRecord()
-    record[PACKED] = Array(np.frombuffer(blob, dtype=np.uint8).copy())
+    record[PACKED] = Array(np.frombuffer(pack_blob(groups), dtype=np.uint8).copy())
     return record
 
 
@@ -164,6 +186,20 @@ def _blob_header(blob: bytes) -> dict[str, Any]:
         raise ValueError(f"the packed array is not a safetensors blob ({err}).") from None
 
 
+def unpack_blob(blob: bytes) -> dict[str, dict[str, Tensor]]:
+    """Inverse of [`pack_blob`]: the groups of tensors (CPU), in the sender's order.
+
+    Raises:
+        ValueError: a blob without hf_perfit's layout (or not a safetensors blob at all).
+    """
+    try:
+        layout = json.loads(_blob_header(blob)["__metadata__"][_LAYOUT])
+        flat = _st_load(blob)
+        return {group: {key: flat[f"{g}/{key}"] for key in keys} for g, (group, keys) in enumerate(layout)}
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"the packed array does not hold hf_perfit's tensor layout ({err!r}).") from None
+
+
 def unpack_arrays(record: ArrayRecord) -> dict[str, dict[str, Tensor]]:
     """Inverse of [`pack_arrays`]: the groups of tensors (CPU), in the sender's order.
 
@@ -175,27 +211,45 @@ def unpack_arrays(record: ArrayRecord) -> dict[str, dict[str, Tensor]]:
     array = record[PACKED]
     if array.dtype != "uint8" or len(array.shape) != 1:
         raise ValueError(f"the packed array must be 1-D uint8, got {array.dtype} of shape {tuple(array.shape)}.")
-    blob = array.numpy().tobytes()
-    try:
-        layout = json.loads(_blob_header(blob)["__metadata__"][_LAYOUT])
-        flat = _st_load(blob)
-        return {group: {key: flat[f"{g}/{key}"] for key in keys} for g, (group, keys) in enumerate(layout)}
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"the packed array does not hold hf_perfit's tensor layout ({err!r}).") from None
+    return unpack_blob(array.numpy().tobytes())
 
 
-def put_arrays(content: RecordDict, groups: Mapping[str, Mapping[str, Tensor]], pack: bool) -> None:
+def put_arrays(
+    content: RecordDict,
+    groups: Mapping[str, Mapping[str, Tensor]],
+    pack: bool,
+    meta: ConfigRecord | None = None,
+) -> None:
     """Put tensor groups into a message's content: one `ArrayRecord` per group, or (`pack=True`) all of them in one
-    packed record ([`pack_arrays`]). Mask bits travel as `uint8` tensors."""
-    if pack:
-        content[PACKED] = pack_arrays(groups)
-    else:
+    blob ([`pack_blob`]): up to [`INLINE_LIMIT`] bytes as the `packed-tensors` entry of `meta` (the message's `meta`
+    record, which the caller stores in `content`; without one, a `ConfigRecord` `packed` of its own), larger as the
+    `packed` `ArrayRecord`. Mask bits travel as `uint8` tensors."""
+    if not pack:
         for group, tensors in groups.items():
             content[group] = tensors_to_arrays(tensors)
+        return
+    blob = pack_blob(groups)
+    if len(blob) > INLINE_LIMIT:
+        content[PACKED] = ArrayRecord({PACKED: Array(np.frombuffer(blob, dtype=np.uint8).copy())})
+    elif meta is not None:
+        meta[PACKED_ENTRY] = blob
+    else:
+        content[PACKED] = ConfigRecord({PACKED_ENTRY: blob})
+
+
+def _inline_blob(content: RecordDict) -> bytes | None:
+    for name in (META, PACKED):
+        record = content.config_records.get(name)
+        if record is not None and PACKED_ENTRY in record:
+            return bytes(record[PACKED_ENTRY])
+    return None
 
 
 def get_arrays(content: RecordDict) -> dict[str, dict[str, Tensor]]:
-    """Inverse of [`put_arrays`]: a message's tensor groups (CPU tensors), packed or not."""
+    """Inverse of [`put_arrays`]: a message's tensor groups (CPU tensors), packed (inline or not) or not."""
+    blob = _inline_blob(content)
+    if blob is not None:
+        return unpack_blob(blob)
     records = content.array_records
     if PACKED in records:
         return unpack_arrays(records[PACKED])
@@ -257,9 +311,11 @@ def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
 
 def array_bytes(content: RecordDict) -> int:
     """Bytes of the arrays in a message's content (data plus numpy headers and keys, `ArrayRecord.count_bytes`; for a
-    packed message its blob, safetensors header included): what the tensors and masks actually cost on the wire,
-    next to the [`comm`] accounting."""
-    return sum(record.count_bytes() for record in content.array_records.values())
+    packed message its blob, safetensors header included, plus its key): what the tensors and masks actually cost on
+    the wire, next to the [`comm`] accounting."""
+    blob = _inline_blob(content)
+    inline = 0 if blob is None else len(blob) + len(PACKED_ENTRY)  # as `ArrayRecord.count_bytes` counts a key
+    return inline + sum(record.count_bytes() for record in content.array_records.values())
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -320,10 +376,10 @@ def encode_tensors(
 ) -> None:
     """Put `tensors` into `content` as kept values of `masks` (when given and the tensors are zero outside them) or
     dense, and record the mode (and the mask digest) in `meta`. `tensors=None` records mode `none`. `pack=True`:
-    in one packed array ([`pack_arrays`])."""
+    in one packed blob, inside `meta` when small ([`put_arrays`]); the caller stores `meta` in `content` after."""
     group = _tensor_group(meta, tensors, masks)
     if group is not None:
-        put_arrays(content, {TENSORS: group}, pack)
+        put_arrays(content, {TENSORS: group}, pack, meta=meta)
 
 
 def decode_tensors(
@@ -360,6 +416,8 @@ def _decode_tensors(
         raise ValueError(f"{what}: unknown tensors-mode {mode!r}.")
     if masks is None:
         raise ValueError(f"{what} carry kept values only, but the receiver holds no mask for them.")
+    if set(values) < set(masks):  # part of the adapter (PerFIT's personal_b: A only): the masks of those tensors
+        masks = {k: masks[k] for k in values}
     if mask_digest(masks) != meta.get("mask-digest"):
         raise ValueError(
             f"{what} carry the kept values of a mask that differs from the receiver's own (digest mismatch): the "
@@ -376,7 +434,7 @@ def encode_instruction(
 ) -> RecordDict:
     """A [`ClientInstruction`] as message content: `instruction.tensors` as kept values of `instruction.mask` when it
     has one (the client's own, which it holds), else dense; `instruction.config` as JSON; plus `config` (round
-    settings: scalars and strings) in the same `meta` record. `pack=True`: the tensors in one packed array, and the
+    settings: scalars and strings) in the same `meta` record. `pack=True`: the tensors in one packed blob, and the
     client is asked to pack its reply (`pack-arrays`)."""
     content = RecordDict()
     meta = ConfigRecord(dict(config or {}))
@@ -398,6 +456,8 @@ def decode_instruction(content: RecordDict, own_masks: Mapping[str, Tensor] | No
     meta = content[META]
     tensors = decode_tensors(content, meta, own_masks, "the server's instruction tensors")
     mask = dict(own_masks) if meta.get("tensors-mode") == KEPT and own_masks is not None else None
+    if mask is not None and tensors is not None:  # the masks of the tensors sent (all, or A only with personal_b)
+        mask = {k: mask[k] for k in tensors}
     return ClientInstruction(tensors=tensors, mask=mask, config=json.loads(str(meta["instruction-config"])))
 
 
@@ -406,8 +466,8 @@ def encode_update(
 ) -> RecordDict:
     """A [`ClientUpdate`] as message content: with masks (PerFIT after its search) only the kept values, plus the
     packed mask when `update.mask_changed`; without, dense tensors. `update.extra_tensors` go dense;
-    `update.metrics` and `metrics` (round bookkeeping) go into metric records. `pack=True`: every tensor group in
-    one packed array."""
+    `metrics` (round bookkeeping) and `update.metrics` (prefixed `update/`) go into the `metrics` record.
+    `pack=True`: every tensor group in one packed blob ([`put_arrays`])."""
     content = RecordDict()
     meta = ConfigRecord({"client-id": update.client_id, "mask-changed": bool(update.mask_changed)})
     groups: dict[str, dict[str, Tensor]] = {}
@@ -418,10 +478,15 @@ def encode_update(
         groups[MASKS] = _mask_bits(update.masks)
     if update.extra_tensors:
         groups[EXTRA] = dict(update.extra_tensors)
-    put_arrays(content, groups, pack)
+    put_arrays(content, groups, pack, meta=meta)
     content[META] = meta
-    content[METRICS] = MetricRecord({"num-examples": int(update.num_examples), **dict(metrics or {})})
-    content["update-metrics"] = MetricRecord({k: float(v) for k, v in update.metrics.items()})
+    content[METRICS] = MetricRecord(
+        {
+            "num-examples": int(update.num_examples),
+            **dict(metrics or {}),
+            **{UPDATE_METRIC + k: float(v) for k, v in update.metrics.items()},
+        }
+    )
     return content
 
 
@@ -449,7 +514,8 @@ def decode_update(
     masks: dict[str, Tensor] | None = None
     if MASKS in groups:
         masks = bits_to_masks(groups[MASKS], shapes)
-        check_tensor_shapes(f"client {client_id!r}: masks", masks, shapes)
+        # PerFIT's personal_b uploads A's masks only; the strategy checks which keys it needs
+        check_tensor_shapes(f"client {client_id!r}: masks", masks, shapes, complete=False)
     elif meta.get("tensors-mode") == KEPT:
         masks = None if known_masks is None else dict(known_masks)
     tensors = _decode_tensors(groups, meta, masks, f"client {client_id!r}'s upload")
@@ -457,12 +523,15 @@ def decode_update(
         raise ValueError(f"client {client_id!r} uploaded no tensors.")
     check_tensor_shapes(f"client {client_id!r}: tensors", tensors, shapes, complete=False)
     counts = content[METRICS]
+    own = {k[len(UPDATE_METRIC) :]: float(v) for k, v in counts.items() if k.startswith(UPDATE_METRIC)}
+    if "update-metrics" in content.metric_records:  # a reply of hf_perfit before the metrics shared one record
+        own.update({k: float(v) for k, v in content["update-metrics"].items()})
     return ClientUpdate(
         client_id=client_id,
         num_examples=int(counts["num-examples"]),
         tensors=tensors,
         masks=masks,
         mask_changed=mask_changed,
-        metrics={k: float(v) for k, v in content["update-metrics"].items()},
+        metrics=own,
         extra_tensors=dict(groups.get(EXTRA, {})),
     )

@@ -152,9 +152,9 @@ def send_and_receive(
     """`Grid.send_and_receive` with a short first poll: push `messages`, then pull until every one has a reply or
     `timeout` seconds passed.
 
-    Same contract as Flower's, but the wait between pulls starts at 10 ms and doubles up to `poll_interval`: Flower's
-    HTTP grid (deployment) waits a fixed 3 s between pulls, which would add up to 3 s to each phase of a round whose
-    clients answer in milliseconds.
+    Same contract as Flower's, but the wait between pulls starts at 10 ms (again after each pull that brought a
+    reply) and doubles up to `poll_interval`: Flower's HTTP grid (deployment) waits a fixed 3 s between pulls, which
+    would add up to 3 s to each phase of a round whose clients answer in milliseconds.
     """
     messages = list(messages)
     pending = set(grid.push_messages(messages)) if messages else set()
@@ -168,7 +168,8 @@ def send_and_receive(
         if not pending or (deadline is not None and time.monotonic() > deadline):
             break
         time.sleep(delay)
-        delay = min(2 * delay, poll_interval)
+        # after a reply the others usually follow within milliseconds (the clients run the same work): short again
+        delay = min(0.01, poll_interval) if got else min(2 * delay, poll_interval)
     return replies
 
 

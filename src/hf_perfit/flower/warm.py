@@ -21,6 +21,10 @@ python -m hf_perfit.flower.warm --runtime-api-address 127.0.0.1:9094 --insecure
 
 It serves hf_perfit's ClientApp (`hf_perfit.flower.client_app:app`, or `--app module:attr`) and answers tasks of
 runs whose Flower app names another ClientApp with an error (it does not install or load apps at run time).
+
+The same runner also works inside the SuperNode's own process (`python -m hf_perfit.flower.supernode --clientapp
+hf_perfit.flower.client_app:app`): its Runtime API calls then go straight to the node's handlers
+([`InProcessRuntimeClient`]), with no HTTP request between the node and its ClientApp (`docs/flower.md`, section 2).
 """
 
 from __future__ import annotations
@@ -58,11 +62,15 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-__all__ = ["DEFAULT_APP", "WarmClientAppRunner", "main"]
+__all__ = ["DEFAULT_APP", "InProcessRuntimeClient", "WarmClientAppRunner", "main"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_APP = "hf_perfit.flower.client_app:app"
+HELD_ANSWER = 0.25
+"""An empty `AcquireTask` answer that took at least this long was held by the SuperNode until a task came or its hold
+ran out (`hf_perfit.flower.supernode`, about 1 s): the next poll follows at once, since the SuperNode's hold is the
+wait. Flower's own SuperNode answers at once (milliseconds); then the process waits 5-200 ms between polls."""
 
 
 def load_app(reference: str) -> ClientApp:
@@ -120,6 +128,61 @@ def pull_task_input(client: RuntimeHttpClient, first_retry: float = 0.02) -> tup
     return message, context, fab_from_proto(task.fab)
 
 
+class InProcessRuntimeClient:
+    """The calls of Flower's `RuntimeHttpClient` that [`WarmClientAppRunner`] makes, answered by the SuperNode's
+    Runtime API handlers **in this process** (the SuperNode's own, see `hf_perfit.flower.supernode --clientapp`):
+    the same functions Flower's Runtime API server runs for each request, on the same node state, without HTTP.
+
+    Args:
+        state: the SuperNode's `NodeState`.
+        token (`str`, *optional*): the task's token (what `RuntimeTokenHttpInterceptor` sends); `None` for the
+            calls that need none (`AcquireTask`).
+    """
+
+    def __init__(self, state: Any, token: str | None = None) -> None:
+        import flwr.supernode.servicer.runtime.runtime_handlers as handlers
+        from flwr.supercore.servicer.runtime import runtime_handlers as core_handlers
+
+        self.state, self.token = state, token
+        self._handlers, self._core = handlers, core_handlers
+
+    def _task(self) -> Any:
+        task = self.state.get_task_by_token(self.token) if self.token else None
+        if task is None:  # what the Runtime API answers an unknown or expired token
+            raise RuntimeError("Runtime task-token authentication failed (the task is unknown or expired).")
+        return task
+
+    def AcquireTask(self, request: Any) -> Any:  # noqa: N802 - Flower's method names
+        return self._handlers.acquire_task(request, self.state)  # looked up per call: the launcher's held one
+
+    def SendTaskHeartbeat(self, request: Any) -> Any:  # noqa: N802
+        return self._core.send_task_heartbeat(request, self.state, self._task())
+
+    def PullTaskInput(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.pull_task_input(request, self.state, self._task())
+
+    def PullMessages(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.pull_messages(request, self.state, self._task())
+
+    def PullObject(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.pull_object(request, self.state, self._task())
+
+    def ConfirmMessageReceived(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.confirm_message_received(request, self.state, self._task())
+
+    def PushMessages(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.push_messages(request, self.state, self._task())
+
+    def PushObject(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.push_object(request, self.state, self._task())
+
+    def PushTaskOutput(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.push_task_output(request, self.state, self._task())
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 class WarmClientAppRunner:
     """Acquires a SuperNode's ClientApp tasks and runs each in this process (see the module docstring).
 
@@ -130,10 +193,15 @@ class WarmClientAppRunner:
         app (`str`, defaults to `"hf_perfit.flower.client_app:app"`): the ClientApp to serve.
         poll_interval (`float`, defaults to 0.2): the longest wait between two task polls during a run; after a
             task the wait restarts at 5 ms and doubles up to it (the next message of a round usually follows within
-            milliseconds; Flower's SuperExec polls every second, `FLWR_SUPEREXEC_TASK_POLL_INTERVAL`).
+            milliseconds; Flower's SuperExec polls every second, `FLWR_SUPEREXEC_TASK_POLL_INTERVAL`). A SuperNode
+            started with `python -m hf_perfit.flower.supernode` holds an empty answer until a task comes (up to
+            about 1 s); the process then asks again at once, without waiting.
         idle_poll_interval (`float`, defaults to 1.0): the longest wait once no task came for `idle_after` seconds
             (between runs), so an idle process asks its SuperNode about once a second, like Flower's SuperExec.
         idle_after (`float`, defaults to 60): seconds without a task after which the process counts as idle.
+        node_state (*optional*): the SuperNode's `NodeState` when this runner runs inside the SuperNode's process
+            (`hf_perfit.flower.supernode --clientapp`): its Runtime API handlers are called directly
+            ([`InProcessRuntimeClient`]) instead of over HTTP at `runtime_api_address`.
     """
 
     def __init__(
@@ -145,6 +213,7 @@ class WarmClientAppRunner:
         poll_interval: float = 0.2,
         idle_poll_interval: float = 1.0,
         idle_after: float = 60.0,
+        node_state: Any = None,
     ) -> None:
         self.address = runtime_api_address
         self.insecure = insecure
@@ -156,13 +225,18 @@ class WarmClientAppRunner:
         self.idle_after = float(idle_after)
         self.tasks_done = 0
         self._last_task = time.monotonic()
-        self._control = RuntimeHttpClient.from_server_address(
-            server_address=runtime_api_address,
-            insecure=insecure,
-            root_certificates=root_certificates,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-            retry_invoker=make_simple_http_retry_invoker(),
-        )
+        self.node_state = node_state
+        self._control: Any
+        if node_state is not None:
+            self._control = InProcessRuntimeClient(node_state)
+        else:
+            self._control = RuntimeHttpClient.from_server_address(
+                server_address=runtime_api_address,
+                insecure=insecure,
+                root_certificates=root_certificates,
+                interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+                retry_invoker=make_simple_http_retry_invoker(),
+            )
 
     def acquire(self) -> str | None:
         """One poll: the token of a `flwr-clientapp` task the SuperNode hands out, or `None`."""
@@ -174,16 +248,20 @@ class WarmClientAppRunner:
     def run_task(self, token: str) -> None:
         """Run one task with Flower's `flwr-clientapp` calls: pull its message and context, call the ClientApp, push
         the reply (an `Error` reply when it raised) and the task's output (the updated context)."""
-        client = RuntimeHttpClient.from_server_address(
-            server_address=self.address,
-            insecure=self.insecure,
-            root_certificates=self.root_certificates,
-            interceptors=[
-                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                RuntimeTokenHttpInterceptor(token),
-            ],
-            retry_invoker=make_simple_http_retry_invoker(),
-        )
+        client: Any
+        if self.node_state is not None:
+            client = InProcessRuntimeClient(self.node_state, token)
+        else:
+            client = RuntimeHttpClient.from_server_address(
+                server_address=self.address,
+                insecure=self.insecure,
+                root_certificates=self.root_certificates,
+                interceptors=[
+                    RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                    RuntimeTokenHttpInterceptor(token),
+                ],
+                retry_invoker=make_simple_http_retry_invoker(),
+            )
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
         heartbeat.start()
         message: Message | None = None
@@ -233,6 +311,7 @@ class WarmClientAppRunner:
         logger.info("serving %s for the SuperNode at %s", self.app_ref, self.address)
         delay = 0.005
         while max_tasks is None or self.tasks_done < max_tasks:
+            asked = time.monotonic()
             try:
                 token = self.acquire()
             except httpx.HTTPError as err:  # the SuperNode is (re)starting: wait for its Runtime API
@@ -240,6 +319,9 @@ class WarmClientAppRunner:
                 time.sleep(0.5)
                 continue
             if token is None:
+                if time.monotonic() - asked >= HELD_ANSWER:  # the SuperNode held the answer: it wakes us, ask again
+                    delay = 0.005
+                    continue
                 time.sleep(delay)
                 delay = min(2 * delay, self.next_poll_cap())
                 continue

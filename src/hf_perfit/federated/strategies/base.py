@@ -143,6 +143,19 @@ class Strategy(ABC):
         adapter; strategies with personal state override it. `local_tensors` is the client's own last adapter."""
         return self.global_tensors
 
+    def personal_parts(self) -> list[str]:
+        """The adapter matrices (e.g. `["lora_B"]`) every client keeps to itself: never sent, never aggregated
+        (`ClientInstruction.config["personal"]`). Their personalized values exist only in the clients' own states:
+        [`personalized_tensors`] takes them from `local_tensors` where the transport holds them (in-process), and the
+        client adds its own where it does not (Flower's `ClientApp`). Default: none."""
+        return []
+
+    def finetune_instruction(self, client_id: str, personalized: dict[str, Tensor]) -> ClientInstruction:
+        """What client `client_id` fine-tunes from after the last round (`finetune_steps`): by default its
+        personalized adapter `personalized` ([`personalized_tensors`]), dense. Strategies whose clients already hold
+        part of it (a PerFIT mask, personal matrices) send less."""
+        return ClientInstruction(tensors=personalized)
+
     @abstractmethod
     def configure_client(self, client_id: str, round_idx: int) -> ClientInstruction:
         """What client `client_id` starts round `round_idx` from.

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..messages import ClientInstruction, ClientUpdate
+from ..messages import PERSONAL, ClientInstruction, ClientUpdate, personal_keys
 from .base import Strategy, check_like_global, check_nonnegative_int, register_strategy
 
 MASK_PREFIX = "mask/"
@@ -17,6 +17,8 @@ SEEDED_INIT = "seeded_init"
 locally (`client_update` uses its `initial_tensors`), so they are not sent (`downlink_bytes` counts 0)."""
 AGGREGATIONS = ("masked", "fedavg")
 """PerFIT's aggregation rules: per element over the clients that kept it (the paper's), or plain FedAvg."""
+PERSONAL_B = ["lora_B"]
+"""What `personal_b=True` keeps on the clients: every LoRA B matrix (FedSA-LoRA's split, docs/perfit.md)."""
 _GRAM_CHUNK = 1 << 22  # columns per float32 matmul chunk: counts stay < 2**24, hence exact
 
 
@@ -53,10 +55,19 @@ class PerFITStrategy(Strategy):
             (the paper's). `"fedavg"` is the ablation that plain-averages the masked adapters over all of the round's
             clients, `θ_g[p] = Σ_k n_k m_k[p] θ_k[p] / Σ_k n_k`: an element kept by few clients is pulled towards 0
             by the others' zeros, and one kept by none becomes 0 (docs/perfit.md, "Aggregation").
+        personal_b (`bool`, *optional*, defaults to `False`): the variant `perfit_pb` ("PerFIT with personal B",
+            after FedSA-LoRA's split): only the LoRA A matrices are aggregated (by `aggregation`, over the clients
+            that kept each element) and sent; every client keeps its own LoRA B (still masked by its own mask, its
+            budget unchanged), which never leaves it: the instruction carries the A tensors only with
+            `config={"personal": ["lora_B"]}`, the upload leaves B's values and mask out, and the server's B stays
+            the seeded init (what a client without state starts from). The server caches the A part of each mask
+            only, and the round metrics above are over the A elements. Needs the client states next to the
+            coordinator (the in-process engine) and `research_every=0` (a client's own B is 0 outside its old mask,
+            so a re-search could never regrow it).
     """
 
     name = "perfit"
-    default_options = {"research_every": 0, "aggregation": "masked"}
+    default_options = {"research_every": 0, "aggregation": "masked", "personal_b": False}
     uses_masks = True
 
     def _check_options(self) -> None:
@@ -66,6 +77,17 @@ class PerFITStrategy(Strategy):
                 f"aggregation={self._options['aggregation']!r} is not supported by perfit; allowed values: "
                 f"{list(AGGREGATIONS)} ('masked' is the paper's per-element aggregation, 'fedavg' the ablation)."
             )
+        if not isinstance(self._options["personal_b"], bool):
+            raise ValueError(
+                f"personal_b={self._options['personal_b']!r} must be true or false (true: every client keeps its own "
+                "LoRA B and only the A matrices are aggregated, the perfit_pb variant; false: the paper's PerFIT)."
+            )
+        if self._options["personal_b"] and self.research_every > 0:
+            raise ValueError(
+                f"personal_b=true with research_every={self.research_every} is not supported: a client's own B is "
+                "exactly 0 outside its old mask, so a new search could never regrow it (its Taylor score is 0); set "
+                "research_every: 0 or personal_b: false."
+            )
 
     def __init__(self, **options: Any) -> None:
         self._masks: dict[str, dict[str, Tensor]] = {}
@@ -73,6 +95,31 @@ class PerFITStrategy(Strategy):
 
     def _reset_state(self) -> None:
         self._masks = {}
+        if self._global is not None and self._options["personal_b"] and not self._personal_keys():
+            raise ValueError(
+                "personal_b=true needs LoRA B tensors (keys with a '.lora_B.' component, as PEFT names them), but "
+                f"the adapter has none (first keys: {list(self._global)[:3]}); set personal_b: false."
+            )
+
+    # ------------------------------------------------------------------ personal B
+
+    def personal_parts(self) -> list[str]:
+        """`["lora_B"]` with `personal_b`, else none (see [`Strategy.personal_parts`])."""
+        return list(PERSONAL_B) if self._options["personal_b"] else []
+
+    def _personal_keys(self) -> set[str]:
+        """The keys of `θ_g` that stay on the clients (the B matrices with `personal_b`, else none)."""
+        parts = self.personal_parts()
+        return set(personal_keys(self._require_global(), parts)) if parts else set()
+
+    def _shared_global(self) -> dict[str, Tensor]:
+        """The part of `θ_g` the server aggregates and sends (all of it unless `personal_b`), not copied."""
+        glob = self._require_global()
+        personal = self._personal_keys()
+        return {k: t for k, t in glob.items() if k not in personal}
+
+    def _config(self, config: dict[str, Any]) -> dict[str, Any]:
+        return {**config, PERSONAL: self.personal_parts()} if self._options["personal_b"] else config
 
     # ------------------------------------------------------------------ masks
 
@@ -98,33 +145,66 @@ class PerFITStrategy(Strategy):
     # ------------------------------------------------------------------ round
 
     def personalized_tensors(self, client_id: str, local_tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        """`θ_g ⊙ m_k` for a client whose mask is known, else `θ_g`."""
+        """`θ_g ⊙ m_k` for a client whose mask is known, else `θ_g`; with `personal_b`, the B tensors are the
+        client's own (`local_tensors`: already 0 outside its mask), left out where `local_tensors` lacks them (a
+        transport that keeps the client states on the clients: the client adds its own)."""
         glob = self._require_global()
         mask = self._masks.get(client_id)
-        if mask is None:
-            return self.global_tensors
-        return {k: torch.where(mask[k], t, 0.0) for k, t in glob.items()}
+        personal = self._personal_keys()
+        out = {}
+        for k, t in glob.items():
+            if k in personal:
+                # the client's own B; a server copy without it (Flower keeps the uploads, which leave B out) sends
+                # the shared tensors only, and the client fills in its own B (hf_perfit.flower.client_app)
+                if k in local_tensors:
+                    out[k] = local_tensors[k].detach().to(device="cpu", dtype=torch.float32, copy=True)
+            elif mask is None:
+                out[k] = t.clone()
+            else:
+                out[k] = torch.where(mask[k], t, 0.0)
+        return out
+
+    def finetune_instruction(self, client_id: str, personalized: dict[str, Tensor]) -> ClientInstruction:
+        """The client's personalized adapter restricted to the shared keys, with its mask when the server has it (the
+        client holds the mask, so only the kept values count), and `config["personal"]` with `personal_b` (the client
+        keeps its own B)."""
+        shared = self._shared_global()
+        mask = self._masks.get(client_id)
+        return ClientInstruction(
+            tensors={k: personalized[k].clone() for k in shared},
+            mask=None if mask is None else {k: m.clone() for k, m in mask.items()},
+            config=self._config({}),
+        )
 
     def configure_client(self, client_id: str, round_idx: int) -> ClientInstruction:
         """The personalized start `θ_g ⊙ m_k` with `mask=m_k`, or `θ_g` dense for a client without a cached mask and on
         re-search rounds (then with `config={"research": True}`)."""
-        glob = self._require_global()
+        glob = self._shared_global()  # all of θ_g, or its A tensors with personal_b (the client keeps its B)
         research = self.is_research_round(round_idx)
-        config: dict[str, Any] = {"research": True} if research else {}
+        config: dict[str, Any] = self._config({"research": True} if research else {})
         mask = self._masks.get(client_id)
         if mask is None and self.last_round is None:
             # Nothing aggregated yet: θ_g is still the run's seeded initial adapter, which the client regenerates from
             # the run config (docs/perfit.md, "Communication"), so nothing is sent: 0 bytes instead of the dense
             # expanded adapter (1,843,200 float32 = 7,372,800 B on SmolLM2-135M q/v, r=8, γ=4).
             config[SEEDED_INIT] = True
-            return ClientInstruction(tensors=self.global_tensors, mask=None, config=config)
+            return ClientInstruction(tensors={k: t.clone() for k, t in glob.items()}, mask=None, config=config)
         if mask is None or research:
-            return ClientInstruction(tensors=self.global_tensors, mask=None, config=config)
+            return ClientInstruction(tensors={k: t.clone() for k, t in glob.items()}, mask=None, config=config)
         tensors = {k: torch.where(mask[k], t, 0.0) for k, t in glob.items()}
         return ClientInstruction(tensors=tensors, mask={k: m.clone() for k, m in mask.items()}, config=config)
 
+    def _check_update_tensors(self, update: ClientUpdate) -> dict[str, Tensor]:
+        """As [`Strategy._check_update_tensors`], against the shared keys (without the B tensors with
+        `personal_b`: a client never uploads them)."""
+        glob = self._shared_global()
+        what = "tensor" if len(glob) == len(self._require_global()) else "shared (LoRA A, personal_b) tensor"
+        check_like_global(update.client_id, what, update.tensors, glob)
+        return {key: update.tensors[key].detach().to(device="cpu", dtype=torch.float32) for key in glob}
+
     def _aggregate(self, round_idx: int, updates: list[ClientUpdate]) -> dict[str, float]:
-        glob = self._require_global()
+        full = self._require_global()
+        glob = self._shared_global()
         # Validate everything before touching the server state.
         client_tensors = [self._check_update_tensors(u) for u in updates]
         client_masks = [self._resolve_mask(u) for u in updates]
@@ -156,7 +236,8 @@ class PerFITStrategy(Strategy):
             total += old.numel()
             gram += _gram(masks.reshape(num_clients, -1))
 
-        self._global = new
+        # personal_b: the B tensors are never aggregated; θ_g keeps their seeded init (a stateless client's start)
+        self._global = {k: new.get(k, t) for k, t in full.items()}
         for u, m in zip(updates, client_masks, strict=True):
             self._masks[u.client_id] = m
 
@@ -185,7 +266,7 @@ class PerFITStrategy(Strategy):
                     "`mask_changed=True`."
                 )
             return cached
-        return _check_masks(update.client_id, update.masks, self._require_global())
+        return _check_masks(update.client_id, update.masks, self._shared_global())
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -205,14 +286,15 @@ class PerFITStrategy(Strategy):
         if clients and self._global is None:
             raise ValueError("strategy state has client masks but no global adapter.")
         masks: dict[str, dict[str, Tensor]] = {}
+        shared = self._shared_global() if self._global is not None else {}
         for cid in clients:
             found = {}
-            for key in self._global or {}:
+            for key in shared:
                 name = f"{MASK_PREFIX}{cid}/{key}"
                 if name not in tensors:
                     raise ValueError(f"strategy state is missing tensor {name!r}.")
                 found[key] = tensors[name]
-            masks[cid] = _check_masks(cid, found, self._global or {})
+            masks[cid] = _check_masks(cid, found, shared)
         self._masks = masks
 
 

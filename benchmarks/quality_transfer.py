@@ -1,0 +1,196 @@
+"""Moving issue 18's cached quality cells from a GPU machine to this one: `pack` the records of every cell under a
+root into one archive small enough to come back from the GPU machine, `unpack` it into this machine's cache.
+
+Why a script of its own: a GPU session trains the cells of `quality_scale.py` under `/tmp` (lost when the machine goes
+back) and can return only a few files of at most 16 MiB. A finished FLAN-8 cell is ~38 MB, and all but ~100 KB of it
+are LoRA tensors (each client's adapter and state, the strategy's state) that `quality_scale.py report` never reads.
+`pack` keeps what the report reads (records, config, wall time, ROUGE-L, budget, `results.md`, the checkpoint
+pointer and run marker) plus, for PerFIT-family cells, the mask overlap computed from the strategy state before that
+state is left behind (`mask_overlap.json`, read by the report when the state is absent). `unpack` adds only finished
+cells, and only where this machine has no folder for the cell: a local run, finished or not, is never overwritten.
+Each imported cell gets `imported.json` (where and when it ran); `quality_scale.py` neither resumes nor forks
+(`fedit_ft` from `fedit`) from such a cell, since its tensors stayed on the GPU machine.
+
+    # on the GPU machine, after the cells ran (benchmarks/gpu_quality.sh does this):
+    python benchmarks/quality_transfer.py pack --root /tmp/q --out $OUT/quality_records.tar.gz
+    # here, on the archive the device tool brought back:
+    python benchmarks/quality_transfer.py unpack <files_at>/quality_records.tar.gz
+    python benchmarks/quality_scale.py report
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import socket
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import quality as q  # noqa: E402
+import quality_scale as qs  # noqa: E402
+
+# what the report reads from a cell folder (relative paths); everything else there is tensors or plots
+CELL_FILES = (
+    "metrics.jsonl",
+    "config.json",
+    "results.md",
+    q.WALL_FILE,
+    q.ROUGE_FILE,
+    q.BUDGET_FILE,
+    q.SETTINGS_FILE,
+    "state/checkpoint.json",
+    "state/run.json",
+    qs.MASK_OVERLAP_FILE,
+)
+IMPORTED_FILE = qs.IMPORTED_FILE
+MAX_BYTES = 16 * 2**20  # the device tool returns files of at most 16 MiB
+
+
+def cell_folders(root: Path) -> list[Path]:
+    """Every `<setting>/seed<k>/<method>` folder under `root` that holds records."""
+    return sorted(p.parent for p in root.glob("*/seed*/*/metrics.jsonl"))
+
+
+def pack(root: Path, out: Path) -> dict[str, Any]:
+    """Write the records of every cell under `root` (and each setting's `base/` ROUGE-L) to the gzipped tar `out`.
+
+    Returns:
+        `dict`: `cells` (relative paths packed), `finished` (those finished), `bytes` (archive size).
+
+    Raises:
+        `SystemExit`: nothing to pack, or an archive over 16 MiB (pack one setting at a time with `--setting`).
+    """
+    cells = cell_folders(root)
+    if not cells:
+        raise SystemExit(f"pack: no cell with records under {root}; run `quality_scale.py run --root {root}` first.")
+    finished: list[str] = []
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for folder in cells:
+            rel = folder.relative_to(root)
+            cell = qs.read_cell(folder)
+            if cell is not None and cell["finished"]:
+                finished.append(str(rel))
+            overlap = qs.mask_overlap(cell) if cell is not None else None
+            if overlap is not None:  # computed from the strategy state, which does not travel
+                q._write_json(folder / qs.MASK_OVERLAP_FILE, overlap)
+            for name in CELL_FILES:
+                if (folder / name).is_file():
+                    tar.add(folder / name, arcname=str(rel / name))
+        for base in sorted(root.glob("*/base/*.json")):
+            tar.add(base, arcname=str(base.relative_to(root)))
+        info = tarfile.TarInfo("packed.json")  # where and when the cells ran, for `imported.json`
+        meta = json.dumps({"host": socket.gethostname(), "date": q._now(), "device": _device()}).encode()
+        info.size = len(meta)
+        tar.addfile(info, io.BytesIO(meta))
+    data = buffer.getvalue()
+    if len(data) > MAX_BYTES:
+        raise SystemExit(
+            f"pack: the archive would be {len(data) / 2**20:.1f} MiB, over the 16 MiB a file the GPU machine can "
+            "return; pack one setting at a time (`--setting NAME`, one archive each)."
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from hf_perfit._io import atomic_write_bytes
+
+    atomic_write_bytes(out, data)
+    return {"cells": [str(c.relative_to(root)) for c in cells], "finished": finished, "bytes": len(data)}
+
+
+def _device() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except Exception:  # pragma: no cover - torch is always there in practice
+        return "unknown"
+
+
+def unpack(archive: Path, root: Path) -> dict[str, list[str]]:
+    """Add the finished cells of `archive` that `root` lacks; never touch a folder `root` already has.
+
+    Returns:
+        `dict`: `imported`, `kept_local` (a folder existed here), `unfinished` (left out: they cannot resume here).
+
+    Raises:
+        `SystemExit`: a missing or unreadable archive.
+    """
+    if not archive.is_file():
+        raise SystemExit(f"unpack: {archive} does not exist; give the path of the archive `pack` wrote.")
+    root.mkdir(parents=True, exist_ok=True)
+    report: dict[str, list[str]] = {"imported": [], "kept_local": [], "unfinished": []}
+    with tempfile.TemporaryDirectory(prefix=".unpack-", dir=root) as tmp_name:
+        tmp = Path(tmp_name)
+        try:
+            with tarfile.open(archive, mode="r:gz") as tar:
+                tar.extractall(tmp, filter="data")  # refuses absolute paths, `..` and links out of tmp
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise SystemExit(
+                f"unpack: {archive} is not a readable archive of `pack` ({err}); fetch it again."
+            ) from err
+        meta_path = tmp / "packed.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        for folder in cell_folders(tmp):
+            rel = folder.relative_to(tmp)
+            cell = qs.read_cell(folder)
+            if cell is None or not cell["finished"]:
+                report["unfinished"].append(str(rel))
+                continue
+            target = root / rel
+            if target.exists():
+                report["kept_local"].append(str(rel))
+                continue
+            q._write_json(folder / IMPORTED_FILE, {**meta, "archive": archive.name, "imported": q._now()})
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(folder, target)  # same filesystem (tmp is under root): the cell appears whole or not at all
+            report["imported"].append(str(rel))
+        for base in sorted(tmp.glob("*/base/*.json")):
+            target = root / base.relative_to(tmp)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(base, target)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pack", help="archive the records of every cell under --root")
+    p.add_argument("--root", type=Path, required=True, help="the cells (`quality_scale.py run --root`)")
+    p.add_argument("--out", type=Path, required=True, help="the archive to write (.tar.gz)")
+    p.add_argument("--setting", help="only this setting's cells")
+    u = sub.add_parser("unpack", help="add the finished cells of an archive to --root")
+    u.add_argument("archive", type=Path)
+    u.add_argument("--root", type=Path, default=qs.DEFAULT_ROOT, help=f"default: {qs.DEFAULT_ROOT}")
+    args = parser.parse_args(argv)
+    if args.command == "pack":
+        root = args.root.resolve()
+        if args.setting:
+            if args.setting not in qs.SETTINGS:
+                raise SystemExit(f"--setting {args.setting}: unknown; allowed: {', '.join(qs.SETTINGS)}.")
+            with tempfile.TemporaryDirectory() as view:  # a root holding only that setting's folder
+                name = qs.storage(qs.SETTINGS[args.setting]).name
+                os.symlink(root / name, Path(view) / name)
+                out = pack(Path(view), args.out)
+        else:
+            out = pack(root, args.out)
+        print(f"packed {len(out['cells'])} cells ({len(out['finished'])} finished), {out['bytes'] / 2**20:.2f} MiB")
+        for c in out["cells"]:
+            print(f"  {c}{'' if c in out['finished'] else '  (unfinished: unpack leaves it out)'}")
+    else:
+        out = unpack(args.archive, args.root.resolve())
+        for key, names in out.items():
+            print(f"{key}: {len(names)}" + "".join(f"\n  {n}" for n in names))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""benchmarks/quality_transfer.py: cells trained on a GPU machine come back as records only and read exactly as the
+cells they were packed from; nothing local is overwritten; an imported cell is never resumed or forked from; a
+fine-tuning cell waits while a parallel worker computes the run it forks from."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import quality_scale as qs  # noqa: E402
+import quality_transfer as qt  # noqa: E402
+
+COMMON = ["--tiny", "--setting", "flan8_recipe", "--seeds", "0", "--threads", "1", "--no-report"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A root with the tiny `fedit` and `perfit` cells of seed 0, finished."""
+    root = tmp_path_factory.mktemp("gpu")
+    assert qs.main(["run", *COMMON, "--methods", "fedit", "perfit", "--root", str(root)]) == 0
+    return root
+
+
+def _cell(root: Path, method: str) -> Path:
+    return root / "flan8_recipe" / "seed0" / method
+
+
+def test_packed_cells_read_as_the_originals(trained, tmp_path, capsys):
+    archive = tmp_path / "out" / "records.tar.gz"
+    assert qt.main(["pack", "--root", str(trained), "--out", str(archive)]) == 0
+    assert "packed 2 cells (2 finished)" in capsys.readouterr().out
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert not [n for n in names if n.endswith(".safetensors")]  # records only: no tensor travels
+    assert archive.stat().st_size < 1_000_000
+
+    here = tmp_path / "here"
+    assert qt.main(["unpack", str(archive), "--root", str(here)]) == 0
+    assert "imported: 2" in capsys.readouterr().out
+    for method in ("fedit", "perfit"):
+        original, imported = qs.read_cell(_cell(trained, method)), qs.read_cell(_cell(here, method))
+        for key in ("finished", "done", "total", "ppl", "loss", "bytes_up", "bytes_down", "wall_s", "config"):
+            assert imported[key] == original[key], key
+        assert json.loads((_cell(here, method) / qs.IMPORTED_FILE).read_text())["archive"] == "records.tar.gz"
+    # PerFIT's mask overlap was computed from the strategy state before packing; the import reads the same numbers
+    assert qs.mask_overlap(qs.read_cell(_cell(here, "perfit"))) == qs.mask_overlap(
+        qs.read_cell(_cell(trained, "perfit"))
+    )
+    assert qs.mask_overlap(qs.read_cell(_cell(here, "fedit"))) is None
+
+    # the report over the imported cells gives the same quality.json as over the originals
+    for root in (trained, here):
+        argv = ["report", "--tiny", "--setting", "flan8_recipe", "--root", str(root), "--no-write"]
+        assert qs.main([*argv, "--results", str(root / "q.json")]) == 0
+    assert json.loads((here / "q.json").read_text()) == json.loads((trained / "q.json").read_text())
+
+    # a second unpack changes nothing that is already here
+    stamps = {p: p.stat().st_mtime_ns for p in here.rglob("*") if p.is_file()}
+    assert qt.main(["unpack", str(archive), "--root", str(here)]) == 0
+    assert "kept_local: 2" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_unfinished_cells_stay_out_and_local_runs_stay(trained, tmp_path, capsys):
+    gpu = tmp_path / "gpu"
+    for method in ("fedit", "perfit"):
+        src, dst = _cell(trained, method), _cell(gpu, method)
+        dst.mkdir(parents=True)
+        for name in qt.CELL_FILES:
+            if (src / name).is_file():
+                (dst / name).parent.mkdir(parents=True, exist_ok=True)
+                (dst / name).write_bytes((src / name).read_bytes())
+    (_cell(gpu, "perfit") / "results.md").unlink()  # cut short before its end
+    archive = tmp_path / "r.tar.gz"
+    assert qt.main(["pack", "--root", str(gpu), "--out", str(archive)]) == 0
+    assert "(unfinished: unpack leaves it out)" in capsys.readouterr().out
+    here = tmp_path / "here"
+    _cell(here, "fedit").mkdir(parents=True)
+    (_cell(here, "fedit") / "mine.txt").write_text("a local run")
+    assert qt.main(["unpack", str(archive), "--root", str(here)]) == 0
+    out = capsys.readouterr().out
+    assert "imported: 0" in out and "kept_local: 1" in out and "unfinished: 1" in out
+    assert (_cell(here, "fedit") / "mine.txt").read_text() == "a local run"
+    assert not _cell(here, "perfit").exists()
+    assert not [p for p in here.rglob(".unpack-*")]  # the temp folder is gone
+
+
+def test_bad_archives_fail_naming_the_fix(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        qt.main(["unpack", str(tmp_path / "nope.tar.gz"), "--root", str(tmp_path / "r")])
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(b"not a tar archive")
+    with pytest.raises(SystemExit, match="not a readable archive.*fetch it again"):
+        qt.main(["unpack", str(broken), "--root", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="no cell with records"):
+        qt.main(["pack", "--root", str(tmp_path / "empty"), "--out", str(tmp_path / "x.tar.gz")])
+    assert not (tmp_path / "x.tar.gz").exists()
+
+
+def test_an_imported_fedit_is_not_forked(trained, tmp_path, capsys):
+    archive = tmp_path / "r.tar.gz"
+    assert qt.main(["pack", "--root", str(trained), "--out", str(archive)]) == 0
+    here = tmp_path / "here"
+    assert qt.main(["unpack", str(archive), "--root", str(here)]) == 0
+    args = qs.parse_args(["plan", *COMMON, "--root", str(trained), "--methods", "fedit_ft"])
+    (cell,) = qs.plan(args, [qs.SETTINGS["flan8_recipe"]], trained)  # the config the imported fedit was run with
+    assert qs.fork_source(_cell(here, "fedit_ft"), cell["config"]) is None  # its client states stayed on the GPU
+    (_cell(here, "fedit") / qs.IMPORTED_FILE).unlink()
+    assert qs.fork_source(_cell(here, "fedit_ft"), cell["config"]) == _cell(here, "fedit")  # the mark is why
+
+
+def test_fine_tuning_waits_while_another_worker_computes_its_source(trained, tmp_path):
+    args = qs.parse_args(["plan", *COMMON, "--root", str(tmp_path), "--methods", "fedit", "fedit_ft"])
+    cells = qs.plan(args, [qs.SETTINGS["flan8_recipe"]], tmp_path)
+    ft = next(c for c in cells if c["method"] == "fedit_ft")
+    assert qs._fork_source_running(ft, cells) is None  # nobody computes fedit
+    lock = qs.CellLock(next(c for c in cells if c["method"] == "fedit")["folder"])
+    lock.path.parent.mkdir(parents=True, exist_ok=True)
+    lock.path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # a live holder
+    assert qs._fork_source_running(ft, cells) == "fedit"
+    lock.path.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))  # a gone process
+    assert qs._fork_source_running(ft, cells) is None
