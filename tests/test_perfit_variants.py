@@ -17,6 +17,7 @@ from hf_perfit.federated.strategies import PerFITStrategy
 
 from .conftest import build_tokenizer, tiny_llama
 from .test_flower import assets, task_identity  # noqa: F401  (fixtures of the Flower test below)
+from .test_simulation import _cfg as _sim_cfg
 from .test_simulation import _clients
 
 A, B = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
@@ -110,23 +111,8 @@ def test_personal_b_state_round_trip_keeps_a_masks_only():
 
 
 def _cfg(out, **kw) -> FederatedConfig:
-    return FederatedConfig(
-        model_name_or_path="unused",
-        strategy="perfit",
-        num_clients=3,
-        num_rounds=kw.pop("num_rounds", 2),
-        local_steps=4,
-        search_steps=4,
-        prune_iterations=2,
-        learning_rate=5e-3,
-        per_device_train_batch_size=2,
-        max_length=48,
-        lora_r=2,
-        lora_alpha=4,
-        output_dir=str(out),
-        seed=0,
-        **kw,
-    )
+    """test_simulation's tiny PerFIT run (3 clients, 2 rounds of 4 steps), written to `out`."""
+    return dataclasses.replace(_sim_cfg(out.parent, "perfit", **kw), output_dir=str(out))
 
 
 def _sim(cfg: FederatedConfig, callbacks=()) -> FederatedSimulation:
