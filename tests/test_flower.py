@@ -686,8 +686,10 @@ def test_deployment_on_localhost_then_a_supernode_killed_mid_round(tmp_path, ass
         report = fed.wait(tmp_path / "deployed", run_id, alive=("superlink", "node0", "node1"))
         assert report["status"] == "completed" and report["flwr_status"] == "finished:completed", report
 
-        # The same federation again; SuperNode 1 is SIGKILLed while it trains round 0.
-        config = _config(assets, tmp_path / "killed", num_clients=2, num_rounds=1)
+        # The same federation again; SuperNode 1 is SIGKILLed while it trains round 0. 300 local steps (seconds
+        # even on an idle machine) so that the kill lands in its training: with 4 steps the node could train and
+        # reply within the 0.2 s between two looks at its log, and only its evaluation failed.
+        config = _config(assets, tmp_path / "killed", num_clients=2, num_rounds=1, local_steps=300)
         offset = fed.log("node1").stat().st_size
         run_id = fed.run(config, APP_DIR)
         deadline = time.monotonic() + 300
