@@ -201,10 +201,13 @@ class Strategy(ABC):
     def _aggregate(self, round_idx: int, updates: list[ClientUpdate]) -> dict[str, float]:
         """The strategy's aggregation, on updates already checked by [`aggregate`]."""
 
-    def _check_update_tensors(self, update: ClientUpdate) -> dict[str, Tensor]:
-        """Check that `update.tensors` has exactly the keys and shapes of `θ_g`; return them as float32 CPU tensors."""
-        glob = self._require_global()
-        check_like_global(update.client_id, "tensor", update.tensors, glob)
+    def _check_update_tensors(
+        self, update: ClientUpdate, reference: dict[str, Tensor] | None = None, what: str = "tensor"
+    ) -> dict[str, Tensor]:
+        """Check that `update.tensors` has exactly the keys and shapes of `reference` (default `θ_g`; PerFIT's
+        `personal_b` passes the shared part); return them as float32 CPU tensors."""
+        glob = self._require_global() if reference is None else reference
+        check_like_global(update.client_id, what, update.tensors, glob)
         return {key: update.tensors[key].detach().to(device="cpu", dtype=torch.float32) for key in glob}
 
     # ------------------------------------------------------------------ checkpoint

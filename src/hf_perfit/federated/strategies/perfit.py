@@ -194,19 +194,12 @@ class PerFITStrategy(Strategy):
         tensors = {k: torch.where(mask[k], t, 0.0) for k, t in glob.items()}
         return ClientInstruction(tensors=tensors, mask={k: m.clone() for k, m in mask.items()}, config=config)
 
-    def _check_update_tensors(self, update: ClientUpdate) -> dict[str, Tensor]:
-        """As [`Strategy._check_update_tensors`], against the shared keys (without the B tensors with
-        `personal_b`: a client never uploads them)."""
-        glob = self._shared_global()
-        what = "tensor" if len(glob) == len(self._require_global()) else "shared (LoRA A, personal_b) tensor"
-        check_like_global(update.client_id, what, update.tensors, glob)
-        return {key: update.tensors[key].detach().to(device="cpu", dtype=torch.float32) for key in glob}
-
     def _aggregate(self, round_idx: int, updates: list[ClientUpdate]) -> dict[str, float]:
         full = self._require_global()
         glob = self._shared_global()
         # Validate everything before touching the server state.
-        client_tensors = [self._check_update_tensors(u) for u in updates]
+        what = "tensor" if len(glob) == len(full) else "shared (LoRA A, personal_b) tensor"
+        client_tensors = [self._check_update_tensors(u, glob, what) for u in updates]
         client_masks = [self._resolve_mask(u) for u in updates]
 
         num_clients = len(updates)
