@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import signal
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,57 @@ def load_client_state(path: str | os.PathLike, with_extra: bool = False):
     extra = {k: v for k, v in blob.items() if not k.startswith(("t/", "m/")) and k != INFO_KEY}
     info = json.loads(bytes(blob[INFO_KEY].tolist()).decode("utf-8")) if INFO_KEY in blob else None
     return state, extra, info
+
+
+class StateCache:
+    """Client states `(tensors, masks, meta)` kept in memory, least recently used first, within a byte budget
+    (`client_state_memory_mb`): the in-process engine's states and a Flower ClientApp process's copies of what it
+    saved. A state larger than the whole budget is not kept; the disk stays the truth in both.
+
+    Args:
+        budget_mb (`float`): the budget in MiB.
+    """
+
+    def __init__(self, budget_mb: float) -> None:
+        self.budget_bytes = int(float(budget_mb) * 2**20)
+        self._items: OrderedDict[str, tuple[Any, Any, int]] = OrderedDict()  # key -> (tag, state, bytes)
+        self._bytes = 0
+
+    @staticmethod
+    def nbytes(state: Any) -> int:
+        tensors, masks, _ = state
+        return sum(t.numel() * t.element_size() for t in tensors.values()) + sum(
+            m.numel() for m in (masks or {}).values()
+        )
+
+    def get(self, key: str, tag: Any = None) -> Any:
+        """The state kept under `key` (marked most recently used) when its tag is `tag`, else `None`."""
+        hit = self._items.get(key)
+        if hit is None or hit[0] != tag:
+            return None
+        self._items.move_to_end(key)
+        return hit[1]
+
+    def put(self, key: str, state: Any, tag: Any = None) -> None:
+        """Keep `state` under `key` (replacing what was there), evicting the least recently used over the budget."""
+        self.pop(key)
+        size = self.nbytes(state)
+        if size > self.budget_bytes:
+            return
+        self._items[key] = (tag, state, size)
+        self._bytes += size
+        while self._bytes > self.budget_bytes:
+            _, (_, _, old) = self._items.popitem(last=False)
+            self._bytes -= old
+
+    def pop(self, key: str) -> None:
+        hit = self._items.pop(key, None)
+        if hit is not None:
+            self._bytes -= hit[2]
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._bytes = 0
 
 
 class ClientStateStore:

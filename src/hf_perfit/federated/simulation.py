@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,13 +21,8 @@ import torch
 from .client import client_update, evaluate_perplexity
 from .config import FederatedConfig
 from .coordinator import Coordinator, EvalJob, FitJob, FitResult, Roster, RoundCallback, check_output_dir
-from .run import CLIENTS_DIR, RunFolder, load_client_state
+from .run import CLIENTS_DIR, RunFolder, StateCache, load_client_state
 from .runtime import build_client_model, load_clients, load_model, local_training_args, tokenize_clients
-
-
-def _state_bytes(state) -> int:
-    tensors, masks, _ = state
-    return sum(t.numel() * t.element_size() for t in tensors.values()) + sum(m.numel() for m in (masks or {}).values())
 
 
 class InProcessTransport:
@@ -59,9 +53,7 @@ class InProcessTransport:
         self.args = local_training_args(config)
         self.init_tensors = self.model.get_adapter_state()[0]  # the seeded initial adapter, identical on resume
         self._index = {c.client_id: i for i, c in enumerate(clients)}
-        self._budget_bytes = int(float(config.client_state_memory_mb) * 2**20)
-        self._cache: OrderedDict[str, Any] = OrderedDict()  # client -> state, least recently used first
-        self._cache_bytes = 0
+        self._cache = StateCache(config.client_state_memory_mb)  # client -> its accepted state
         self._disk: dict[str, Path] = {}  # client -> its accepted state's file
         self._new: dict[str, tuple[Any, Path]] = {}  # this round's results, not accepted yet
 
@@ -177,7 +169,6 @@ class InProcessTransport:
 
     def restore_state(self, folder: Path) -> None:
         self._cache.clear()
-        self._cache_bytes = 0
         self._new.clear()
         clients = folder / CLIENTS_DIR
         self._disk = {c.client_id: clients / f"{c.client_id}.safetensors" for c in self.clients}
@@ -187,9 +178,9 @@ class InProcessTransport:
 
     def state(self, client_id: str):
         """The client's accepted state `(tensors, masks, meta)`, or `None` before its first round."""
-        if client_id in self._cache:
-            self._cache.move_to_end(client_id)
-            return self._cache[client_id]
+        state = self._cache.get(client_id)
+        if state is not None:
+            return state
         path = self._disk.get(client_id)
         if path is None:
             return None
@@ -198,16 +189,7 @@ class InProcessTransport:
         return state
 
     def _remember(self, client_id: str, state) -> None:
-        if client_id in self._cache:
-            self._cache_bytes -= _state_bytes(self._cache.pop(client_id))
-        size = _state_bytes(state)
-        if size > self._budget_bytes:
-            return
-        self._cache[client_id] = state
-        self._cache_bytes += size
-        while self._cache_bytes > self._budget_bytes:
-            _, old = self._cache.popitem(last=False)
-            self._cache_bytes -= _state_bytes(old)
+        self._cache.put(client_id, state)
 
     def _pending_file(self, round_idx: int, client_id: str) -> Path:
         return self.run_folder.pending_dir(round_idx) / f"{client_id}.safetensors"

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from flwr.clientapp import ClientApp
 
 from ..federated.client import LocalTrainingArgs, client_update, evaluate_perplexity
 from ..federated.config import FederatedConfig
+from ..federated.run import StateCache
 from ..federated.runtime import build_client_model, load_clients, load_model, local_training_args, tokenize_clients
 from ..model import PerFITModel
 from .records import (
@@ -185,29 +185,21 @@ def _store(config: FederatedConfig, client_id: str) -> ClientStateStore:
     return ClientStateStore(Path(config.output_dir) / STATE_DIR / client_id)
 
 
-_STATES: OrderedDict[str, tuple[int, Any, int]] = OrderedDict()
-"""This process's copy of the newest state of each client it serves: `(round, state, bytes)` by state folder, least
-recently used first, within the config's `client_state_memory_mb` (as the in-process engine keeps its clients'
-states). A round's `train` saves the state that the same round's `evaluate` and the next round's `train` read back
-(two safetensors reads per client and round otherwise); the disk stays the truth: a copy is used only for the round
-the server names (`state-round`) and while that version's file exists."""
+_STATES = StateCache(0)
+"""This process's copy of the newest state of each client it serves, by state folder and tagged with its round, within
+the running config's `client_state_memory_mb` (as the in-process engine keeps its clients' states). A round's `train`
+saves the state that the same round's `evaluate` and the next round's `train` read back (two safetensors reads per
+client and round otherwise); the disk stays the truth: a copy is used only for the round the server names
+(`state-round`) and while that version's file exists."""
 
 
-def _state_bytes(state: Any) -> int:
-    tensors, masks, _ = state
-    return sum(t.numel() * t.element_size() for t in tensors.values()) + sum(m.numel() for m in (masks or {}).values())
+def _states(config: FederatedConfig) -> StateCache:
+    _STATES.budget_bytes = int(float(config.client_state_memory_mb) * 2**20)  # evictions follow on the next put
+    return _STATES
 
 
 def _remember_state(config: FederatedConfig, store: ClientStateStore, round_idx: int, state: Any) -> None:
-    key = str(store.root)
-    _STATES.pop(key, None)
-    size = _state_bytes(state)
-    budget = int(float(config.client_state_memory_mb) * 2**20)
-    if size > budget:
-        return
-    _STATES[key] = (int(round_idx), state, size)
-    while sum(v[2] for v in _STATES.values()) > budget:
-        _STATES.popitem(last=False)
+    _states(config).put(str(store.root), state, tag=int(round_idx))
 
 
 def _load_state(config: FederatedConfig, store: ClientStateStore, round_idx: int) -> Any:
@@ -215,11 +207,9 @@ def _load_state(config: FederatedConfig, store: ClientStateStore, round_idx: int
     that version, else from its disk ([`ClientStateStore.load`], with its errors)."""
     if round_idx < 0:
         return None
-    key = str(store.root)
-    hit = _STATES.get(key)
-    if hit is not None and hit[0] == round_idx and store._path(round_idx).is_file():
-        _STATES.move_to_end(key)
-        return hit[1]
+    state = _states(config).get(str(store.root), tag=int(round_idx))
+    if state is not None and store._path(round_idx).is_file():
+        return state
     state = store.load(round_idx)
     _remember_state(config, store, round_idx, state)
     return state
@@ -236,7 +226,7 @@ def hello(message: Message, context: Context) -> Message:
     rt, data, node = _runtime(meta, context)
     if not bool(meta.get("resume", False)):  # a resumed run continues from the states this node kept
         store = _store(rt.config, data.client_id)
-        _STATES.pop(str(store.root), None)
+        _states(rt.config).pop(str(store.root))
         store.reset()
     with rt.model.disable_adapter():
         ev = evaluate_perplexity(rt.model, rt.tokenizer, data.test, rt.config.eval_batch_size)
