@@ -42,6 +42,7 @@ from ..federated.client import LocalTrainingArgs, client_update, evaluate_perple
 from ..federated.config import FederatedConfig
 from ..federated.run import StateCache
 from ..federated.runtime import build_client_model, load_clients, load_model, local_training_args, tokenize_clients
+from ..federated.strategies import get_strategy
 from ..model import PerFITModel
 from .records import (
     META,
@@ -104,6 +105,9 @@ class _Runtime:
     tokenizer: Any
     init_tensors: dict
     args: LocalTrainingArgs
+    # the matrices the run's strategy keeps on the client (PerFIT's `personal_b`: ("lora_B",)); read once per
+    # runtime, not per evaluate message (building the strategy object only to ask it)
+    personal_parts: tuple[str, ...] = ()
 
 
 @dataclass
@@ -151,7 +155,10 @@ def _runtime(meta: ConfigRecord, context: Context) -> tuple[_Runtime, _ClientDat
         _DATA.clear()
         base, tokenizer = load_model(config)
         model = build_client_model(base, config)
-        rt = _Runtime(config, model, tokenizer, model.get_adapter_state()[0], local_training_args(config))
+        parts = get_strategy(config.strategy, **config.resolved_strategy_options()).personal_parts()
+        rt = _Runtime(
+            config, model, tokenizer, model.get_adapter_state()[0], local_training_args(config), tuple(parts)
+        )
         _RUNTIME[key] = rt
     data_key = (key, node.dataset_name, node.partition_id)
     data = _DATA.get(data_key)
@@ -329,11 +336,9 @@ def _with_personal(rt: _Runtime, own: dict | None, sent: dict) -> dict:
     """`sent` plus this client's own values of the matrices its strategy keeps personal (PerFIT's `personal_b`: B,
     which the server never holds; the seeded init before the client's first round); `sent` itself otherwise."""
     from ..federated.messages import personal_keys
-    from ..federated.strategies import get_strategy
 
-    parts = get_strategy(rt.config.strategy, **rt.config.resolved_strategy_options()).personal_parts()
     base = own if own is not None else rt.init_tensors
-    mine = [k for k in personal_keys(base, parts) if k not in sent]
+    mine = [k for k in personal_keys(base, rt.personal_parts) if k not in sent]
     return {**sent, **{k: base[k] for k in mine}} if mine else sent
 
 
