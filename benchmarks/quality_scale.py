@@ -30,12 +30,13 @@ benchmarks/settings/tiny.yaml over each setting's YAML (its sampled fraction sta
 PerFIT's named variants (docs/perfit.md, "Variants"; rows of the ablation group, the faithful `perfit` rows stay):
 `perfit_pb` (personal B: only the LoRA A matrices are aggregated and sent, every client keeps its own B) differs from
 `perfit` only in B's aggregation, `perfit_ft` (then one round's local steps of fine-tuning, forked from the same
-seed's `perfit` cell) only in the fine-tuning after the last round; the report states the goal for each in place of
-`perfit`.
+seed's `perfit` cell) only in the fine-tuning after the last round, and `perfit_pb_ft` (both: `perfit_pb`, then the
+fine-tuning, forked from `perfit_pb`) from `perfit_pb` only in the fine-tuning; the report states the goal for each in
+place of `perfit`.
 
 Per-client numbers: the list of a client is `[perplexity of the base model, after round 1, ..., after round T]`
 (index t = after t training rounds; the run records call these rounds -1, 0, ..., T-1), plus, for the fine-tuned rows
-(`fedit_ft`, `perfit_ft`), one more entry after their fine-tuning steps. In the sampled settings (fraction < 1) a client is evaluated only in the
+(`fedit_ft`, `perfit_ft`, `perfit_pb_ft`), one more entry after their fine-tuning steps. In the sampled settings (fraction < 1) a client is evaluated only in the
 rounds it trains and in the last one (the engine's `eval_clients: auto`), so its other entries are `null`.
 """
 
@@ -130,11 +131,13 @@ ABLATIONS = (
     "perfit_hetero",
     # PerFIT's named variants (docs/perfit.md, "Variants"), each one change away from `perfit`, which isolates it:
     # perfit_pb differs from perfit only in B's aggregation (never: each client keeps its own), perfit_ft only in the
-    # fine-tuning after the last round.
+    # fine-tuning after the last round; perfit_pb_ft is both, one change away from perfit_pb (and from perfit_ft).
     "perfit_pb",
     "perfit_ft",
+    "perfit_pb_ft",
 )
-VARIANTS = ("perfit_pb", "perfit_ft")  # PerFIT's named variants: the report states the goal for each, next to perfit
+# PerFIT's named variants: the report states the goal for each, next to perfit
+VARIANTS = ("perfit_pb", "perfit_ft", "perfit_pb_ft")
 SWEEP = ("local", "fedit", "perfit")
 # 40 clients at 20% for 20 rounds and at 5% for 80 rounds: both 160 client-rounds, so each client trains in ~4 rounds
 # (40 local steps, ~2.7 epochs of its ~60 rows) in either, and the two differ in how many clients each aggregation
@@ -253,6 +256,13 @@ METHODS: dict[str, Method] = {
         "variant PerFIT, then every client fine-tunes its personalized (masked) adapter for one round's local steps",
         config={"finetune_steps": "local_steps"},
         fork_of="perfit",
+    ),
+    "perfit_pb_ft": Method(
+        "perfit",
+        "variant perfit_pb, then every client fine-tunes its personalized adapter (shared A, its own B) for one "
+        "round's local steps",
+        config={"strategy_options": {"personal_b": True}, "finetune_steps": "local_steps"},
+        fork_of="perfit_pb",
     ),
 }
 GROUPS = {"main": None, "ablations": None, "all": None}  # resolved per setting in [`methods_of`]
@@ -374,8 +384,9 @@ def cell_config(
 
 
 def fork_source(folder: Path, config) -> Path | None:
-    """For a cell with `finetune_steps > 0` (`fedit_ft`, `perfit_ft`): the finished cell of the same seed whose config
-    differs only in `finetune_steps` (FedIT's, PerFIT's: the row's `Method.fork_of`), else `None`. Its rounds are exactly this cell's first `num_rounds` rounds:
+    """For a cell with `finetune_steps > 0` (the `*_ft` rows): the finished cell of the same seed whose config differs
+    only in `finetune_steps` (the row's `Method.fork_of`), else `None`. Its rounds are exactly this cell's first
+    `num_rounds` rounds:
     `finetune_steps` changes nothing before the fine-tuning phase (same sampling, seeds, strategy and evaluation)."""
     if not config.finetune_steps or not folder.parent.is_dir():
         return None
@@ -1245,7 +1256,7 @@ def report(args, root: Path) -> dict[str, Any]:
         " (benchmarks/quality.py's machinery); `run` computes the missing ones, `report` rebuilds this section, "
         f"`{q._rel(RESULTS_PATH)}` and the plots from the cache only. A cell not finished is *pending*; partial "
         "cells are listed with their rounds but enter no number. quality.json holds finished cells only: per client "
-        "`[base model, after round 1, ..., after round T]` (+ one entry after fine-tuning for `fedit_ft` and `perfit_ft`; `null` "
+        "`[base model, after round 1, ..., after round T]` (+ one entry after fine-tuning for the `*_ft` rows; `null` "
         "where a sampled setting did not evaluate the client).",
         "",
         f"Common settings: SmolLM2-135M-Instruct (fp32, CPU unless the run had a GPU), {common_settings()}, "
@@ -1281,11 +1292,11 @@ def report(args, root: Path) -> dict[str, Any]:
         "`run` starts it as a copy of the same seed's finished `fedit` cell and runs only the fine-tuning "
         "(`--no-fork`: from scratch; a test checks that both give the same records and adapters). `perfit_ft` is the "
         "same for PerFIT: forked from the same seed's `perfit` cell, each client fine-tunes its masked personalized "
-        "adapter (pruned elements stay exactly 0).",
+        "adapter (pruned elements stay exactly 0), and `perfit_pb_ft` forks from `perfit_pb`.",
         '- **PerFIT\'s variants** (docs/perfit.md, "Variants"; the faithful `perfit` rows stay): `perfit_pb` aggregates '
         "and sends only the LoRA A matrices and every client keeps its own B (so its bytes are A's kept values only); "
-        "it differs from `perfit` in that alone, as `perfit_ft` differs from `perfit` only in the final fine-tuning: "
-        "each pair is the ablation that isolates what the change buys. Why they exist: the clients' masks overlap far "
+        "it differs from `perfit` in that alone, as `perfit_ft` differs from `perfit` only in the final fine-tuning "
+        "(and `perfit_pb_ft` from `perfit_pb`): each pair is the ablation that isolates what the change buys. Why they exist: the clients' masks overlap far "
         "more than chance (the mask overlap table below), so PerFIT's per-element averaging shares most of what a client "
         "trains.",
         f"- **Ties**: a client's perplexities within {TIE:.0%} of each other. **Heterogeneous budgets**: client k "
@@ -1361,7 +1372,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-fork",
         action="store_true",
-        help="train fedit_ft / perfit_ft from scratch instead of continuing the same seed's finished fedit / perfit run",
+        help="train the *_ft rows from scratch instead of continuing the same seed's finished run they fork from",
     )
     p.add_argument("--no-write", action="store_true", help="report: leave docs/benchmarks.md alone")
     p.add_argument("--results", type=Path, help="quality.json path (default: docs/results/quality.json)")

@@ -233,7 +233,9 @@ def test_quality_scale_overrides_need_a_root_of_their_own(tmp_path):
     assert s.overrides == ["--seed", "2", "--learning_rate", "1e-4"]
 
 
-@pytest.mark.parametrize("source, tuned", [("fedit", "fedit_ft"), ("perfit", "perfit_ft")])
+@pytest.mark.parametrize(
+    "source, tuned", [("fedit", "fedit_ft"), ("perfit", "perfit_ft"), ("perfit_pb", "perfit_pb_ft")]
+)
 def test_finetuned_row_forked_from_its_source_equals_it_from_scratch(source, tuned, tmp_path, capsys):
     from safetensors.torch import load_file
 
@@ -258,16 +260,20 @@ def test_finetuned_row_forked_from_its_source_equals_it_from_scratch(source, tun
 def test_perfit_variants_differ_from_perfit_in_their_one_change_only(tiny, tmp_path):
     # the ablation that isolates each variant's gain: the same run as `perfit` but for one key
     setting = qs.SETTINGS["flan8_recipe"]
-    assert {"perfit", "perfit_pb", "perfit_ft"} <= set(qs.methods_of(setting, ["ablations"]))
+    assert {"perfit", "perfit_pb", "perfit_ft", "perfit_pb_ft"} <= set(qs.methods_of(setting, ["ablations"]))
     data = _client_folder(tmp_path / "data", 3 if tiny else 8)
     configs = {m: qs.cell_config(setting, m, 0, tmp_path, data, tiny)[0].to_dict() for m in qs.METHODS}
-    changed = {
-        m: {k for k in configs["perfit"] if k != "output_dir" and configs[m][k] != configs["perfit"][k]}
-        for m in ("perfit_pb", "perfit_ft")
-    }
-    assert changed == {"perfit_pb": {"strategy_options"}, "perfit_ft": {"finetune_steps"}}
+
+    def changed(m: str, against: str) -> set[str]:
+        return {k for k in configs[against] if k != "output_dir" and configs[m][k] != configs[against][k]}
+
+    assert changed("perfit_pb", "perfit") == {"strategy_options"}
+    assert changed("perfit_ft", "perfit") == {"finetune_steps"}
+    assert changed("perfit_pb_ft", "perfit_pb") == {"finetune_steps"}  # fine-tuning isolated on top of personal B
+    assert changed("perfit_pb_ft", "perfit_ft") == {"strategy_options"}  # personal B isolated on top of fine-tuning
     assert configs["perfit_pb"]["strategy_options"] == {"personal_b": True}
     assert configs["perfit_ft"]["finetune_steps"] == configs["perfit"]["local_steps"]
+    assert qs.METHODS["perfit_pb_ft"].fork_of == "perfit_pb"
 
 
 def test_run_leaves_the_cells_of_a_running_quality_py_alone(tmp_path, capsys):
