@@ -110,6 +110,31 @@ def test_perplexity_is_token_weighted_over_the_split(tokenizer):
     assert len(client_mod._EVAL_BATCHES[ds]) == 3  # one set of padded batches per batch size, built once
 
 
+def test_perplexity_computes_logits_at_the_scored_positions_only(tokenizer):
+    """The LM head sees only the positions some row of the batch scores (not every position of every row), and a
+    model whose forward has no `logits_to_keep` gets the full logits: both give the reference loss."""
+    model = tiny_llama()
+    ds = _test_set(tokenizer)
+    scored_columns = 0
+    for _, _, shifted, _, _ in client_mod._eval_batches(ds, 8, tokenizer.pad_token_id, torch.device("cpu")):
+        scored_columns += int((shifted != -100).any(dim=0).sum())
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
+    sliced = evaluate_perplexity(model, tokenizer, ds, 8)
+    hook.remove()
+    assert rows == [len(ds) * scored_columns]  # one batch of 7 rows, its scored columns only
+    assert scored_columns < max(len(x) for x in ds["input_ids"]) - 1  # fewer than every position
+
+    class NoKeep(type(model)):
+        def forward(self, input_ids=None, attention_mask=None):  # an architecture without `logits_to_keep`
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask)
+
+    model.__class__ = NoKeep
+    full = evaluate_perplexity(model, tokenizer, ds, 8)
+    assert full["eval_tokens"] == sliced["eval_tokens"]
+    assert full["eval_loss"] == pytest.approx(sliced["eval_loss"], rel=1e-6)
+
+
 def test_perplexity_follows_the_adapter_the_model_holds(tokenizer):
     """The cached batches hold inputs only: changing the model's weights changes the result."""
     model = tiny_llama()

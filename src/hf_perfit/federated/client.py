@@ -9,6 +9,7 @@ pruned, so the mask code is skipped).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import tempfile
 import weakref
@@ -496,9 +497,10 @@ _EVAL_BATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _eval_batches(
     test_ds: datasets.Dataset, batch_size: int, pad: int, device: torch.device
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
-    """`(input_ids, attention_mask, shifted labels, scored tokens)` of every batch of `test_ds`, built once and kept
-    on `device`.
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]]:
+    """`(input_ids, attention_mask, shifted labels, scored tokens, scored positions)` of every batch of `test_ds`,
+    built once and kept on `device`. The scored positions are the columns of the shifted labels where any row of the
+    batch has a response token: the only positions whose logits the loss reads.
 
     Batches of similar length: every row is padded to its batch's longest and the forward's cost grows with the padded
     width (the demo's test splits, 16 rows per client in batches of 8: 11,143 padded tokens instead of 12,101)."""
@@ -520,9 +522,17 @@ def _eval_batches(
                 ids[j, : len(x)], labels[j, : len(y)], attn[j, : len(x)] = torch.tensor(x), torch.tensor(y), 1
             shifted = labels[:, 1:].contiguous()
             scored = int((shifted != IGNORE_INDEX).sum())
-            batches.append((ids.to(device), attn.to(device), shifted.to(device), scored))
+            positions = (shifted != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+            batches.append((ids.to(device), attn.to(device), shifted.to(device), scored, positions.to(device)))
         per_ds[key] = batches
     return per_ds[key]
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the causal LM under `model` (PEFT wrappers unwrapped) takes `logits_to_keep` as an index tensor (the
+    `transformers` causal LMs that slice their hidden states before the head); others get the full logits."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
 
 
 @torch.no_grad()
@@ -544,9 +554,18 @@ def evaluate_perplexity(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total_nll = torch.zeros((), dtype=torch.float64, device=device)
     total_tokens = 0
-    for ids, attn, shift_labels, scored in _eval_batches(test_ds, batch_size, pad, device):
-        logits = model(input_ids=ids, attention_mask=attn).logits.float()
-        shift_logits = logits[:, :-1]
+    keep = _accepts_logits_to_keep(model)
+    for ids, attn, shift_labels, scored, positions in _eval_batches(test_ds, batch_size, pad, device):
+        if keep:
+            # The logits of the scored positions only: the LM head and the softmax over the vocabulary (49,152 on
+            # SmolLM2) are a large part of a forward, and most positions are prompt. The same sum as over the full
+            # logits (the head maps each position on its own; only the rounding of a smaller matmul may differ);
+            # measured on SmolLM2-135M, FLAN-8 clients 4 and 5, 50 test rows in batches of 8, one CPU thread:
+            # 19-26 s instead of 25-34 s, the eval loss equal to 3e-8 relative.
+            shift_logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=positions).logits.float()
+            shift_labels = shift_labels[:, positions]
+        else:
+            shift_logits = model(input_ids=ids, attention_mask=attn).logits.float()[:, :-1]
         nll = torch.nn.functional.cross_entropy(
             shift_logits.reshape(-1, shift_logits.shape[-1]),
             shift_labels.reshape(-1),
