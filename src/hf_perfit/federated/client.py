@@ -26,8 +26,13 @@ from .._compose import compose
 from ..callbacks import PerFITPruningCallback
 from ..model import PerFITModel
 from .comm import downlink_bytes, uplink_bytes
+from .compact_head import enable_compact_head_on_cpu
 from .config import FederatedConfig
 from .messages import PERSONAL, ClientInstruction, ClientUpdate, personal_keys
+
+# Training's loss projects the response positions only, on CPU as on CUDA (compact_head.py): enabled when the client
+# code is imported, so every trainer of the process, built before or after, computes the same sums the same way.
+enable_compact_head_on_cpu()
 
 # The TrainingArguments name of activation checkpointing in the installed transformers (renamed in 5.24).
 _CHECKPOINTING_ARG = (
