@@ -297,3 +297,11 @@ def test_run_leaves_the_cells_of_a_running_quality_py_alone(tmp_path, capsys):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_ratio_to_fedit_pairs_seeds_and_says_when_it_cannot():
+    stats = {"perfit": {1: {"geo": 1.6}, 2: {"geo": 1.8}}, "fedit": {1: {"geo": 2.0}, 0: {"geo": 1.0}}}
+    assert qs._ratio_to_fedit(stats, "perfit") == (0.8, "over seed(s) 1")  # the shared seed only
+    stats["fedit"].pop(1)  # no seed in common (the report crashed here): unpaired means, and said so
+    ratio, over = qs._ratio_to_fedit(stats, "perfit")
+    assert ratio == pytest.approx(1.7) and over == "over different seeds (perfit: 1, 2; fedit: 0; unpaired)"
