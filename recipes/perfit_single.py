@@ -22,6 +22,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 from hf_perfit import PerFITLoraConfig, PerFITPruningCallback, get_perfit_model
 from hf_perfit._compose import compose
 from hf_perfit.data import format_for_tokenizer, load_instruction_dataset
+from hf_perfit.federated.compact_head import enable_compact_head_on_cpu
 from hf_perfit.presets import resolve_model_path
 
 PERFIT_KEYS = ("expansion_factor", "importance", "search_steps", "prune_iterations", "budget_multiplier")
@@ -68,6 +69,7 @@ def main(
         **dataclasses.asdict(perfit_args),
     )
     model = get_perfit_model(base, config)
+    enable_compact_head_on_cpu()  # on CPU the loss projects the response positions only, as TRL does on CUDA
     trainer = SFTTrainer(
         model=model,
         args=training_args,
