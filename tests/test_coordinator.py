@@ -339,3 +339,23 @@ def test_a_round_driven_through_the_public_steps_equals_run(tmp_path):
         assert all(torch.equal(tensors[k], expected[cid][k]) for k in tensors)
     with pytest.raises(RuntimeError, match="round 0: none of the 2 sampled clients returned an update \\(c: gone\\)"):
         sim.aggregate_round(0, ["client_0", "client_1"], {}, {"c": "gone"})
+
+
+def test_state_cache_keeps_the_most_recent_states_within_its_budget():
+    from hf_perfit.federated.run import StateCache
+
+    def state(n: int):  # n float32 values: 4n bytes, plus an n-element bool mask: n bytes
+        return {"w": torch.zeros(n)}, {"w": torch.ones(n, dtype=torch.bool)}, {}
+
+    mib = 2**20
+    cache = StateCache(3 * 5 * 0.25)  # room for three states of mib/4 values (5 bytes each)
+    for key in "abc":
+        cache.put(key, state(mib // 4), tag=1)
+    assert cache.get("a", tag=1) is not None  # a is now the most recently used
+    assert cache.get("a", tag=2) is None  # another version of the client's state
+    cache.put("d", state(mib // 4), tag=1)  # over the budget: the least recently used (b) goes
+    assert [k for k in "abcd" if cache.get(k, tag=1) is not None] == ["a", "c", "d"]
+    cache.put("e", state(4 * mib), tag=1)  # larger than the whole budget: not kept, nothing evicted for it
+    assert cache.get("e", tag=1) is None and cache.get("d", tag=1) is not None
+    cache.resize(2 * 5 * 0.25)  # a smaller budget evicts at once, least recently used first (a, then c, d read)
+    assert [k for k in "acd" if cache.get(k, tag=1) is not None] == ["c", "d"]

@@ -526,8 +526,9 @@ def _eval_batches(
                 x, y = all_ids[i], all_labels[i]
                 ids[j, : len(x)], labels[j, : len(y)], attn[j, : len(x)] = torch.tensor(x), torch.tensor(y), 1
             shifted = labels[:, 1:].contiguous()
-            scored = int((shifted != IGNORE_INDEX).sum())
-            positions = (shifted != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+            is_scored = shifted != IGNORE_INDEX
+            scored = int(is_scored.sum())
+            positions = is_scored.any(dim=0).nonzero().flatten()
             batches.append((ids.to(device), attn.to(device), shifted.to(device), scored, positions.to(device)))
         per_ds[key] = batches
     return per_ds[key]

@@ -257,9 +257,19 @@ class StateCache:
     """
 
     def __init__(self, budget_mb: float) -> None:
-        self.budget_bytes = int(float(budget_mb) * 2**20)
         self._items: OrderedDict[str, tuple[Any, Any, int]] = OrderedDict()  # key -> (tag, state, bytes)
         self._bytes = 0
+        self.resize(budget_mb)
+
+    def resize(self, budget_mb: float) -> None:
+        """Set the budget (MiB), evicting the least recently used states over it at once."""
+        self.budget_bytes = int(float(budget_mb) * 2**20)
+        self._evict()
+
+    def _evict(self) -> None:
+        while self._bytes > self.budget_bytes:
+            _, (_, _, old) = self._items.popitem(last=False)
+            self._bytes -= old
 
     @staticmethod
     def nbytes(state: Any) -> int:
@@ -284,9 +294,7 @@ class StateCache:
             return
         self._items[key] = (tag, state, size)
         self._bytes += size
-        while self._bytes > self.budget_bytes:
-            _, (_, _, old) = self._items.popitem(last=False)
-            self._bytes -= old
+        self._evict()
 
     def pop(self, key: str) -> None:
         hit = self._items.pop(key, None)

@@ -40,6 +40,7 @@ from flwr.clientapp import ClientApp
 
 from ..federated.client import LocalTrainingArgs, client_update, evaluate_perplexity
 from ..federated.config import FederatedConfig
+from ..federated.messages import personal_keys
 from ..federated.run import StateCache
 from ..federated.runtime import build_client_model, load_clients, load_model, local_training_args, tokenize_clients
 from ..federated.strategies import get_strategy
@@ -201,7 +202,7 @@ client and round otherwise); the disk stays the truth: a copy is used only for t
 
 
 def _states(config: FederatedConfig) -> StateCache:
-    _STATES.budget_bytes = int(float(config.client_state_memory_mb) * 2**20)  # evictions follow on the next put
+    _STATES.resize(config.client_state_memory_mb)  # the running config's budget
     return _STATES
 
 
@@ -335,8 +336,6 @@ def evaluate(message: Message, context: Context) -> Message:
 def _with_personal(rt: _Runtime, own: dict | None, sent: dict) -> dict:
     """`sent` plus this client's own values of the matrices its strategy keeps personal (PerFIT's `personal_b`: B,
     which the server never holds; the seeded init before the client's first round); `sent` itself otherwise."""
-    from ..federated.messages import personal_keys
-
     base = own if own is not None else rt.init_tensors
     mine = [k for k in personal_keys(base, rt.personal_parts) if k not in sent]
     return {**sent, **{k: base[k] for k in mine}} if mine else sent
