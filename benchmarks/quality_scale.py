@@ -75,12 +75,15 @@ TINY_ROOT = REPO_ROOT / "outputs" / "quality-scale-tiny"
 GOAL_RATIO = q.GOAL_RATIO  # PerFIT's geometric mean at most 0.77 x FedIT's
 TIE = 0.01  # a client's perplexities within 1% of each other are a tie
 HETERO_CYCLE = (0.5, 1.0, 1.0, 1.5)  # perfit_hetero: b_k by client index, mean 1 (the rank-r budget on average)
-# Rough rates for the plan's estimates, measured on this 2-core machine at load 3-5 with 1 thread (flan8_recipe seed 0,
-# local, round 1, 2026-11-28): 8 clients x 10 steps of batch 4 trained in 419 s (5.2 s per step, the per-client
-# trainer setup included), 8 clients x 50 test examples evaluated in 174 s (22 s per client). ROUGE-L: 50 greedy
+# Rough rates for the plan's estimates, on this 2-core machine with 1 thread per cell. Measured first at load 3-5
+# (flan8_recipe seed 0, local, round 1, 2026-11-28): 5.2 s per step of batch 4 (the per-client trainer setup
+# included) and 22 s per client evaluation of 50 test examples. Since the response-positions change (the LM head
+# projects only the scored positions: benchmarks/response_positions.py measured a step at 0.64x and an evaluation at
+# 0.76x) that is 3.3 s and 17 s; a local round of flan8_recipe seed 1 (8 x 10 steps + 8 evaluations, estimate 400 s)
+# then took 298-324 s beside one other cell (load ~2, 2026-11-29), so these stay on the safe side. ROUGE-L: 50 greedy
 # answers of <= 32 tokens per client, ~2.5 min for 8 clients at low load (benchmarks/quality.py), doubled for load.
-SEC_PER_STEP = 5.2
-SEC_PER_EVAL = 22.0
+SEC_PER_STEP = 3.3
+SEC_PER_EVAL = 17.0
 SEC_PER_ROUGE = 40.0
 BUSY_S = 15 * 60  # a cell written to this recently, not by us, is taken to be running elsewhere
 TINY_PARTITION_CLIENTS = 4
