@@ -1068,7 +1068,10 @@ def render_setting(setting: Setting, cells: dict[str, dict[int, dict]], plot: st
         ]
     lines += _overlap_lines(cells)
     if plot:
-        lines += [f"![{setting.name}: geometric mean personalized perplexity per round]({plot})", ""]
+        alt = (
+            f"{setting.name}: geometric mean personalized perplexity per round, and relative to FedIT of the same seed"
+        )
+        lines += [f"![{alt}]({plot})", ""]
     return lines
 
 
@@ -1173,33 +1176,43 @@ def _overlap_lines(cells) -> list[str]:
     ]
 
 
+def round_curves(cell: dict) -> list[float | None]:
+    """One cell's geometric mean personalized perplexity per round index (0: base model; `None` where no client
+    has a value)."""
+    length = len(next(iter(cell["loss"].values())))
+    curve: list[float | None] = []
+    for i in range(length):
+        vals = [v[i] for v in cell["loss"].values() if v[i] is not None]
+        curve.append(math.exp(_mean(vals)) if vals else None)
+    return curve
+
+
+def ratio_curve(curve: list[float | None], reference: list[float | None]) -> list[float | None]:
+    """`curve / reference` per round index, paired by seed; past the reference's last round (a fine-tuned row's
+    last point) against its last value, as the table's "/ FedIT" column compares a `*_ft` row."""
+    out: list[float | None] = []
+    for i, value in enumerate(curve):
+        ref = reference[min(i, len(reference) - 1)] if reference else None
+        out.append(value / ref if value is not None and ref else None)
+    return out
+
+
 def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: list[Path], tiny: bool) -> bool:
-    """Geometric mean personalized perplexity per round index (0: base model), mean over seeds with a min–max band
-    over seeds (finished cells; a method with only partial cells as a dashed line). Returns False when nothing to
-    plot."""
+    """Left: geometric mean personalized perplexity per round index (0: base model), mean over seeds with a
+    min–max band over seeds (finished cells; a method with only partial cells as a dashed line). Right, when FedIT
+    has finished cells: each row / FedIT of the same seed per round (the late rounds' few-percent differences that
+    the left panel's scale hides), over the seeds both finished. Returns False when nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(8, 4.6))
-    drawn = False
-    drawn_values: list[float] = []
-    for m in [*setting.methods, *(a for a in setting.ablations if a not in setting.methods)]:
-        seeds = cells.get(m, {})
-        fin = [c for c in seeds.values() if c["finished"]]
-        use, partial = (fin, False) if fin else (list(seeds.values()), True)
-        if not use:
-            continue
-        curves = []
-        for c in use:
-            length = len(next(iter(c["loss"].values())))
-            curve = []
-            for i in range(length):
-                vals = [v[i] for v in c["loss"].values() if v[i] is not None]
-                curve.append(math.exp(_mean(vals)) if vals else None)
-            curves.append(curve)
+    fedit = {s: round_curves(c) for s, c in cells.get("fedit", {}).items() if c["finished"]}
+    fig, axes = plt.subplots(1, 2 if fedit else 1, figsize=(13 if fedit else 8, 4.6), squeeze=False)
+    ax, rax = axes[0][0], (axes[0][1] if fedit else None)
+
+    def band(ax, curves: list[list[float | None]], m: str, partial: bool, n: int) -> list[float]:
         length = max(len(c) for c in curves)
         xs, mean, lo, hi = [], [], [], []
         for i in range(length):
@@ -1209,13 +1222,27 @@ def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: lis
                 mean.append(_mean(vals))
                 lo.append(min(vals))
                 hi.append(max(vals))
-                drawn_values += vals
         style = {"lw": 2.6, "color": "black", "zorder": 3} if m == "perfit" else {"lw": 1.3}
-        label = f"{m} ({len(use)} seed{'s' if len(use) > 1 else ''}{', partial' if partial else ''})"
+        label = f"{m} ({n} seed{'s' if n > 1 else ''}{', partial' if partial else ''})"
         (line,) = ax.plot(xs, mean, ls="--" if partial else "-", marker="o", ms=2.5, label=label, **style)
-        if len(use) > 1:
+        if n > 1:
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+        return lo + hi
+
+    drawn = False
+    drawn_values: list[float] = []
+    for m in [*setting.methods, *(a for a in setting.ablations if a not in setting.methods)]:
+        seeds = cells.get(m, {})
+        fin = {s: c for s, c in seeds.items() if c["finished"]}
+        use, partial = (fin, False) if fin else (seeds, True)
+        if not use:
+            continue
+        curves = {s: round_curves(c) for s, c in use.items()}
+        drawn_values += band(ax, list(curves.values()), m, partial, len(curves))
         drawn = True
+        paired = [ratio_curve(curves[s], fedit[s]) for s in curves if s in fedit]
+        if rax is not None and paired and not partial:
+            band(rax, paired, m, False, len(paired))
     if not drawn:
         plt.close(fig)
         return False
@@ -1223,17 +1250,23 @@ def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: lis
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
         ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))  # within a decade the minor ticks carry the labels
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    sampled = schedule(setting).fraction_clients < 1
-    ax.set_xlabel(
-        "training rounds done (0 = base model"
-        + "".join(f"; {m}: last point after fine-tuning" for m in cells if METHODS.get(m) and METHODS[m].fork_of)
-        + ")"
+    tuned = any(METHODS.get(m) and METHODS[m].fork_of for m in cells)
+    xlabel = (
+        "training rounds done (0 = base model" + ("; *_ft rows: last point after fine-tuning" if tuned else "") + ")"
     )
+    sampled = schedule(setting).fraction_clients < 1
     ax.set_ylabel("geometric mean personalized perplexity" + (" (evaluated clients)" if sampled else ""))
     ax.set_title(f"{setting.name}" + (" (tiny smoke test)" if tiny else "") + ": mean over seeds, band min–max")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+    for a in axes[0]:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.set_xlabel(xlabel)
+        a.grid(alpha=0.3, which="both")
+        a.legend(fontsize=7, ncol=2)
+    if rax is not None:
+        rax.axhline(1.0, color="gray", lw=0.8)
+        rax.axhline(GOAL_RATIO, color="gray", lw=0.8, ls=":")
+        rax.set_ylabel(f"/ FedIT, same seed (dotted: the goal, {GOAL_RATIO}x)")
+        rax.set_title("relative to FedIT: mean over paired seeds, band min–max")
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")

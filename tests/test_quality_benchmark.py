@@ -292,6 +292,27 @@ def test_personal_b_recipe_is_the_flan8_recipe_plus_the_measured_variant(tmp_pat
     assert (variant["num_rounds"], variant["local_steps"]) == (row["num_rounds"], row["local_steps"])
 
 
+def test_plot_curves_and_their_ratio_to_fedit_of_the_same_seed(tmp_path):
+    import math
+
+    # geometric mean over clients per round, None where no client has a value
+    cell = {"finished": True, "loss": {"a": [0.0, math.log(2.0)], "b": [math.log(4.0), None]}}
+    assert qs.round_curves(cell) == pytest.approx([2.0, 2.0])
+    assert qs.round_curves({"loss": {"a": [None, 0.0]}}) == [None, 1.0]
+    # paired per round; a fine-tuned row's extra last point against the reference's last round
+    assert qs.ratio_curve([4.0, 2.0, 1.5], [4.0, 2.5]) == [1.0, 0.8, 0.6]
+    assert qs.ratio_curve([None, 2.0], [4.0, 2.0]) == [None, 1.0]
+
+    setting = qs.SETTINGS["flan8_recipe"]
+    path = tmp_path / "plot.png"
+    assert not qs.plot_setting(setting, {}, [path], tiny=True) and not path.exists()
+    fedit = {"finished": True, "loss": {"a": [1.0, 0.5], "b": [1.0, 0.7]}}
+    cells = {"fedit": {0: fedit}, "perfit": {0: cell}, "local": {1: {"finished": False, "loss": cell["loss"]}}}
+    assert qs.plot_setting(setting, cells, [path], tiny=True)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*.tmp"))  # written through a temp file and renamed
+
+
 def test_run_leaves_the_cells_of_a_running_quality_py_alone(tmp_path, capsys):
     import subprocess
 
