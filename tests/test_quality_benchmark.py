@@ -313,6 +313,22 @@ def test_plot_curves_and_their_ratio_to_fedit_of_the_same_seed(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # written through a temp file and renamed
 
 
+def test_every_40_client_setting_runs_the_variants_beside_perfit(tmp_path):
+    # the variant docs/perfit.md recommends is measured where clients share tasks too (IID included), as an ablation
+    # of `perfit` on the same partition and schedule
+    data = _client_folder(tmp_path / "data", 40)
+    for name, setting in qs.SETTINGS.items():
+        if setting.partition == "flan8":
+            continue
+        assert qs.methods_of(setting, ["ablations"]) == ["perfit", "perfit_pb", "perfit_pb_ft"], name
+        configs = {m: qs.cell_config(setting, m, 0, tmp_path, data, False)[0].to_dict() for m in setting.ablations}
+        changed = {
+            k for k in configs["perfit"] if k != "output_dir" and configs["perfit_pb"][k] != configs["perfit"][k]
+        }
+        assert changed == {"strategy_options"}, name
+        assert configs["perfit_pb_ft"]["finetune_steps"] == configs["perfit"]["local_steps"], name
+
+
 def test_run_leaves_the_cells_of_a_running_quality_py_alone(tmp_path, capsys):
     import subprocess
 
