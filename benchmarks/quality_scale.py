@@ -1207,6 +1207,21 @@ def ratio_curve(curve: list[float | None], reference: list[float | None]) -> lis
     return out
 
 
+def method_colors(setting: Setting) -> dict[str, Any]:
+    """One color per row of `setting`, PerFIT black: both panels of the plot draw a row in the same color whatever
+    rows have cells yet (matplotlib's own cycle follows the order drawn, which differs between the panels). The
+    palette is tab10 then Dark2 (18 colors, all told apart; tab20's light halves were not), in the order methods,
+    PerFIT's variants, other ablations, so the rows a reader compares most get tab10's."""
+    import matplotlib
+
+    order = [*setting.methods, *(v for v in VARIANTS if v in setting.ablations), *setting.ablations]
+    rows = [m for m in dict.fromkeys(order) if m != "perfit"]
+    palette = [*matplotlib.colormaps["tab10"].colors, *matplotlib.colormaps["Dark2"].colors]
+    colors: dict[str, Any] = {m: palette[i % len(palette)] for i, m in enumerate(rows)}
+    colors["perfit"] = "black"
+    return colors
+
+
 def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: list[Path], tiny: bool) -> bool:
     """Left: geometric mean personalized perplexity per round index (0: base model), mean over seeds with a
     min–max band over seeds (finished cells; a method with only partial cells as a dashed line). Right, when FedIT
@@ -1221,6 +1236,7 @@ def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: lis
     fedit = {s: round_curves(c) for s, c in cells.get("fedit", {}).items() if c["finished"]}
     fig, axes = plt.subplots(1, 2 if fedit else 1, figsize=(13 if fedit else 8, 4.6), squeeze=False)
     ax, rax = axes[0][0], (axes[0][1] if fedit else None)
+    colors = method_colors(setting)
 
     def band(ax, curves: list[list[float | None]], m: str, partial: bool, n: int) -> list[float]:
         length = max(len(c) for c in curves)
@@ -1232,11 +1248,12 @@ def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: lis
                 mean.append(_mean(vals))
                 lo.append(min(vals))
                 hi.append(max(vals))
-        style = {"lw": 2.6, "color": "black", "zorder": 3} if m == "perfit" else {"lw": 1.3}
+        style = {"lw": 2.6, "zorder": 3} if m == "perfit" else {"lw": 1.3}
         label = f"{m} ({n} seed{'s' if n > 1 else ''}{', partial' if partial else ''})"
-        (line,) = ax.plot(xs, mean, ls="--" if partial else "-", marker="o", ms=2.5, label=label, **style)
+        color = colors.get(m)  # a row outside the setting's declaration (none today): matplotlib's cycle
+        ax.plot(xs, mean, ls="--" if partial else "-", marker="o", ms=2.5, label=label, color=color, **style)
         if n > 1:
-            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+            ax.fill_between(xs, lo, hi, color=ax.lines[-1].get_color(), alpha=0.15, lw=0)
         return lo + hi
 
     drawn = False

@@ -313,6 +313,46 @@ def test_plot_curves_and_their_ratio_to_fedit_of_the_same_seed(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # written through a temp file and renamed
 
 
+def test_plot_draws_a_row_in_one_color_in_both_panels(tmp_path, monkeypatch):
+    import math
+
+    from matplotlib import colors as mcolors
+    from matplotlib import pyplot as plt
+
+    setting = qs.SETTINGS["flan8_recipe"]
+    colors = qs.method_colors(setting)
+    rows = [*setting.methods, *setting.ablations]
+    assert set(colors) == set(rows) and colors["perfit"] == "black"
+    assert len({mcolors.to_hex(colors[m]) for m in set(rows)}) == len(set(rows))  # every row its own color
+
+    # the left panel draws a partial row (fedprox) that the right one skips: the cycle alone would shift the colors
+    def cell(finished, *losses):
+        return {"finished": finished, "loss": {"a": [math.log(x) for x in losses]}}
+
+    cells = {
+        "fedit": {0: cell(True, 6.0, 3.0)},
+        "fedprox": {0: cell(False, 6.0, 3.1)},
+        "perfit": {0: cell(True, 6.0, 2.0)},
+        "perfit_pb": {0: cell(True, 6.0, 1.8)},
+    }
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    assert qs.plot_setting(setting, cells, [tmp_path / "plot.png"], tiny=False)
+    left, right = figures[-1].axes
+
+    def line_colors(ax):
+        return {
+            line.get_label().split(" (")[0]: mcolors.to_hex(line.get_color())
+            for line in ax.lines
+            if line.get_label()[0] != "_"
+        }
+
+    assert set(line_colors(right)) == {"fedit", "perfit", "perfit_pb"}
+    for m, c in line_colors(right).items():
+        assert c == line_colors(left)[m] == mcolors.to_hex(colors[m])
+
+
 def test_every_40_client_setting_runs_the_variants_beside_perfit(tmp_path):
     # the variant docs/perfit.md recommends is measured where clients share tasks too (IID included), as an ablation
     # of `perfit` on the same partition and schedule
