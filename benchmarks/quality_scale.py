@@ -1251,9 +1251,9 @@ def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: lis
         style = {"lw": 2.6, "zorder": 3} if m == "perfit" else {"lw": 1.3}
         label = f"{m} ({n} seed{'s' if n > 1 else ''}{', partial' if partial else ''})"
         color = colors.get(m)  # a row outside the setting's declaration (none today): matplotlib's cycle
-        ax.plot(xs, mean, ls="--" if partial else "-", marker="o", ms=2.5, label=label, color=color, **style)
+        (line,) = ax.plot(xs, mean, ls="--" if partial else "-", marker="o", ms=2.5, label=label, color=color, **style)
         if n > 1:
-            ax.fill_between(xs, lo, hi, color=ax.lines[-1].get_color(), alpha=0.15, lw=0)
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
         return lo + hi
 
     drawn = False
