@@ -1224,7 +1224,8 @@ def method_colors(setting: Setting) -> dict[str, Any]:
 
 def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: list[Path], tiny: bool) -> bool:
     """Left: geometric mean personalized perplexity per round index (0: base model), mean over seeds with a
-    min–max band over seeds (finished cells; a method with only partial cells as a dashed line). Right, when FedIT
+    min–max band over seeds (finished cells; a method with only partial cells as a dashed line; markers: circles
+    for the methods, squares for PerFIT's variants, triangles for the other ablations). Right, when FedIT
     has finished cells: each row / FedIT of the same seed per round (the late rounds' few-percent differences that
     the left panel's scale hides), over the seeds both finished. Returns False when nothing to plot."""
     import matplotlib
@@ -1251,7 +1252,11 @@ def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: lis
         style = {"lw": 2.6, "zorder": 3} if m == "perfit" else {"lw": 1.3}
         label = f"{m} ({n} seed{'s' if n > 1 else ''}{', partial' if partial else ''})"
         color = colors.get(m)  # a row outside the setting's declaration (none today): matplotlib's cycle
-        (line,) = ax.plot(xs, mean, ls="--" if partial else "-", marker="o", ms=2.5, label=label, color=color, **style)
+        # the marker says the row's kind, since with 12+ rows two hues can be close (tab10's and Dark2's greens)
+        marker = "o" if m in setting.methods else ("s" if m in VARIANTS else "^")
+        (line,) = ax.plot(
+            xs, mean, ls="--" if partial else "-", marker=marker, ms=3, label=label, color=color, **style
+        )
         if n > 1:
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
         return lo + hi
