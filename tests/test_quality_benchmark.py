@@ -341,21 +341,17 @@ def test_plot_draws_a_row_in_one_color_in_both_panels(tmp_path, monkeypatch):
     assert qs.plot_setting(setting, cells, [tmp_path / "plot.png"], tiny=False)
     left, right = figures[-1].axes
 
+    def by_row(ax, prop):  # row name (the label before " (n seeds)") -> prop(line), legend lines only
+        return {line.get_label().split(" (")[0]: prop(line) for line in ax.lines if line.get_label()[0] != "_"}
+
     def line_colors(ax):
-        return {
-            line.get_label().split(" (")[0]: mcolors.to_hex(line.get_color())
-            for line in ax.lines
-            if line.get_label()[0] != "_"
-        }
+        return by_row(ax, lambda line: mcolors.to_hex(line.get_color()))
 
     assert set(line_colors(right)) == {"fedit", "perfit", "perfit_pb"}
     for m, c in line_colors(right).items():
         assert c == line_colors(left)[m] == mcolors.to_hex(colors[m])
     # and the marker tells a variant (square) from a method (circle) where two hues are close
-    markers = {
-        line.get_label().split(" (")[0]: line.get_marker() for line in right.lines if line.get_label()[0] != "_"
-    }
-    assert markers == {"fedit": "o", "perfit": "o", "perfit_pb": "s"}
+    assert by_row(right, lambda line: line.get_marker()) == {"fedit": "o", "perfit": "o", "perfit_pb": "s"}
 
 
 def test_every_40_client_setting_runs_the_variants_beside_perfit(tmp_path):
