@@ -399,3 +399,15 @@ def test_ratio_to_fedit_pairs_seeds_and_says_when_it_cannot():
     stats["fedit"].pop(1)  # no seed in common (the report crashed here): unpaired means, and said so
     ratio, over = qs._ratio_to_fedit(stats, "perfit")
     assert ratio == pytest.approx(1.7) and over == "over different seeds (perfit: 1, 2; fedit: 0; unpaired)"
+
+
+def test_order_says_when_rows_finished_different_seeds():
+    stats = {"local": {0: {"geo": 1.55}, 1: {"geo": 1.58}}, "perfit": {0: {"geo": 1.65}, 1: {"geo": 1.66}}}
+    geo = {m: sum(v["geo"] for v in st.values()) / len(st) for m, st in stats.items()}
+    assert qs._order(["perfit", "local"], stats, geo) == "local 1.565 < perfit 1.655"  # same seeds: plain
+    stats["fedamole"] = {0: {"geo": 1.60}}  # one seed: its mean would sit between the two-seed means unmarked
+    geo["fedamole"] = 1.60
+    assert qs._order(["perfit", "local", "fedamole"], stats, geo) == (
+        "local 1.565 (2) < fedamole 1.600 (1) < perfit 1.655 (2) (in parentheses: seeds finished); "
+        "over seed(s) 0, which every row finished: local 1.550 < fedamole 1.600 < perfit 1.650"
+    )
