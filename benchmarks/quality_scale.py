@@ -1244,7 +1244,8 @@ def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: lis
     min–max band over seeds (finished cells; a method with only partial cells as a dashed line; markers: circles
     for the methods, squares for PerFIT's variants, triangles for the other ablations). Right, when FedIT
     has finished cells: each row / FedIT of the same seed per round (the late rounds' few-percent differences that
-    the left panel's scale hides), over the seeds both finished. Returns False when nothing to plot."""
+    the left panel's scale hides), over the seeds both finished, with the goal the issue sets for the setting
+    (flan8_recipe: 0.77x, dotted; IID: at most 1). Returns False when nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1311,8 +1312,13 @@ def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: lis
         a.legend(fontsize=7, ncol=2)
     if rax is not None:
         rax.axhline(1.0, color="gray", lw=0.8)
-        rax.axhline(GOAL_RATIO, color="gray", lw=0.8, ls=":")
-        rax.set_ylabel(f"/ FedIT, same seed (dotted: the goal, {GOAL_RATIO}x)")
+        if setting.name == "flan8_recipe":  # the issue's goals: 0.77x here, "no worse than FedIT" on IID
+            rax.axhline(GOAL_RATIO, color="gray", lw=0.8, ls=":")
+            rax.set_ylabel(f"/ FedIT, same seed (dotted: the goal, {GOAL_RATIO}x)")
+        elif setting.partition == "iid":
+            rax.set_ylabel("/ FedIT, same seed (the goal: at most 1)")
+        else:
+            rax.set_ylabel("/ FedIT, same seed")
         rax.set_title("relative to FedIT: mean over paired seeds, band min–max")
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -353,6 +353,15 @@ def test_plot_draws_a_row_in_one_color_in_both_panels(tmp_path, monkeypatch):
     # and the marker tells a variant (square) from a method (circle) where two hues are close
     assert by_row(right, lambda line: line.get_marker()) == {"fedit": "o", "perfit": "o", "perfit_pb": "s"}
 
+    # the right panel draws the goal the issue sets for the setting: 0.77x on flan8_recipe, 1 (no worse) on IID
+    def levels(ax):
+        return sorted(line.get_ydata()[0] for line in ax.lines if line.get_label()[0] == "_")
+
+    assert levels(right) == [qs.GOAL_RATIO, 1.0] and "0.77x" in right.get_ylabel()
+    assert qs.plot_setting(qs.SETTINGS["iid"], cells, [tmp_path / "iid.png"], tiny=False)
+    right = figures[-1].axes[1]
+    assert levels(right) == [1.0] and "at most 1" in right.get_ylabel()
+
 
 def test_every_40_client_setting_runs_the_variants_beside_perfit(tmp_path):
     # the variant docs/perfit.md recommends is measured where clients share tasks too (IID included), as an ablation
