@@ -64,6 +64,9 @@ from quality_partition import PARTITION_FILE, write_partition  # noqa: E402
 
 SECTION = "## Personalized quality at scale (benchmarks/quality_scale.py)"
 RESULTS_PATH = REPO_ROOT / "docs" / "results" / "quality.json"
+# The records of every finished cell (what the report reads, no tensors: quality_transfer.save), committed: the cells'
+# folders under outputs/ are scratch that a fresh checkout lacks, so the report restores cells from here.
+RECORDS_DIR = REPO_ROOT / "docs" / "results" / "cells"
 # The human reading of the tables, kept in its own file so that rebuilding the generated section never loses it.
 ANALYSIS_PATH = REPO_ROOT / "docs" / "quality_scale_analysis.md"
 DEFAULT_ROOT = REPO_ROOT / "outputs" / "quality"
@@ -819,6 +822,45 @@ def results_json(collected: dict[str, dict[str, dict[int, dict]]]) -> dict[str, 
     return out
 
 
+def merge_results(previous: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """quality.json after a report: `new` (the finished cells whose records are here), plus every finished cell of
+    `previous` (the file as it was) that `new` lacks, so that a report never drops numbers because their records are
+    not on this machine (to drop a cell, delete it from quality.json by hand). Returns the merged content and the
+    kept part, shaped alike."""
+    merged = json.loads(json.dumps(new))
+    kept: dict[str, Any] = {}
+    for name, methods in previous.items():
+        for method, seeds in methods.items():
+            for seed, clients in seeds.items():
+                if seed not in merged.get(name, {}).get(method, {}):
+                    merged.setdefault(name, {}).setdefault(method, {})[seed] = clients
+                    kept.setdefault(name, {}).setdefault(method, {})[seed] = clients
+    return merged, kept
+
+
+def kept_lines(kept: dict[str, dict[str, dict[str, list[float | None]]]]) -> list[str]:
+    """The markdown for a setting's cells that quality.json keeps without records here ([`merge_results`]): their
+    means from the perplexities alone (the geometric mean is exp of the mean log perplexity, i.e. of the mean eval
+    loss, as in the tables); ROUGE-L, bytes and wall time went with the records."""
+    if not kept:
+        return []
+    lines = [
+        "Finished cells whose records are not on this machine, kept in quality.json (perplexity only: their ROUGE-L, "
+        "bytes and wall time went with the records; they enter none of the tables above):",
+        "",
+        "| method | seeds | geometric mean ppl | arithmetic mean ppl |",
+        "|---|---|---:|---:|",
+    ]
+    for method in [m for m in METHODS if m in kept]:
+        geo, ari = [], []
+        for clients in kept[method].values():
+            final = [v[-1] for v in clients.values() if v and v[-1] is not None]
+            geo.append(math.exp(_mean(math.log(x) for x in final)))
+            ari.append(_mean(final))
+        lines.append(f"| `{method}` | {', '.join(sorted(kept[method]))} | {_pm(geo)} | {_pm(ari)} |")
+    return [*lines, ""]
+
+
 # ---------------------------------------------------------------------------------------------------- report
 
 
@@ -1331,10 +1373,22 @@ def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: lis
 
 def report(args, root: Path) -> dict[str, Any]:
     """Rebuild quality.json, the docs section and the plots from the cached runs; returns quality.json's content."""
+    import quality_transfer as qt
+
     names = list(SETTINGS)
+    store = args.store or (None if args.tiny else RECORDS_DIR)
+    if store is not None:  # cells finished on another machine or in an earlier checkout: records only
+        restored = qt.restore(store, root)["imported"]
+        if restored:
+            print(f"restored {len(restored)} finished cells from {q._rel(store)}")
     collected = collect_all(root, names)
-    results = results_json(collected)
+    if store is not None:
+        saved = qt.save(root, store)["saved"]
+        if saved:
+            print(f"kept the records of {len(saved)} finished cells in {q._rel(store)}: commit them")
     results_path = args.results or (root / "quality.json" if args.tiny else RESULTS_PATH)
+    previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results, kept = merge_results(previous, results_json(collected))
     results_path.parent.mkdir(parents=True, exist_ok=True)
     from hf_perfit._io import atomic_write_json
 
@@ -1410,6 +1464,7 @@ def report(args, root: Path) -> dict[str, Any]:
         plot_name = f"quality_scale_{name}.png"
         drawn = plot_setting(setting, cells, [doc_dir / plot_name], args.tiny)
         lines += render_setting(setting, cells, plot_name if drawn else None, args.tiny, root)
+        lines += kept_lines(kept.get(name, {}))
     lines += ["### Reading", ""]
     if ANALYSIS_PATH.is_file() and not args.tiny:
         text = ANALYSIS_PATH.read_text().splitlines()
@@ -1472,6 +1527,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-write", action="store_true", help="report: leave docs/benchmarks.md alone")
     p.add_argument("--results", type=Path, help="quality.json path (default: docs/results/quality.json)")
+    p.add_argument(
+        "--store",
+        type=Path,
+        help="report: committed records of finished cells (default: docs/results/cells; --tiny: none)",
+    )
     args, rest = p.parse_known_args(argv)
     if rest and not rest[0].startswith("--"):
         p.error(f"unexpected arguments {rest}; give every value after its --key.")

@@ -126,7 +126,6 @@ def unpack(archive: Path, root: Path) -> dict[str, list[str]]:
     if not archive.is_file():
         raise SystemExit(f"unpack: {archive} does not exist; give the path of the archive `pack` wrote.")
     root.mkdir(parents=True, exist_ok=True)
-    report: dict[str, list[str]] = {"imported": [], "kept_local": [], "unfinished": []}
     with tempfile.TemporaryDirectory(prefix=".unpack-", dir=root) as tmp_name:
         tmp = Path(tmp_name)
         try:
@@ -138,26 +137,114 @@ def unpack(archive: Path, root: Path) -> dict[str, list[str]]:
             ) from err
         meta_path = tmp / "packed.json"
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        for folder in cell_folders(tmp):
-            rel = folder.relative_to(tmp)
-            cell = qs.read_cell(folder)
-            if cell is None or not cell["finished"]:
-                report["unfinished"].append(str(rel))
-                continue
-            target = root / rel
-            if target.exists():
-                report["kept_local"].append(str(rel))
-                continue
-            q._write_json(folder / IMPORTED_FILE, {**meta, "archive": archive.name, "imported": q._now()})
+        return _import_cells(tmp, root, {**meta, "archive": archive.name}, move=True)
+
+
+def _import_cells(source: Path, root: Path, meta: dict[str, Any], move: bool) -> dict[str, list[str]]:
+    """The finished cells under `source` that `root` has no folder for, into `root`, each marked `imported.json`
+    (`meta` + the time; a mark the cell already carries, e.g. the GPU it ran on, is kept under `first`). A cell
+    appears whole or not at all: it is assembled in a temp folder under `root`, then renamed into place."""
+    report: dict[str, list[str]] = {"imported": [], "kept_local": [], "unfinished": []}
+    root.mkdir(parents=True, exist_ok=True)
+    for folder in cell_folders(source):
+        rel = folder.relative_to(source)
+        cell = qs.read_cell(folder)
+        if cell is None or not cell["finished"]:
+            report["unfinished"].append(str(rel))
+            continue
+        target = root / rel
+        if target.exists():
+            report["kept_local"].append(str(rel))
+            continue
+        mark = {**meta, "imported": q._now()}
+        if (folder / IMPORTED_FILE).is_file():
+            mark["first"] = json.loads((folder / IMPORTED_FILE).read_text())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if move:
+            staged = folder
+        else:
+            staged = Path(tempfile.mkdtemp(prefix=".import-", dir=target.parent))
+            _copy_records(folder, staged)
+        q._write_json(staged / IMPORTED_FILE, mark)
+        os.replace(staged, target)  # same filesystem: the cell appears whole or not at all
+        report["imported"].append(str(rel))
+    for base in sorted(source.glob("*/base/*.json")):
+        target = root / base.relative_to(source)
+        if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(folder, target)  # same filesystem (tmp is under root): the cell appears whole or not at all
-            report["imported"].append(str(rel))
-        for base in sorted(tmp.glob("*/base/*.json")):
-            target = root / base.relative_to(tmp)
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(base, target)
+            shutil.copy2(base, target)
     return report
+
+
+def _copy_records(folder: Path, dest: Path) -> None:
+    """The files of `CELL_FILES` (+ `imported.json`) that `folder` has, into `dest` (same relative paths)."""
+    for name in (*CELL_FILES, IMPORTED_FILE):
+        if (folder / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(folder / name, dest / name)
+
+
+def _same_records(a: Path, b: Path) -> bool:
+    names = (*CELL_FILES, IMPORTED_FILE)
+    return all(
+        (a / n).is_file() == (b / n).is_file()
+        and (not (a / n).is_file() or (a / n).read_bytes() == (b / n).read_bytes())
+        for n in names
+    )
+
+
+def save(root: Path, store: Path) -> dict[str, list[str]]:
+    """Keep the records of every finished cell under `root` in `store` (the repository's docs/results/cells), where
+    they outlive the machine: a cell's folder under `outputs/` is scratch that a fresh checkout does not have.
+
+    A cell the store lacks is added; one whose records differ (the cell was rerun) replaces the stored one whole;
+    an unfinished cell is left out. Each cell is written to a temp folder beside its place and renamed into it; a
+    replaced one is moved aside first and deleted only once the new one is in place.
+
+    Returns:
+        `dict`: `saved` (added or replaced), `unchanged`, `unfinished` (relative cell paths).
+    """
+    report: dict[str, list[str]] = {"saved": [], "unchanged": [], "unfinished": []}
+    for folder in cell_folders(root):
+        rel = folder.relative_to(root)
+        cell = qs.read_cell(folder)
+        if cell is None or not cell["finished"]:
+            report["unfinished"].append(str(rel))
+            continue
+        overlap = qs.mask_overlap(cell)
+        if overlap is not None:  # computed from the strategy state, which is not kept
+            q._write_json(folder / qs.MASK_OVERLAP_FILE, overlap)
+        target = store / rel
+        if target.is_dir() and _same_records(folder, target):
+            report["unchanged"].append(str(rel))
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=".save-", dir=target.parent))
+        _copy_records(folder, staged)
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=".old-", dir=target.parent))
+            os.replace(target, old / "cell")
+        os.replace(staged, target)
+        if old is not None:
+            shutil.rmtree(old)
+        report["saved"].append(str(rel))
+    for base in sorted(root.glob("*/base/*.json")):
+        target = store / base.relative_to(root)
+        if not target.is_file() or target.read_bytes() != base.read_bytes():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            from hf_perfit._io import atomic_write_bytes
+
+            atomic_write_bytes(target, base.read_bytes())
+    return report
+
+
+def restore(store: Path, root: Path) -> dict[str, list[str]]:
+    """The stored cells (`save`) that `root` has no folder for, copied into `root` as imported cells: read by the
+    report, never resumed or forked from (their tensors were not kept). A local folder is never touched."""
+    if not store.is_dir():
+        return {"imported": [], "kept_local": [], "unfinished": []}
+    return _import_cells(store, root, {"store": q._rel(store)}, move=False)
 
 
 def main(argv: list[str] | None = None) -> int:

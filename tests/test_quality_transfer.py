@@ -129,3 +129,63 @@ def test_fine_tuning_waits_while_another_worker_computes_its_source(trained, tmp
     assert qs._fork_source_running(ft, cells) == "fedit"
     lock.path.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))  # a gone process
     assert qs._fork_source_running(ft, cells) is None
+
+
+def test_saved_records_restore_the_cells_in_a_fresh_checkout(trained, tmp_path, capsys):
+    store = tmp_path / "store"
+    out = qt.save(trained, store)
+    assert sorted(out["saved"]) == ["flan8_recipe/seed0/fedit", "flan8_recipe/seed0/perfit"]
+    assert not [p for p in store.rglob("*.safetensors")]  # records only
+    assert not [p for p in store.rglob(".save-*")] and not [p for p in store.rglob(".old-*")]
+    assert qt.save(trained, store)["unchanged"] == out["saved"]  # nothing rewritten when nothing changed
+
+    fresh = tmp_path / "fresh"  # a new checkout: no outputs/, the store committed
+    assert sorted(qt.restore(store, fresh)["imported"]) == out["saved"]
+    for method in ("fedit", "perfit"):
+        original, restored = qs.read_cell(_cell(trained, method)), qs.read_cell(_cell(fresh, method))
+        for key in ("finished", "done", "total", "ppl", "loss", "bytes_up", "bytes_down", "wall_s", "config"):
+            assert restored[key] == original[key], key
+        assert "store" in json.loads((_cell(fresh, method) / qs.IMPORTED_FILE).read_text())
+    assert qs.mask_overlap(qs.read_cell(_cell(fresh, "perfit"))) == qs.mask_overlap(
+        qs.read_cell(_cell(trained, "perfit"))
+    )
+    stamps = {p: p.stat().st_mtime_ns for p in fresh.rglob("*") if p.is_file()}
+    assert qt.restore(store, fresh)["kept_local"] == out["saved"]  # a folder that is here is never touched
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # a rerun cell replaces its stored records whole
+    results = _cell(trained, "fedit") / "results.md"
+    original_text = results.read_text()
+    try:
+        results.write_text(original_text + "\nrerun\n")
+        assert qt.save(trained, store)["saved"] == ["flan8_recipe/seed0/fedit"]
+        assert (store / "flan8_recipe/seed0/fedit/results.md").read_text().endswith("rerun\n")
+    finally:
+        results.write_text(original_text)
+
+    # the report over the fresh checkout restores from the store and gives the same quality.json
+    argv = ["report", "--tiny", "--setting", "flan8_recipe", "--no-write"]
+    assert qs.main([*argv, "--root", str(trained), "--results", str(tmp_path / "a.json")]) == 0
+    empty = tmp_path / "empty"
+    assert qs.main([*argv, "--root", str(empty), "--store", str(store), "--results", str(tmp_path / "b.json")]) == 0
+    assert "restored 2 finished cells" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b.json").read_text()) == json.loads((tmp_path / "a.json").read_text())
+
+
+def test_report_keeps_numbers_whose_records_are_elsewhere(trained, tmp_path):
+    results = tmp_path / "q.json"
+    lost = {"client_0": [4.0, 2.0], "client_1": [9.0, 8.0]}
+    results.write_text(json.dumps({"flan8_recipe": {"local": {"7": lost}}}))
+    argv = ["report", "--tiny", "--setting", "flan8_recipe", "--no-write", "--root", str(trained)]
+    assert qs.main([*argv, "--results", str(results)]) == 0
+    after = json.loads(results.read_text())
+    assert after["flan8_recipe"]["local"]["7"] == lost  # kept though no records of it are here
+    assert set(after["flan8_recipe"]["fedit"]) == {"0"}  # the cells that are here are written as before
+    section = (trained / "benchmarks_section.md").read_text()
+    assert "| `local` | 7 | 4.000 | 5.000 |" in section  # geometric sqrt(2*8) = 4, arithmetic (2+8)/2 = 5
+
+    merged, kept = qs.merge_results(
+        {"s": {"m": {"0": {"c": [1.0]}, "1": {"c": [2.0]}}}}, {"s": {"m": {"0": {"c": [3.0]}}}}
+    )
+    assert merged == {"s": {"m": {"0": {"c": [3.0]}, "1": {"c": [2.0]}}}}  # a cell that is here wins
+    assert kept == {"s": {"m": {"1": {"c": [2.0]}}}}
