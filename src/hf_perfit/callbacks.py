@@ -61,10 +61,14 @@ class PerFITPruningCallback(TrainerCallback):
         # accelerate wraps `model.forward` in an autocast + fp32-output wrapper for mixed precision (TRL's SFTConfig
         # defaults to bf16=True) and leaves it there after training: later inference in this process would silently
         # run in bf16, and every further Trainer on the same model would stack another wrapper. Restore the plain
-        # forward so the model behaves exactly like the adapter it saves.
+        # forward so the model behaves exactly like the adapter it saves, and clear accelerate's "prepared" mark: a
+        # second `trainer.train()` then wraps it again (accelerate skips a marked model, which would train the second
+        # run without autocast).
         model = kwargs.get("model")
         if model is not None:
-            extract_model_from_parallel(find_perfit_model(model), keep_fp32_wrapper=False)
+            perfit = find_perfit_model(model)
+            extract_model_from_parallel(perfit, keep_fp32_wrapper=False)
+            perfit.__dict__.pop("_is_accelerate_prepared", None)
 
     def on_log(self, args, state, control, logs: dict[str, float] | None = None, **kwargs: Any):
         if logs is not None and kwargs.get("model") is not None:
