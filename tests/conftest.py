@@ -96,6 +96,14 @@ def batch() -> torch.Tensor:
 REPO_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 
+# FederatedConfig keys for the tests that compare runs bit for bit (resume after a kill, a fork, another transport or
+# process, a stored fp32 reference): fp32 on the CPU. With a GPU visible, `device: auto` trains on CUDA in bf16
+# (`bf16: auto`), where two identical runs are not bitwise equal (CUDA's attention backward accumulates with atomics).
+# The resume logic is the same on every device; tests/test_resume_bf16.py runs it in bf16 (exact on the CPU, within
+# bf16 rounding on CUDA).
+CPU_FP32 = {"device": "cpu", "bf16": "false"}
+
+
 def pythonpath() -> str:
     """PYTHONPATH for a subprocess: the repo's src/ first, then the one the tests run with (on some machines the
     packages come through it, so replacing it would lose them)."""

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from hf_perfit.cli import main, parse_federate_args
 
-from .conftest import pythonpath, save_run_assets
+from .conftest import CPU_FP32, pythonpath, save_run_assets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -169,15 +169,14 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path, assets, capsys):
-    # CPU only: bitwise-equal adapters need deterministic kernels, and CUDA's attention backward accumulates with
-    # atomics (two identical CUDA runs differ in the last bits); the resume logic is the same on every device.
+    # CPU fp32 only: bitwise-equal adapters (conftest.CPU_FP32 says why); the resume logic is the same on every device
     reference = tmp_path / "reference"
-    assert main(["federate", "--config", str(_config(assets, reference, device="cpu"))]) == 0
+    assert main(["federate", "--config", str(_config(assets, reference, **CPU_FP32))]) == 0
     assert {"perplexity.png", "density.png", "results.md"} <= {p.name for p in reference.iterdir()}
     assert "![perplexity](perplexity.png)" in (reference / "results.md").read_text()
 
     killed = tmp_path / "killed"
-    config = _config(assets, killed, device="cpu")
+    config = _config(assets, killed, **CPU_FP32)
     ready = tmp_path / "ready"
     env = {**os.environ, "HANG_AFTER_CALL": "8", "READY_FILE": str(ready), "PYTHONPATH": pythonpath()}
     proc = subprocess.Popen(

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from hf_perfit.federated.simulation import FederatedConfig, FederatedSimulation
 
-from .conftest import build_tokenizer, tiny_llama
+from .conftest import CPU_FP32, build_tokenizer, tiny_llama
 from .test_fedmut import _clients
 
 REFERENCE = Path(__file__).parent / "data" / "engine_reference.safetensors"
@@ -70,7 +70,7 @@ def _records(out: Path) -> list[dict]:
 def test_same_adapters_as_the_engine_before_the_coordinator(tmp_path, name, monkeypatch):
     # the reference was computed on CPU: CUDA kernels differ in the last bits, so this comparison runs on CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    _sim(_cfg(tmp_path / name, **CASES[name])).run()
+    _sim(_cfg(tmp_path / name, **CASES[name], **CPU_FP32)).run()
     reference = load_file(str(REFERENCE))
     with safe_open(str(REFERENCE), "pt") as f:
         ref_records = json.loads(f.metadata()["records"])[name]

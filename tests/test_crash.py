@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from hf_perfit.cli import main
 
-from .conftest import pythonpath, save_run_assets
+from .conftest import CPU_FP32, pythonpath, save_run_assets
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS = ("client_0", "client_1", "client_2")
@@ -65,6 +65,7 @@ def _config(assets: Path, out: Path, strategy: str) -> Path:
         "lora_alpha": 4,
         "test_fraction": 0.25,
         "output_dir": str(out),
+        **CPU_FP32,  # bit-for-bit comparison (conftest.CPU_FP32)
         **STRATEGY_KEYS[strategy],
     }
     path = out.parent / f"{out.name}.yaml"

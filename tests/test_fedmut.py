@@ -16,6 +16,8 @@ from hf_perfit.federated.strategies import STRATEGIES, FedMutStrategy, FedQPStra
 from hf_perfit.federated.strategies.fedmut import group_keys, lora_module_name
 from hf_perfit.federated.strategies.fedqp import project_mutation, projection_coefficients
 
+from .conftest import CPU_FP32
+
 P = "base_model.model.model.layers.{}.self_attn.{}_proj.lora_{}.weight"
 SHAPES = {
     P.format(0, "q", "A"): (4, 12),
@@ -644,10 +646,10 @@ def _clients(n: int = 3):
     return out
 
 
-def _run_and_check(tmp_path, strategy, options):
+def _run_and_check(tmp_path, strategy, options, **kw):
     """Run 2 rounds of 3 clients, spying on the plans, the instructions and what the model was loaded with, and
     check the metrics the run wrote."""
-    sim = _simulation(_sim_cfg(tmp_path, strategy, strategy_options=options))
+    sim = _simulation(_sim_cfg(tmp_path, strategy, strategy_options=options, **kw))
     plans, sent, loaded = [], [], []
     configure_round, configure_client = sim.strategy.configure_round, sim.strategy.configure_client
     set_state = sim.model.set_adapter_state
@@ -693,7 +695,7 @@ def test_fedmut_tiny_run_end_to_end_and_exact_resume_after_a_crash(tmp_path, mon
     import hf_perfit.federated.simulation as sim_mod
 
     options = {"mutation_alpha": 0.5, "mutation_beta_rounds": 4, "mutation_seed": 3}
-    _run_and_check(tmp_path / "a", "fedmut", options)
+    _run_and_check(tmp_path / "a", "fedmut", options, **CPU_FP32)  # bit-for-bit resume (conftest.CPU_FP32)
 
     real = sim_mod.client_update
     calls = {"n": 0}
@@ -706,9 +708,9 @@ def test_fedmut_tiny_run_end_to_end_and_exact_resume_after_a_crash(tmp_path, mon
 
     monkeypatch.setattr(sim_mod, "client_update", crash_in_round_1)
     with pytest.raises(KeyboardInterrupt):
-        _simulation(_sim_cfg(tmp_path / "b", "fedmut", strategy_options=options)).run()
+        _simulation(_sim_cfg(tmp_path / "b", "fedmut", strategy_options=options, **CPU_FP32)).run()
     monkeypatch.setattr(sim_mod, "client_update", real)
-    _simulation(_sim_cfg(tmp_path / "b", "fedmut", strategy_options=options, resume=True)).run()
+    _simulation(_sim_cfg(tmp_path / "b", "fedmut", strategy_options=options, resume=True, **CPU_FP32)).run()
     for c in ("client_0", "client_1", "client_2"):
         a = load_file(str(tmp_path / "a" / "fedmut" / "clients" / c / "adapter" / "adapter_model.safetensors"))
         b = load_file(str(tmp_path / "b" / "fedmut" / "clients" / c / "adapter" / "adapter_model.safetensors"))

@@ -38,7 +38,7 @@ from hf_perfit.flower.records import (  # noqa: E402
     unpack_blob,
 )
 
-from .conftest import save_run_assets, tiny_llama  # noqa: E402
+from .conftest import CPU_FP32, save_run_assets, tiny_llama  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "recipes" / "flower"
@@ -78,6 +78,8 @@ def _config(assets: Path, out: Path, **overrides) -> FederatedConfig:
         "lora_alpha": 4,
         "test_fraction": 0.25,
         "output_dir": str(out),
+        # Flower runs are compared with in-process runs bit for bit: fp32 on the CPU (conftest.CPU_FP32)
+        **CPU_FP32,
         **overrides,
     }
     return FederatedConfig.from_dict(values)

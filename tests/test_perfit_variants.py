@@ -15,7 +15,7 @@ from hf_perfit.federated.messages import PERSONAL, ClientUpdate, is_personal_key
 from hf_perfit.federated.simulation import FederatedConfig, FederatedSimulation
 from hf_perfit.federated.strategies import PerFITStrategy
 
-from .conftest import build_tokenizer, tiny_llama
+from .conftest import CPU_FP32, build_tokenizer, tiny_llama
 from .test_flower import assets, task_identity  # noqa: F401  (fixtures of the Flower test below)
 from .test_simulation import _cfg as _sim_cfg
 from .test_simulation import _clients
@@ -184,9 +184,9 @@ def test_perfit_pb_counts_the_a_values_only_resumes_exactly_and_exports_plain_pe
         if name == "round1.client1.after_save":
             raise KeyboardInterrupt
 
-    full = _cfg(tmp_path / "full", **PB)
+    full = _cfg(tmp_path / "full", **PB, **CPU_FP32)  # bit-for-bit resume (conftest.CPU_FP32)
     _sim(full).run()
-    cut = _cfg(tmp_path / "cut", **PB)
+    cut = _cfg(tmp_path / "cut", **PB, **CPU_FP32)
     monkeypatch.setattr(coordinator, "crash_point", crash)
     with pytest.raises(KeyboardInterrupt):
         _sim(cut).run()

@@ -241,6 +241,7 @@ def test_finetuned_row_forked_from_its_source_equals_it_from_scratch(source, tun
 
     assert qs.METHODS[tuned].fork_of == source
     common = ["run", "--tiny", "--setting", "flan8_recipe", "--seeds", "0", "--no-report", "--threads", "1"]
+    common += ["--device", "cpu", "--bf16", "false"]  # bit-for-bit (conftest.CPU_FP32); bf16: test_resume_bf16.py
     assert qs.main([*common, "--methods", source, tuned, "--root", str(tmp_path / "fork")]) == 0
     assert (
         f"forked the finished run {tmp_path / 'fork' / 'flan8_recipe' / 'seed0' / source}" in capsys.readouterr().out
