@@ -140,18 +140,25 @@ def unpack(archive: Path, root: Path) -> dict[str, list[str]]:
         return _import_cells(tmp, root, {**meta, "archive": archive.name}, move=True)
 
 
+def _finished_cells(root: Path, unfinished: list[str]):
+    """`(folder, path relative to root, read_cell)` of every finished cell under `root`; the others' relative paths
+    go to `unfinished`."""
+    for folder in cell_folders(root):
+        rel = folder.relative_to(root)
+        cell = qs.read_cell(folder)
+        if cell is None or not cell["finished"]:
+            unfinished.append(str(rel))
+            continue
+        yield folder, rel, cell
+
+
 def _import_cells(source: Path, root: Path, meta: dict[str, Any], move: bool) -> dict[str, list[str]]:
     """The finished cells under `source` that `root` has no folder for, into `root`, each marked `imported.json`
     (`meta` + the time; a mark the cell already carries, e.g. the GPU it ran on, is kept under `first`). A cell
     appears whole or not at all: it is assembled in a temp folder under `root`, then renamed into place."""
     report: dict[str, list[str]] = {"imported": [], "kept_local": [], "unfinished": []}
     root.mkdir(parents=True, exist_ok=True)
-    for folder in cell_folders(source):
-        rel = folder.relative_to(source)
-        cell = qs.read_cell(folder)
-        if cell is None or not cell["finished"]:
-            report["unfinished"].append(str(rel))
-            continue
+    for folder, rel, _ in _finished_cells(source, report["unfinished"]):
         target = root / rel
         if target.exists():
             report["kept_local"].append(str(rel))
@@ -205,12 +212,7 @@ def save(root: Path, store: Path) -> dict[str, list[str]]:
         `dict`: `saved` (added or replaced), `unchanged`, `unfinished` (relative cell paths).
     """
     report: dict[str, list[str]] = {"saved": [], "unchanged": [], "unfinished": []}
-    for folder in cell_folders(root):
-        rel = folder.relative_to(root)
-        cell = qs.read_cell(folder)
-        if cell is None or not cell["finished"]:
-            report["unfinished"].append(str(rel))
-            continue
+    for folder, rel, cell in _finished_cells(root, report["unfinished"]):
         overlap = qs.mask_overlap(cell)
         if overlap is not None:  # computed from the strategy state, which is not kept
             q._write_json(folder / qs.MASK_OVERLAP_FILE, overlap)
