@@ -174,8 +174,8 @@ def test_resume_refuses_a_damaged_checkpoint_naming_the_round(tmp_path):
 
 
 def test_state_memory_budget_does_not_change_the_run(tmp_path):
-    a = _cfg(tmp_path / "memory", strategy="perfit")
-    b = _cfg(tmp_path / "disk", strategy="perfit", client_state_memory_mb=0)
+    a = _cfg(tmp_path / "memory", strategy="perfit", **CPU_FP32)  # two runs bit for bit (conftest.CPU_FP32)
+    b = _cfg(tmp_path / "disk", strategy="perfit", client_state_memory_mb=0, **CPU_FP32)
     _sim(a).run()
     _sim(b).run()
     for cid, tensors in _adapters(tmp_path / "memory").items():
@@ -188,8 +188,9 @@ def test_finetune_steps_fine_tune_and_export_each_clients_adapter(tmp_path):
 
     from hf_perfit.federated.client import evaluate_perplexity
 
-    plain = _cfg(tmp_path / "plain", strategy="fedit")
-    tuned = _cfg(tmp_path / "tuned", strategy="fedit", finetune_steps=2)
+    # two runs compared record for record, and exports evaluated on the CPU to 1e-5: fp32 on the CPU (conftest.CPU_FP32)
+    plain = _cfg(tmp_path / "plain", strategy="fedit", **CPU_FP32)
+    tuned = _cfg(tmp_path / "tuned", strategy="fedit", finetune_steps=2, **CPU_FP32)
     _sim(plain).run()
     sim = _sim(tuned)
     summary = sim.run()
@@ -312,9 +313,9 @@ def test_a_round_driven_through_the_public_steps_equals_run(tmp_path):
     """What a Flower `Strategy` does (it receives the replies on Flower's schedule): drive every round through the
     coordinator's public calls, with the transport's `fit` in between; the run folder equals `run()`'s, byte for
     byte (records) and bit for bit (adapters), and each result was persisted where a restart finds it."""
-    _sim(_cfg(tmp_path / "run", strategy="perfit")).run()
+    _sim(_cfg(tmp_path / "run", strategy="perfit", **CPU_FP32)).run()  # two runs bit for bit (conftest.CPU_FP32)
 
-    sim = _sim(_cfg(tmp_path / "steps", strategy="perfit"))
+    sim = _sim(_cfg(tmp_path / "steps", strategy="perfit", **CPU_FP32))
     summary = None
     for r in range(sim.config.num_rounds):
         sampled, ids, jobs = sim.plan_round(r)

@@ -28,7 +28,7 @@ from hf_perfit.mole import (
 )
 from hf_perfit.mole.keys import NUM_TOKENS_KEY, expert_key, expert_mean_key, shared_key, token_mean_key
 
-from .conftest import build_tokenizer, tiny_llama
+from .conftest import CPU_FP32, build_tokenizer, tiny_llama
 from .test_simulation import _cfg, _clients
 
 Q0 = "model.layers.0.self_attn.q_proj"
@@ -468,6 +468,7 @@ def test_tiny_federated_run_exports_reloadable_client_adapters(tmp_path):
     import hf_perfit  # noqa: F401
 
     kw = dict(num_experts=4, clients_per_expert=2, experts_per_client_min=1, experts_per_client_max=4)
+    kw.update(CPU_FP32)  # the run's model is compared with a plain-PEFT load on the CPU to 1e-5 (conftest.CPU_FP32)
     summary = FederatedSimulation(
         _cfg(tmp_path, "fedamole", **kw), model=tiny_llama(), tokenizer=build_tokenizer(), clients=_clients()
     ).run()

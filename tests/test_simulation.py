@@ -11,7 +11,7 @@ from peft import PeftModel
 from hf_perfit.data import ClientData
 from hf_perfit.federated.simulation import FederatedConfig, FederatedSimulation
 
-from .conftest import build_tokenizer, tiny_llama
+from .conftest import CPU_FP32, build_tokenizer, tiny_llama
 
 
 def _clients(n=3):
@@ -51,7 +51,8 @@ def _run(cfg):
 
 @pytest.mark.parametrize("strategy", ["perfit", "fedit", "fedprox", "local"])
 def test_run_writes_metrics_and_plain_peft_adapters(tmp_path, strategy):
-    cfg = _cfg(tmp_path, strategy, budget_multipliers=[1.0, 1.0, 2.0] if strategy == "perfit" else None)
+    # the run's model is compared with a plain-PEFT load on the CPU to 1e-5: fp32 on the CPU (conftest.CPU_FP32)
+    cfg = _cfg(tmp_path, strategy, budget_multipliers=[1.0, 1.0, 2.0] if strategy == "perfit" else None, **CPU_FP32)
     summary = _run(cfg)
     out = tmp_path / strategy
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
