@@ -30,6 +30,21 @@ def find_perfit_model(model: nn.Module | None) -> PerFITModel:
     return seen
 
 
+def release_mixed_precision(model: nn.Module) -> None:
+    """Undo what accelerate's `prepare` did to `model` for mixed precision, so that the model behaves exactly like the
+    adapter it saves and the next `Trainer.train()` on it prepares it afresh: restore the plain `forward` (accelerate
+    wraps it in autocast + fp32 outputs, TRL's SFTConfig defaulting to bf16, and leaves it there: later inference in
+    the process would silently run in bf16) and clear the `_is_accelerate_prepared` mark.
+
+    Why the mark too: accelerate skips a model marked prepared, so a trainer reused across rounds (the federated
+    local trainer) wrapped the forward in the first round only, and once the wrapper was stripped every later round
+    trained without autocast. In bf16 the first client round of each process then computed differently from the rest,
+    so a resumed run differed from the uninterrupted one (grad sums 0.601896 against 0.601930 at the same step,
+    2026-11-29). Now every `train()` runs under autocast and every evaluation after it without the wrapper."""
+    extract_model_from_parallel(model, keep_fp32_wrapper=False)
+    model.__dict__.pop("_is_accelerate_prepared", None)
+
+
 class PerFITPruningCallback(TrainerCallback):
     """Runs PerFIT's iterative pruning inside a `transformers.Trainer` / `trl.SFTTrainer`.
 
@@ -58,17 +73,9 @@ class PerFITPruningCallback(TrainerCallback):
         find_perfit_model(kwargs.get("model")).after_optimizer_step()
 
     def on_train_end(self, args, state, control, **kwargs: Any):
-        # accelerate wraps `model.forward` in an autocast + fp32-output wrapper for mixed precision (TRL's SFTConfig
-        # defaults to bf16=True) and leaves it there after training: later inference in this process would silently
-        # run in bf16, and every further Trainer on the same model would stack another wrapper. Restore the plain
-        # forward so the model behaves exactly like the adapter it saves, and clear accelerate's "prepared" mark: a
-        # second `trainer.train()` then wraps it again (accelerate skips a marked model, which would train the second
-        # run without autocast).
         model = kwargs.get("model")
         if model is not None:
-            perfit = find_perfit_model(model)
-            extract_model_from_parallel(perfit, keep_fp32_wrapper=False)
-            perfit.__dict__.pop("_is_accelerate_prepared", None)
+            release_mixed_precision(find_perfit_model(model))
 
     def on_log(self, args, state, control, logs: dict[str, float] | None = None, **kwargs: Any):
         if logs is not None and kwargs.get("model") is not None:

@@ -23,7 +23,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
 from .._compose import compose
-from ..callbacks import PerFITPruningCallback
+from ..callbacks import PerFITPruningCallback, release_mixed_precision
 from ..model import PerFITModel
 from .comm import downlink_bytes, uplink_bytes
 from .compact_head import enable_compact_head_on_cpu
@@ -276,26 +276,9 @@ class _LocalTrainer:
             t.set_anchor(proximal_mu)
         set_seed(seed)  # what `SFTTrainer.__init__` and `Trainer.__init__` do before anything random
         result = t.train()
-        release_mixed_precision(t.model)
+        release_mixed_precision(t.model)  # any adapter (PerFIT's callback does it too; MoLE has no callback)
         losses = [h["loss"] for h in t.state.log_history if "loss" in h]
         return losses or [float(result.training_loss)]
-
-
-def release_mixed_precision(model: torch.nn.Module) -> None:
-    """Undo what accelerate's `prepare` did to `model` for mixed precision, so that the next `Trainer.train()` on it
-    prepares it afresh: restore the plain `forward` (accelerate wraps it in bf16 autocast + fp32 outputs) and clear the
-    `_is_accelerate_prepared` mark.
-
-    Why both: accelerate skips a model marked prepared, so a trainer reused across rounds wrapped the forward in the
-    first round only, and once the wrapper was gone (PerFIT's callback strips it at the end of training) every later
-    round trained without autocast. In bf16 the first client round of each process then computed differently from the
-    rest, so a resumed run differed from the uninterrupted one (grad sums 0.601896 against 0.601930 at the same step,
-    2026-11-29), and evaluation ran with or without autocast depending on whether a round had trained in the process.
-    Now every round trains under autocast and every evaluation runs without the wrapper."""
-    from accelerate.utils import extract_model_from_parallel
-
-    extract_model_from_parallel(model, keep_fp32_wrapper=False)
-    model.__dict__.pop("_is_accelerate_prepared", None)
 
 
 def _keep_device_cache(accelerator: Any) -> None:
