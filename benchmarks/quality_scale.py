@@ -882,11 +882,24 @@ def _pm(xs: list[float], fmt: str = "{:.3f}") -> str:
     return fmt.format(_mean(xs)) + (f" ± {fmt.format(sd)}" if sd is not None else "")
 
 
-def seed_stats(cell: dict[str, Any]) -> dict[str, float]:
+def cell_precision(cell: dict[str, Any]) -> str | None:
+    """The arithmetic a cell trained and evaluated in, from its sessions' devices and its config's `bf16`: `bf16`
+    (CUDA with `bf16: auto` or `true`), `fp32` (the CPU, or `bf16: false`), `bf16+fp32` (a cell resumed on the other
+    kind of machine), `None` where no session recorded its device (cells of before 2026-11-29's device field)."""
+    bf16 = str(cell.get("config", {}).get("bf16", "auto")).lower() in ("auto", "true", "1")
+    kinds = set()
+    for session in cell.get("sessions", []):
+        device = session.get("device")
+        if device is not None:
+            kinds.add("bf16" if device.startswith("cuda") and bf16 else "fp32")
+    return "+".join(sorted(kinds)) or None
+
+
+def seed_stats(cell: dict[str, Any]) -> dict[str, Any]:
     """Arithmetic and geometric mean personalized perplexity over clients (geometric: `exp` of the mean eval loss)
-    of a finished cell, and its ROUGE-L mean when every client has one."""
+    of a finished cell, its ROUGE-L mean when every client has one, and its `precision` ([`cell_precision`])."""
     ppl, loss = final_of(cell)
-    out = {"arith": _mean(ppl.values()), "geo": math.exp(_mean(loss.values()))}
+    out = {"arith": _mean(ppl.values()), "geo": math.exp(_mean(loss.values())), "precision": cell_precision(cell)}
     rouge = cell.get("rouge")
     if rouge and all(c in rouge["clients"] for c in ppl):
         out["rouge"] = _mean(rouge["clients"][c]["rouge_l"] for c in ppl)
@@ -1045,6 +1058,7 @@ def render_setting(setting: Setting, cells: dict[str, dict[int, dict]], plot: st
     tables = [("main", setting.methods)] + ([("ablations", setting.ablations)] if setting.ablations else [])
     stats = {m: {s: seed_stats(c) for s, c in seeds.items() if c["finished"]} for m, seeds in cells.items()}
     geo = {m: _mean(v["geo"] for v in st.values()) for m, st in stats.items() if st}
+    mixed = len({v["precision"] for st in stats.values() for v in st.values()} - {None}) > 1
     for title, methods in tables:
         lines += [
             f"{'Methods' if title == 'main' else 'Ablations of PerFIT'} (final round; mean ± sd over the finished "
@@ -1061,7 +1075,10 @@ def render_setting(setting: Setting, cells: dict[str, dict[int, dict]], plot: st
             seeds = cells.get(m, {})
             fin = sorted(s for s, c in seeds.items() if c["finished"])
             part = [f"seed{s} {c['done']}/{c['total']}" for s, c in sorted(seeds.items()) if not c["finished"]]
-            done_s = ", ".join(map(str, fin)) or "–"
+            if mixed:  # each seed's arithmetic, where the table has more than one
+                done_s = ", ".join(f"{s} {stats[m][s]['precision'] or 'fp32?'}" for s in fin) or "–"
+            else:
+                done_s = ", ".join(map(str, fin)) or "–"
             if part:
                 done_s += f" (partial: {', '.join(part)})"
             if not fin:
@@ -1069,9 +1086,8 @@ def render_setting(setting: Setting, cells: dict[str, dict[int, dict]], plot: st
                 continue
             st = [stats[m][s] for s in fin]
             ratio = "–"
-            common = [s for s in fin if s in stats.get("fedit", {})]
-            if common:
-                ratio = f"{_mean(stats[m][s]['geo'] for s in common) / _mean(stats['fedit'][s]['geo'] for s in common):.3f}"
+            if any(s in stats.get("fedit", {}) and _same_precision(stats[m][s], stats["fedit"][s]) for s in fin):
+                ratio = f"{_ratio_to_fedit(stats, m)[0]:.3f}"  # paired: the seeds both rows finished, one precision
             rouge = [x["rouge"] for x in st if "rouge" in x]
             wtl = "–" if m == "perfit" or "perfit" not in cells else wins(cells["perfit"], seeds)
             wtl = "/".join(map(str, wtl)) if isinstance(wtl, tuple) else ("–" if wtl in ("–", None) else wtl)
@@ -1107,7 +1123,16 @@ def render_setting(setting: Setting, cells: dict[str, dict[int, dict]], plot: st
             "device counts for both): " + ", ".join(f"{d} {n}" for d, n in sorted(devices.items())) + ".",
             "",
         ]
-    lines += _standing(setting, cells, stats, geo)
+    if mixed:
+        lines += [
+            "**Mixed precision.** This table's finished cells were not all computed in one arithmetic (each seed's "
+            "is in its row): bf16 (a GPU, `bf16: auto`) and fp32 (the CPU) differ by 0.2-4% on the same seed after "
+            "the first rounds (docs/quality_scale_analysis.md), as much as some rows differ. The ratios to FedIT pair "
+            "only seeds of the same precision; the means, the order and the goal's verdict mix them and are "
+            "provisional until every row is in one precision.",
+            "",
+        ]
+    lines += _standing(setting, cells, stats, geo, mixed)
     fa = next((c for c in cells.get("fedamole", {}).values() if c.get("budget")), None)
     if fa:
         b = fa["budget"]
@@ -1144,15 +1169,31 @@ def _base_row(setting: Setting, cells, root: Path) -> str:
     return f"| base model | – | {math.exp(_mean(loss)):.3f} | | {_mean(ppl):.3f} | {rouge} | | 0 | 0 | – |"
 
 
+def _same_precision(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two seeds' stats may be paired: the same arithmetic, or one not recorded (all such cells are fp32 CPU
+    cells of before the device field)."""
+    pa, pb = a.get("precision"), b.get("precision")
+    return pa is None or pb is None or pa == pb
+
+
 def _ratio_to_fedit(stats, method: str) -> tuple[float, str]:
-    """`method`'s mean geometric perplexity over FedIT's, over the seeds both finished (paired); where they share no
-    seed yet, over each one's finished seeds (unpaired, said so). Returns the ratio and the words saying over what."""
-    common = [s for s in stats[method] if s in stats["fedit"]]
+    """`method`'s mean geometric perplexity over FedIT's, over the seeds both finished in the same precision
+    (paired; bf16 on a GPU and fp32 on the CPU differ by 0.2-4% on the same seed, as much as rows differ); where they
+    share no such seed, over each one's finished seeds (unpaired, said so). Returns the ratio and the words saying
+    over what."""
+    both = [s for s in stats[method] if s in stats["fedit"]]
+    common = [s for s in both if _same_precision(stats[method][s], stats["fedit"][s])]
+    mixed = [s for s in both if s not in common]
     if common:
         ratio = _mean(stats[method][s]["geo"] for s in common) / _mean(stats["fedit"][s]["geo"] for s in common)
-        return ratio, f"over seed(s) {', '.join(map(str, common))}"
+        words = f"over seed(s) {', '.join(map(str, common))}"
+        if mixed:
+            words += f" (not seed(s) {', '.join(map(str, mixed))}: bf16 in one row, fp32 in the other)"
+        return ratio, words
     ratio = _mean(v["geo"] for v in stats[method].values()) / _mean(v["geo"] for v in stats["fedit"].values())
     mine, theirs = (", ".join(map(str, stats[m])) for m in (method, "fedit"))
+    if mixed:
+        return ratio, f"over seeds of different precisions ({method}: {mine}; fedit: {theirs}; unpaired)"
     return ratio, f"over different seeds ({method}: {mine}; fedit: {theirs}; unpaired)"
 
 
@@ -1173,9 +1214,11 @@ def _order(rows: list[str], stats, geo) -> str:
     return text
 
 
-def _standing(setting: Setting, cells, stats, geo) -> list[str]:
+def _standing(setting: Setting, cells, stats, geo, mixed: bool = False) -> list[str]:
     """PerFIT against FedIT and the other rows; the goal's verdict where the issue sets one (flan8_recipe: the lowest
-    geometric mean and <= 0.77x FedIT's over 3 seeds; iid: no worse than FedIT)."""
+    geometric mean and <= 0.77x FedIT's over 3 seeds; iid: no worse than FedIT), marked provisional where the
+    table's cells mix bf16 and fp32 (`mixed`)."""
+    provisional = " (provisional: the rows mix bf16 and fp32 cells)" if mixed else ""
     if "perfit" not in geo or "fedit" not in geo:
         return ["PerFIT against FedIT: pending (PerFIT and FedIT must both have a finished seed).", ""]
     ratio, over = _ratio_to_fedit(stats, "perfit")
@@ -1188,10 +1231,13 @@ def _standing(setting: Setting, cells, stats, geo) -> list[str]:
     so_far = f" so far (pending: {', '.join(pending)})" if pending else ""
     if setting.name == "flan8_recipe":
         met = ratio <= GOAL_RATIO and lowest == "perfit"
-        text += f" Goal (≤ {GOAL_RATIO}× FedIT and the lowest of all): **{'met' if met else 'missed'}**{so_far}."
+        text += f" Goal (≤ {GOAL_RATIO}× FedIT and the lowest of all): **{'met' if met else 'missed'}**{so_far}"
+        text += f"{provisional}."
     elif setting.partition == "iid":
         met = ratio <= 1.0 + TIE
-        text += f" Goal (no worse than FedIT, within {TIE:.0%}): **{'met' if met else 'missed'}**{so_far}."
+        text += (
+            f" Goal (no worse than FedIT, within {TIE:.0%}): **{'met' if met else 'missed'}**{so_far}{provisional}."
+        )
     lines = [text, ""]
     for v in VARIANTS:  # each variant in place of perfit among the main rows (the faithful rows stay as they are)
         if v not in geo:
@@ -1208,7 +1254,7 @@ def _standing(setting: Setting, cells, stats, geo) -> list[str]:
         so_far = f" so far (pending: {', '.join(pending)})" if pending else ""
         if setting.name == "flan8_recipe":
             met = ratio <= GOAL_RATIO and lowest == v
-            text += f" Goal for {v}: **{'met' if met else 'missed'}**{so_far}."
+            text += f" Goal for {v}: **{'met' if met else 'missed'}**{so_far}{provisional}."
         lines += [text, ""]
     return lines
 

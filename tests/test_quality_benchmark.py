@@ -421,3 +421,38 @@ def test_order_says_when_rows_finished_different_seeds():
         "local 1.565 (2) < fedamole 1.600 (1) < perfit 1.655 (2) (in parentheses: seeds finished); "
         "over seed(s) 0, which every row finished: local 1.550 < fedamole 1.600 < perfit 1.650"
     )
+
+
+def test_cell_precision_from_sessions_devices_and_bf16():
+    cpu, gpu = {"device": "cpu"}, {"device": "cuda (NVIDIA H200)"}
+    assert qs.cell_precision({"config": {"bf16": "auto"}, "sessions": [cpu, cpu]}) == "fp32"
+    assert qs.cell_precision({"config": {"bf16": "auto"}, "sessions": [gpu]}) == "bf16"
+    assert qs.cell_precision({"config": {"bf16": False}, "sessions": [gpu]}) == "fp32"  # bf16 off on the GPU
+    assert qs.cell_precision({"config": {}, "sessions": [gpu, cpu]}) == "bf16+fp32"  # resumed on the other machine
+    assert qs.cell_precision({"config": {}, "sessions": [{"started": "before the device field"}]}) is None
+
+
+def test_ratio_to_fedit_pairs_only_seeds_of_one_precision():
+    stats = {
+        "perfit": {0: {"geo": 1.6, "precision": "fp32"}, 1: {"geo": 1.0, "precision": "bf16"}},
+        "fedit": {0: {"geo": 2.0, "precision": "fp32"}, 1: {"geo": 2.0, "precision": "fp32"}},
+    }
+    ratio, over = qs._ratio_to_fedit(stats, "perfit")
+    assert ratio == pytest.approx(0.8)  # seed 1 (bf16 against fp32) left out; with it the ratio would be 0.65
+    assert over == "over seed(s) 0 (not seed(s) 1: bf16 in one row, fp32 in the other)"
+    stats["perfit"].pop(0)
+    ratio, over = qs._ratio_to_fedit(stats, "perfit")
+    assert ratio == pytest.approx(0.5) and over.startswith("over seeds of different precisions")
+    stats["perfit"][1]["precision"] = None  # a cell of before the device field pairs with any (all were CPU fp32)
+    assert qs._ratio_to_fedit(stats, "perfit") == (0.5, "over seed(s) 1")
+
+
+def test_standing_marks_a_verdict_over_mixed_precisions_provisional():
+    setting = qs.SETTINGS["iid"]
+    stats = {m: {0: {"geo": g, "precision": p}} for m, g, p in (("perfit", 2.2, "bf16"), ("fedit", 2.3, "bf16"))}
+    stats["local"] = {0: {"geo": 2.4, "precision": "fp32"}}
+    geo = {m: st[0]["geo"] for m, st in stats.items()}
+    plain = qs._standing(setting, {}, stats, geo)[0]
+    mixed = qs._standing(setting, {}, stats, geo, mixed=True)[0]
+    assert "**met**" in plain and "provisional" not in plain
+    assert "**met**" in mixed and mixed.endswith("(provisional: the rows mix bf16 and fp32 cells).")

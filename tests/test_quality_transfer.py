@@ -189,3 +189,28 @@ def test_report_keeps_numbers_whose_records_are_elsewhere(trained, tmp_path):
     )
     assert merged == {"s": {"m": {"0": {"c": [3.0]}, "1": {"c": [2.0]}}}}  # a cell that is here wins
     assert kept == {"s": {"m": {"1": {"c": [2.0]}}}}
+
+
+def test_report_marks_cells_of_another_precision(trained, tmp_path):
+    """A FedIT cell from the CPU beside a PerFIT cell from a GPU (bf16): the table says each seed's precision, pairs
+    no seed across precisions for the ratio to FedIT, and calls the verdict provisional."""
+    import shutil
+
+    root = tmp_path / "mixed"
+    shutil.copytree(trained, root)
+    wall = _cell(root, "perfit") / "wall_time.json"
+    data = json.loads(wall.read_text())
+    for session in data["sessions"]:
+        session["device"] = "cuda (NVIDIA H200)"
+    wall.write_text(json.dumps(data))
+    argv = ["report", "--tiny", "--setting", "flan8_recipe", "--no-write"]
+    assert qs.main([*argv, "--root", str(root), "--results", str(root / "q.json")]) == 0
+    section = (root / "benchmarks_section.md").read_text()
+    assert "**Mixed precision.**" in section and "(provisional: the rows mix bf16 and fp32 cells)" in section
+    assert "| fedit | 0 fp32 |" in section
+    row = next(line for line in section.splitlines() if line.startswith("| perfit | 0 bf16 |"))
+    assert row.split(" | ")[3] == "–"  # no ratio to FedIT: no seed of one precision in both rows
+    assert "over seeds of different precisions" in section
+    # the same report over the unmixed cells says none of it
+    assert qs.main([*argv, "--root", str(trained), "--results", str(tmp_path / "q.json")]) == 0
+    assert "Mixed precision" not in (trained / "benchmarks_section.md").read_text()
