@@ -90,6 +90,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import DOC_PATH, REPO_ROOT, command_line, machine_lines, update_doc  # noqa: E402
+from base_eval_cache import BASE_EVAL_FILE, cached_evaluate  # noqa: E402
 
 SECTION = "## Personalized quality on FLAN-8 (benchmarks/quality.py)"
 PLOT_NAME = "quality_perplexity.png"
@@ -679,12 +680,21 @@ def run_method(method: str, s: Settings, root: Path, data: Path, client_ids: lis
             num_experts=s.fedamole_experts,
         )
     config = method_config(method, s, data, out, budget)
-    return run_config(method, config, s, out, client_ids, budget)
+    return run_config(method, config, s, out, client_ids, budget, base_eval=root / BASE_EVAL_FILE)
 
 
-def run_config(method: str, config, s: Settings, out: Path, client_ids: list[str], budget: dict | None = None) -> str:
+def run_config(
+    method: str,
+    config,
+    s: Settings,
+    out: Path,
+    client_ids: list[str],
+    budget: dict | None = None,
+    base_eval: Path | None = None,
+) -> str:
     """Run (or resume, or reuse) the federated run of `config` in `out` (`method` names it in the prints), with
-    [`WallClock`] timing and the settings file; returns its status before this call (see [`run_status`])."""
+    [`WallClock`] timing and the settings file; returns its status before this call (see [`run_status`]). With
+    `base_eval`, the base model's evaluation is read from / stored in that cache (benchmarks/base_eval_cache.py)."""
     from hf_perfit.federated import FederatedSimulation
 
     status = run_status(out, config, client_ids)
@@ -700,7 +710,12 @@ def run_config(method: str, config, s: Settings, out: Path, client_ids: list[str
         kwargs = {"model": model, "tokenizer": tokenizer}
 
     class TimedSimulation(FederatedSimulation):
-        """The simulation, with a clock on its checkpoints and export (nothing else changes)."""
+        """The simulation, with a clock on its checkpoints and export, and the base-model evaluation cached."""
+
+        def prepare(self) -> None:
+            if base_eval is not None:
+                self.transport.evaluate = cached_evaluate(self.transport, base_eval)
+            super().prepare()
 
         def _checkpoint(self, completed: int, records: list[dict]) -> None:
             super()._checkpoint(completed, records)

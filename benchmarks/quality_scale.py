@@ -8,7 +8,11 @@ resumable, wall-timed, refused when a cached run has other settings) in
 
     <root>/<setting>/seed<k>/<method>/        (root: outputs/quality)
 
-so the cells of a table can be computed over many sessions, a killed one losing at most the round in progress.
+so the cells of a table can be computed over many sessions, a killed one losing at most the round in progress. The
+base model's evaluation (round -1) is computed once per setting and read by the setting's other cells from
+`<root>/<setting>/base_eval.json` (benchmarks/base_eval_cache.py: keyed on the base weights, their precision, the
+tokenized test rows and the eval batch; ~11 min of a 40-client cell's ~2.5 h on one CPU thread, ~2 min of a FLAN-8
+cell's).
 `run` computes the missing cells, partial ones first, then smallest first; `report` rebuilds
 `docs/results/quality.json`, the section of docs/benchmarks.md and the plots from the cached runs only (nothing
 trains, nothing is invented: a cell not finished is shown as pending).
@@ -677,7 +681,14 @@ def run_cells(args, cells: list[dict[str, Any]]) -> dict[str, int]:
                     fork_finetune(source, folder, cell["config"])
                     print(f"  forked the finished run {source} (its {cell['config'].num_rounds} rounds); fine-tuning")
             status = q.run_config(
-                cell["method"], cell["config"], cell["settings"], folder, cell["client_ids"], cell["budget"]
+                cell["method"],
+                cell["config"],
+                cell["settings"],
+                folder,
+                cell["client_ids"],
+                cell["budget"],
+                base_eval=folder.parent.parent
+                / q.BASE_EVAL_FILE,  # one per setting (cells share it where their key matches)
             )
             counts["reused" if status == "finished" else "trained"] += 1
             if cell["settings"].rouge_examples:
