@@ -906,3 +906,21 @@ def test_fast_simulation_dispatch_hands_a_push_to_the_workers_from_the_pushing_t
             stop.set()
             InMemoryGrid.push_messages(grid, [])  # wakes the loop, which sees the stop
             loop.join()
+
+
+def test_perfit_pb_on_flower_equals_in_process_and_b_stays_on_the_nodes(tmp_path, assets, task_identity):
+    """perfit_pb (tests/test_perfit_variants.py) through Flower: the same run as in-process, and no B on the wire."""
+    from hf_perfit.flower.records import get_arrays
+
+    run_federated(_config(assets, tmp_path / "in_process", strategy_options={"personal_b": True}))
+    grid = _LocalGrid(3)
+    FlowerCoordinator(
+        grid,
+        _config(assets, tmp_path / "flower", strategy_options={"personal_b": True}),
+        FlowerRunOptions(poll_interval=0.0),
+    ).run()
+    _assert_same_run(tmp_path / "in_process", tmp_path / "flower", CLIENTS)  # records (bytes too) and adapters
+    moved = [m for m in grid.sent + grid.answered if m.metadata.message_type in ("train", "evaluate")]
+    assert moved
+    for message in moved:  # B's values and masks stay on the nodes, both ways
+        assert not [k for group in get_arrays(message.content).values() for k in group if ".lora_B." in k]

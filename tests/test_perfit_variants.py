@@ -16,7 +16,6 @@ from hf_perfit.federated.simulation import FederatedConfig, FederatedSimulation
 from hf_perfit.federated.strategies import PerFITStrategy
 
 from .conftest import CPU_FP32, build_tokenizer, tiny_llama
-from .test_flower import assets, task_identity  # noqa: F401  (fixtures of the Flower test below)
 from .test_simulation import _cfg as _sim_cfg
 from .test_simulation import _clients
 
@@ -258,23 +257,3 @@ def test_a_result_whose_upload_is_part_of_its_state_is_saved_once_and_read_back(
     assert set(back.update.tensors) == set(back.update.masks) == {A}
     assert torch.equal(back.update.tensors[A], state[0][A]) and torch.equal(back.update.masks[A], state[1][A])
     assert set(back.state[0]) == {A, B} and torch.equal(back.state[0][B], state[0][B])
-
-
-def test_perfit_pb_on_flower_equals_in_process_and_b_stays_on_the_nodes(tmp_path, assets, task_identity):  # noqa: F811
-    from hf_perfit.federated.simulation import run_federated
-    from hf_perfit.flower import FlowerCoordinator, FlowerRunOptions
-    from hf_perfit.flower.records import get_arrays
-
-    from .test_flower import CLIENTS, _assert_same_run, _LocalGrid
-    from .test_flower import _config as flower_config
-
-    run_federated(flower_config(assets, tmp_path / "in_process", **PB))
-    grid = _LocalGrid(3)
-    FlowerCoordinator(
-        grid, flower_config(assets, tmp_path / "flower", **PB), FlowerRunOptions(poll_interval=0.0)
-    ).run()
-    _assert_same_run(tmp_path / "in_process", tmp_path / "flower", CLIENTS)  # records (bytes too) and adapters
-    moved = [m for m in grid.sent + grid.answered if m.metadata.message_type in ("train", "evaluate")]
-    assert moved
-    for message in moved:  # B's values and masks stay on the nodes, both ways
-        assert not [k for group in get_arrays(message.content).values() for k in group if ".lora_B." in k]
