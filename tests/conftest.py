@@ -100,7 +100,9 @@ REPO_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 # process, a stored fp32 reference): fp32 on the CPU. With a GPU visible, `device: auto` trains on CUDA in bf16
 # (`bf16: auto`), where two identical runs are not bitwise equal (CUDA's attention backward accumulates with atomics).
 # The resume logic is the same on every device; tests/test_resume_bf16.py runs it in bf16 (exact on the CPU, within
-# bf16 rounding on CUDA).
+# bf16 rounding on CUDA). Where `device` acts: a run that loads its base model (`perfit federate`, `run_federated` of
+# a config with a model path, a Flower node) places it there; a model passed to `FederatedSimulation(model=...)`
+# trains where it is (the tiny `tiny_llama()` of most tests: the CPU, in fp32 unless `bf16: true`, GPU or not).
 CPU_FP32 = {"device": "cpu", "bf16": "false"}
 
 
