@@ -457,14 +457,15 @@ def total_rounds(config) -> int:
     return config.num_rounds + (1 if config.finetune_steps > 0 else 0)
 
 
-def estimate_s(config, done: int) -> float:
+def estimate_s(config, done: int, base: bool = True) -> float:
     """Rough CPU seconds left for a cell: client steps at `SEC_PER_STEP`, evaluations at `SEC_PER_EVAL` (the
-    per-client trainer setup is inside both, as measured)."""
+    per-client trainer setup is inside both, as measured); `base=False` for a cell that reads the base model's
+    evaluation from its setting's cache (benchmarks/base_eval_cache.py)."""
     n = config.num_clients
     k = sampled_count(n, config.fraction_clients)
     rounds_left = max(0, config.num_rounds - done)
     steps = rounds_left * k * config.local_steps
-    evals = rounds_left * k + (n - k if rounds_left else 0) + (n if done == 0 else 0)
+    evals = rounds_left * k + (n - k if rounds_left else 0) + (n if done == 0 and base else 0)
     if config.finetune_steps and done <= config.num_rounds:
         steps += n * config.finetune_steps
         evals += n
@@ -473,7 +474,8 @@ def estimate_s(config, done: int) -> float:
 
 def table_cost_h(setting: Setting, methods: tuple[str, ...], seeds: int = 3, computed: tuple[str, ...] = ()) -> float:
     """Rough CPU hours of a whole table from scratch (`estimate_s` per cell, plus ROUGE-L where the setting has it); a
-    fine-tuned row whose source row is among `methods` or `computed` (rows computed anyway) costs only its fine-tuning."""
+    fine-tuned row whose source row is among `methods` or `computed` (rows computed anyway) costs only its fine-tuning,
+    and the base model's evaluation is counted once (the other cells read it from the setting's cache)."""
     from types import SimpleNamespace
 
     total = 0.0
@@ -491,7 +493,9 @@ def table_cost_h(setting: Setting, methods: tuple[str, ...], seeds: int = 3, com
         rouge = setting.num_clients * SEC_PER_ROUGE if setting.rouge_examples else 0.0
         # forked from the same seed's run of the row it continues (`fork_finetune`) when that row is in the table
         done = plan.num_rounds if ft and METHODS[m].fork_of in (*methods, *computed) else 0
-        total += seeds * (estimate_s(config, done) + rouge)
+        total += seeds * (estimate_s(config, done, base=False) + rouge)
+    if not computed:  # the base model's evaluation, once (with `computed`, those rows' cells paid it)
+        total += setting.num_clients * SEC_PER_EVAL * min(1.0, plan.max_eval_examples / 50)
     return total / 3600
 
 
