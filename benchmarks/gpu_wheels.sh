@@ -3,7 +3,7 @@
 # adds to .whl/ the wheels our tests need that the GPU image lacks or has in another major version, so step 1's
 # install (every .whl/*.whl into /tmp/site, ahead of the image's packages) gives the suite the environment CI has.
 #   rouge-score (ROUGE-L, hf_perfit.evaluation; published as a source archive only: built into a wheel here) and nltk
-#   huggingface_hub as installed here (the image has 1.33; hf_perfit is built and tested against 2.x)
+#   huggingface_hub as installed here, the version CI tests (the image has 1.33, with which the suite passed here too)
 # Not carried: bitsandbytes (43 MB: with the kit's 55 MB, over the 64 MiB a device command may carry), so the 4-bit
 # tests fail there with "No module named 'bitsandbytes'", and flwr (its tests are left out: --ignore=tests/test_flower.py).
 set -euo pipefail
