@@ -1454,7 +1454,7 @@ def report(args, root: Path) -> dict[str, Any]:
     from hf_perfit._io import atomic_write_json
 
     atomic_write_json(results_path, results)
-    doc_dir = root if args.tiny else DOC_PATH.parent
+    doc_dir = root if args.tiny or args.no_write else DOC_PATH.parent  # --no-write: the plots beside the section
     lines = [
         SECTION,
         "",
@@ -1586,7 +1586,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="train the *_ft rows from scratch instead of continuing the same seed's finished run they fork from",
     )
-    p.add_argument("--no-write", action="store_true", help="report: leave docs/benchmarks.md alone")
+    p.add_argument(
+        "--no-write",
+        action="store_true",
+        help="report: leave docs/benchmarks.md and its plots alone (both go to the root)",
+    )
     p.add_argument("--results", type=Path, help="quality.json path (default: docs/results/quality.json)")
     p.add_argument(
         "--store",

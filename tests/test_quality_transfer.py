@@ -214,3 +214,15 @@ def test_report_marks_cells_of_another_precision(trained, tmp_path):
     # the same report over the unmixed cells says none of it
     assert qs.main([*argv, "--root", str(trained), "--results", str(tmp_path / "q.json")]) == 0
     assert "Mixed precision" not in (trained / "benchmarks_section.md").read_text()
+
+
+def test_report_no_write_leaves_the_docs_plots_alone(trained, tmp_path):
+    """`report --no-write` (no --tiny) over a root: quality.json, the records and the plot go where it is told or to
+    the root; docs/quality_scale_*.png, which the docs' tables were built with, are not rewritten."""
+    docs_png = qs.REPO_ROOT / "docs" / "quality_scale_flan8_recipe.png"
+    before = docs_png.stat().st_mtime_ns if docs_png.is_file() else None
+    argv = ["report", "--setting", "flan8_recipe", "--root", str(trained), "--no-write"]
+    assert qs.main([*argv, "--results", str(tmp_path / "q.json"), "--store", str(tmp_path / "store")]) == 0
+    assert (docs_png.stat().st_mtime_ns if docs_png.is_file() else None) == before
+    assert (trained / "quality_scale_flan8_recipe.png").is_file()
+    assert json.loads((tmp_path / "q.json").read_text())["flan8_recipe"]
