@@ -684,6 +684,7 @@ def run_cells(args, cells: list[dict[str, Any]]) -> dict[str, int]:
                 if source is not None:
                     fork_finetune(source, folder, cell["config"])
                     print(f"  forked the finished run {source} (its {cell['config'].num_rounds} rounds); fine-tuning")
+            base_eval = folder.parent.parent / q.BASE_EVAL_FILE  # one per setting: its cells share it by key
             status = q.run_config(
                 cell["method"],
                 cell["config"],
@@ -691,8 +692,7 @@ def run_cells(args, cells: list[dict[str, Any]]) -> dict[str, int]:
                 folder,
                 cell["client_ids"],
                 cell["budget"],
-                base_eval=folder.parent.parent
-                / q.BASE_EVAL_FILE,  # one per setting (cells share it where their key matches)
+                base_eval=base_eval,
             )
             counts["reused" if status == "finished" else "trained"] += 1
             if cell["settings"].rouge_examples:
@@ -1101,7 +1101,7 @@ def render_setting(setting: Setting, cells: dict[str, dict[int, dict]], plot: st
                 continue
             st = [stats[m][s] for s in fin]
             ratio = "–"
-            if any(s in stats.get("fedit", {}) and _same_precision(stats[m][s], stats["fedit"][s]) for s in fin):
+            if "fedit" in stats and _paired_seeds(stats, m):
                 ratio = f"{_ratio_to_fedit(stats, m)[0]:.3f}"  # paired: the seeds both rows finished, one precision
             rouge = [x["rouge"] for x in st if "rouge" in x]
             wtl = "–" if m == "perfit" or "perfit" not in cells else wins(cells["perfit"], seeds)
@@ -1191,14 +1191,18 @@ def _same_precision(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return pa is None or pb is None or pa == pb
 
 
+def _paired_seeds(stats, method: str) -> list[int]:
+    """The seeds `method` and FedIT both finished in the same precision ([`_same_precision`])."""
+    return [s for s in stats[method] if s in stats["fedit"] and _same_precision(stats[method][s], stats["fedit"][s])]
+
+
 def _ratio_to_fedit(stats, method: str) -> tuple[float, str]:
     """`method`'s mean geometric perplexity over FedIT's, over the seeds both finished in the same precision
     (paired; bf16 on a GPU and fp32 on the CPU differ by 0.2-4% on the same seed, as much as rows differ); where they
     share no such seed, over each one's finished seeds (unpaired, said so). Returns the ratio and the words saying
     over what."""
-    both = [s for s in stats[method] if s in stats["fedit"]]
-    common = [s for s in both if _same_precision(stats[method][s], stats["fedit"][s])]
-    mixed = [s for s in both if s not in common]
+    common = _paired_seeds(stats, method)
+    mixed = [s for s in stats[method] if s in stats["fedit"] and s not in common]
     if common:
         ratio = _mean(stats[method][s]["geo"] for s in common) / _mean(stats["fedit"][s]["geo"] for s in common)
         words = f"over seed(s) {', '.join(map(str, common))}"
