@@ -3,8 +3,9 @@
 Every cell of a quality table starts by evaluating the base model on each client's test split (round -1). That
 number depends on the base weights, their dtype and device, the tokenized test splits and the evaluation batch: not
 on the method or the seed (a setting's partition is the same for every run seed). On 2 CPU cores a client's
-evaluation takes ~17 s (SmolLM2-135M, 50 test rows of <= 128 tokens), so a 40-client cell spends ~11 minutes of its
-~2.5 hours on numbers every other cell of its setting already has; a FLAN-8 cell ~2 minutes.
+evaluation takes ~17 s (SmolLM2-135M, 50 test rows of <= 128 tokens), so a 40-client cell spends ~11 minutes (its
+setup measured 902 s at load 3.4, 2026-11-29) of its ~5 hours on numbers every other cell of its setting already has;
+a FLAN-8 cell ~2 minutes.
 
 The cache is a JSON file beside a setting's seeds, `{key: {client_id: {"eval_loss", "perplexity"}}}`, the key a
 SHA-256 of everything above ([`base_eval_key`]); a different key (another precision, another max_length) is its own

@@ -1,15 +1,16 @@
 #!/bin/bash
 # The test suite on a GPU machine (issue 15: every test passes with CUDA visible), as the command of .gpu/step1.sh:
 #   bash .gpu/step1.sh 'bash benchmarks/gpu_suite.sh 330 14'
-# LIMIT seconds for the whole run, WORKERS pytest-xdist processes, $PYTHON the interpreter (python3). Writes $OUT/pytest.txt: every test's name and
-# outcome as it ends (-v), then pytest's summary: the reason of each failure and error (-rfE) and the 40 slowest
-# test phases (--durations), printed even when the run is cut at LIMIT.
+# LIMIT seconds for the whole run, WORKERS pytest-xdist processes, $PYTHON the interpreter (python3). Writes
+# $OUT/pytest.txt: every test's name and outcome as it ends (-v), then pytest's summary: the reason of each failure
+# and error (-rfE) and the 40 slowest test phases (--durations), printed even when the run is cut at LIMIT.
+# Run benchmarks/gpu_wheels.sh here first: without the wheels it adds, 25 tests fail and 7 error there for missing
+# packages alone (measured here in the GPU image's package set).
 #
 # Why these settings (2026-11-29's run, `-q -n 12 --timeout 120`, was cut at 270 s with 45 failed + 4 errors and
 # neither names nor reasons):
-# - One torch thread per worker: torch's default is every core, so 12 workers on a 16-core machine ran ~12× too many
-#   threads, and a test that takes 20-60 s on 2 cores can then pass a per-test timeout; module fixtures that train
-#   (cells, references) time out as errors. With one thread each, the workers share the cores instead.
+# - One torch thread per worker: torch's default is every core, so 12 workers on a 16-core machine run ~12x too many
+#   threads, and a test could pass its per-test timeout that way. With one thread each, the workers share the cores.
 # - SIGINT at the limit (not timeout's SIGTERM): pytest stops as on Ctrl-C and still prints its summary.
 # - --ignore=tests/test_flower.py: the GPU image has no flwr (its tests then fail to collect, taking the run down).
 set -u

@@ -5,7 +5,7 @@
 #   rouge-score (ROUGE-L, hf_perfit.evaluation; published as a source archive only: built into a wheel here) and nltk
 #   huggingface_hub as installed here, the version CI tests (the image has 1.33, with which the suite passed here too)
 # Not carried: bitsandbytes (43 MB: with the kit's 55 MB, over the 64 MiB a device command may carry), so the 4-bit
-# tests fail there with "No module named 'bitsandbytes'", and flwr (its tests are left out: --ignore=tests/test_flower.py).
+# tests fail there for want of it, and flwr (its tests are left out: --ignore=tests/test_flower.py).
 set -euo pipefail
 py=${PYTHON:-.venv/bin/python}
 hub=$("$py" -c "import huggingface_hub; print(huggingface_hub.__version__)")

@@ -11,8 +11,8 @@ resumable, wall-timed, refused when a cached run has other settings) in
 so the cells of a table can be computed over many sessions, a killed one losing at most the round in progress. The
 base model's evaluation (round -1) is computed once per setting and read by the setting's other cells from
 `<root>/<setting>/base_eval.json` (benchmarks/base_eval_cache.py: keyed on the base weights, their precision, the
-tokenized test rows and the eval batch; ~11 min of a 40-client cell's ~2.5 h on one CPU thread, ~2 min of a FLAN-8
-cell's).
+tokenized test rows and the eval batch; ~11-15 min of a 40-client cell's ~5 h on one CPU thread, ~2 min of a
+FLAN-8 cell's).
 `run` computes the missing cells, partial ones first, then smallest first; `report` rebuilds
 `docs/results/quality.json`, the section of docs/benchmarks.md and the plots from the cached runs only (nothing
 trains, nothing is invented: a cell not finished is shown as pending).

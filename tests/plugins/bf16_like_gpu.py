@@ -1,6 +1,8 @@
 """A pytest plugin for finding, without a GPU, the tests that a GPU's bf16 would break: wherever `bf16: auto` turns
 bf16 on for a CUDA device with bf16 (base weights in bf16, training under autocast), it turns it on here too, on the
-CPU. It cannot show what the model on another device breaks (a CPU batch fed to a CUDA model). Not used by CI:
+CPU. It cannot show what the model on another device breaks (a CPU batch fed to a CUDA model), and it flags more
+than a GPU would: it turns bf16 on for models that stay on the CPU on a GPU machine too (a model passed to
+`FederatedSimulation(model=...)`, as most tests pass `tiny_llama()`, trains where it is, in fp32 unless `bf16: true`). Not used by CI:
 
     PYTHONPATH=tests/plugins python -m pytest -p bf16_like_gpu -m "not slow" -rf
 
