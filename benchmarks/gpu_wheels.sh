@@ -3,15 +3,54 @@
 # adds to .whl/ the wheels our tests need that the GPU image lacks or has in another major version, so step 1's
 # install (every .whl/*.whl into /tmp/site, ahead of the image's packages) gives the suite the environment CI has.
 #   rouge-score (ROUGE-L, hf_perfit.evaluation; published as a source archive only: built into a wheel here) and nltk
-#   huggingface_hub as installed here, the version CI tests (the image has 1.33, with which the suite passed here too)
-# Not carried: bitsandbytes (43 MB: with the kit's 55 MB, over the 64 MiB a device command may carry), so the 4-bit
-# tests fail there for want of it, and flwr (its tests are left out: --ignore=tests/test_flower.py).
+#   huggingface_hub as installed here, the version CI tests (the image has 1.33), with the three of its dependencies
+#   the image lacks: httpx2, httpcore2, truststore (2026-11-30 on the H200: without httpx2, hub 2.x fails to import
+#   and takes transformers with it; tests/test_hub.py imports httpx2 itself)
+#   bitsandbytes as installed here, slimmed to its CPU library and the one CUDA library the image's torch loads
+#   (CUDA=130 for its torch 2.11.0+cu130): the full wheel, 43 MB of libraries for every CUDA/ROCm/XPU version, does
+#   not fit beside the kit's 55 MB in the 64 MiB a device command may carry; slimmed it is ~3.6 MB.
+# Not carried: flwr (its tests are left out there: --ignore=tests/test_flower.py).
 set -euo pipefail
-py=${PYTHON:-.venv/bin/python}
-hub=$("$py" -c "import huggingface_hub; print(huggingface_hub.__version__)")
+py=${PYTHON:-.venv/bin/python}; cuda=${CUDA:-130}
+# the versions installed here (CI's)
+pins=$("$py" -c "import importlib.metadata as m; print(*(f'{n}=={m.version(n)}' for n in
+  ('huggingface_hub', 'httpx2', 'httpcore2', 'truststore', 'nltk')))")
 mkdir -p .whl
 "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-  "huggingface_hub==$hub" nltk 2>&1 | grep -v WARNING || true
+  $pins 2>&1 | grep -v WARNING || true
 "$py" -m pip wheel -q --no-deps -w .whl rouge-score==0.1.2 2>&1 | grep -v WARNING || true
+bnb=$("$py" -c "import importlib.metadata as m; print(m.version('bitsandbytes'))")
+tmp=$(mktemp -d)
+"$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_24_x86_64 -d "$tmp" "bitsandbytes==$bnb" 2>&1 | grep -v WARNING || true
+# drop the other libraries' files and their RECORD lines (pip installs the files RECORD lists)
+"$py" - "$tmp"/bitsandbytes-*.whl .whl "$cuda" <<'EOF'
+import sys
+import zipfile
+from pathlib import Path
+
+src, dest, cuda = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+lib = "bitsandbytes/libbitsandbytes_"
+keep = {f"{lib}cpu.so", f"{lib}cuda{cuda}.so"}
+
+
+def drop(name: str) -> bool:
+    return name.startswith(lib) and name not in keep
+
+
+with zipfile.ZipFile(src) as zin:
+    if f"{lib}cuda{cuda}.so" not in zin.namelist():
+        sys.exit(f"{src.name} has no {lib}cuda{cuda}.so: set CUDA= to the CUDA version of the image's torch")
+    with zipfile.ZipFile(dest / src.name, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            if drop(info.filename):
+                continue
+            data = zin.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):
+                rows = data.decode().splitlines(keepends=True)
+                data = "".join(r for r in rows if not drop(r.split(",")[0])).encode()
+            zout.writestr(info, data)
+EOF
+rm -rf "$tmp"
 du -sh .whl
