@@ -82,3 +82,29 @@ def test_two_cpu_processes_match_one(tmp_path, assets):  # noqa: F811
         assert tensors  # every client's adapter was exported exactly once, by the main process
     leftovers = [p.name for p in two.rglob("*") if p.name.startswith(".") and p.suffix == ".tmp"]
     assert not leftovers
+
+
+def test_cpu_relaunch_hides_the_gpus_from_its_processes(monkeypatch):
+    # On a machine with one GPU, accelerate's barrier on a gloo group of CPU processes asked for cuda:<rank> and rank 1
+    # failed with "invalid device ordinal" (H200, 2026-11-30): the relaunched processes must not see the GPUs.
+    from hf_perfit import distributed
+
+    class Exec(Exception):
+        pass
+
+    def fake_execv(path, command):
+        raise Exec(path, command, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+    for name in ("WORLD_SIZE", "RANK", "HF_PERFIT_NO_RELAUNCH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(distributed, "_launcher_num_processes", lambda pid: 2)
+    monkeypatch.setattr(distributed.os, "execv", fake_execv)
+    with pytest.raises(Exec) as raised:
+        distributed.relaunch_cpu_data_parallel(["--config", "x.yaml"])
+    path, command, visible = raised.value.args
+    assert visible == ""
+    assert command[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    assert command[-2:] == ["--config", "x.yaml"]

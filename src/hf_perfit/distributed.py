@@ -7,6 +7,10 @@ Two facts of accelerate 1.x shape this module:
 - `accelerate launch --cpu --num_processes N` forks the N processes through `mpirun` only; without an MPI hostfile it
   starts ONE process (and sets `MASTER_ADDR`). [`relaunch_cpu_data_parallel`] detects that case and re-executes the
   script under `torch.distributed.run` with N processes, which is what the user asked accelerate for.
+- `PartialState.wait_for_everyone` calls `torch.distributed.barrier(device_ids=[local rank])`, and torch turns those
+  ids into devices of the machine's accelerator even for a gloo group of CPU processes: with one GPU visible, rank 1
+  asks for `cuda:1` ("CUDA error: invalid device ordinal", seen on an H200 machine on 2026-11-30). The relaunched CPU
+  processes therefore do not see the GPUs (`CUDA_VISIBLE_DEVICES=""`): `--cpu` asked for the CPU.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ def relaunch_cpu_data_parallel(argv: Sequence[str] | None = None) -> None:
         return
     argv = list(sys.argv[1:] if argv is None else argv)
     logger.warning("accelerate --cpu without MPI starts one process; starting %d with torch.distributed.run", n)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes: no barrier on cuda:<rank> (module docstring); inherited by execv
     command = [
         sys.executable,
         "-m",
