@@ -32,6 +32,12 @@ CASES = {
     "fedit_sampled": dict(strategy="fedit", fraction_clients=0.67),
 }
 CLIENTS = ("client_0", "client_1", "client_2")
+# The reference was computed on an AVX2 CPU (this project's CI machines). A CPU whose torch kernels use other vector
+# units sums in another order: on the H200 machine's CPU (2026-11-30, torch 2.11) the same runs differed from it by up
+# to 2.6e-6 in an adapter element and 1.1e-6 (relative) in a perplexity. So the issue's 1e-6 is asserted where the
+# kernels are the reference's, and 1e-5 elsewhere (a change of the algorithm moves these numbers by 1e-3 or more).
+SAME_KERNELS = torch.backends.cpu.get_cpu_capability() == "AVX2"
+TOLERANCE = 1e-6 if SAME_KERNELS else 1e-5
 
 
 def _cfg(out: Path, **kw) -> FederatedConfig:
@@ -77,14 +83,14 @@ def test_same_adapters_as_the_engine_before_the_coordinator(tmp_path, name):
         expected = {k.split("/", 2)[2]: v for k, v in reference.items() if k.startswith(f"{name}/{cid}/")}
         assert expected.keys() == tensors.keys()
         for key, value in tensors.items():
-            torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6)
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=TOLERANCE)
     records = _records(tmp_path / name)
     got = {(r["round"], r.get("client")): r.get("perplexity", r.get("mean_perplexity")) for r in records}
     partial = {r["round"] for r in records if "num_evaluated" in r}  # sampled evaluation: a mean over fewer clients
     assert partial == ({0} if name == "fedit_sampled" else set())
     for rnd, cid, ppl in ref_records:
         if (rnd, cid) in got and not (cid is None and rnd in partial):
-            assert got[(rnd, cid)] == pytest.approx(ppl, rel=1e-6), (rnd, cid)
+            assert got[(rnd, cid)] == pytest.approx(ppl, rel=TOLERANCE), (rnd, cid)
         else:  # the client left out of round 0's sample is not evaluated in round 0
             assert name == "fedit_sampled" and rnd == 0
 

@@ -47,7 +47,9 @@ def test_two_methods_two_seeds_then_reused(tmp_path, capsys):
     assert len(stamps) == 4
     section = (tmp_path / "benchmarks_section.md").read_text()
     assert "| fedit | – | pending |" in section and "| perfit | 0, 1 | **" in section
-    assert "cpu 4." in section  # the device of every cell (fp32 on CPU, bf16 on CUDA)
+    # the device of every cell (fp32 on CPU, bf16 on CUDA): where these 4 ran, the CPU or a visible GPU
+    device = q._device()
+    assert f"{device} 4." in section if device == "cpu" else f"{device} bf16 4." in section
 
     assert qs.main(argv) == 0
     assert "cells: trained 0, reused 4, skipped 0, failed 0, refused 0" in capsys.readouterr().out
