@@ -1,7 +1,10 @@
 #!/bin/bash
-# Issue 18's quality cells on a GPU machine, as the command of .gpu/step2.sh (docs/benchmarks.md, "Quality at scale
-# on a GPU"), e.g.
-#   bash .gpu/step2.sh 'bash benchmarks/gpu_quality.sh 420 6 --setting flan8_recipe --seeds 0 1 2'
+# Issue 18's quality cells on a GPU machine, the third device command after .gpu/step1.sh and .gpu/step2.sh (which
+# install the wheels and SmolLM2 into /tmp/site; carry .gpu/b/flan8), e.g. in fp32 like the CPU's cells:
+#   bash benchmarks/gpu_quality.sh 470 4 --setting flan8_recipe --seeds 1 --methods fedprox fedqp fedmut --bf16 false
+# (docs/quality_scale_analysis.md, "Running the cells on a GPU"). Measured on an H200 (2026-11-30): four fp32 workers
+# finish four FLAN-8 cells in ~8 minutes (a round of 8 clients 31-36 s in each, then ROUGE-L); `--bf16 false` cells
+# equal the CPU's fp32 cells to 8e-6 per client, where bf16 ones differ by 0.2-4%.
 # DEADLINE seconds, WORKERS processes sharing the GPU; the rest goes to `quality_scale.py run`. A literal `--then`
 # splits the rest into plans taken in order: every worker finishes (or finds locked) the first plan's cells before
 # it starts on the second's, e.g. the rows the goal is about over 3 seeds first, then the other rows:
@@ -15,6 +18,8 @@
 # archive, to $OUT/quality_logs.tar.gz (the device tool returns at most 8 files).
 set -u
 deadline=${1:?DEADLINE seconds}; workers=${2:?WORKERS}; shift 2
+# what .gpu/step2.sh exports, for a command of its own
+export PYTHONPATH=${PYTHONPATH:-$PWD/src:/tmp/site} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 root=${QUALITY_ROOT:-/tmp/q}; flan8=${FLAN8:-.gpu/b/flan8}; out=${OUT:-/tmp/out}; logs=$(mktemp -d)
 mkdir -p "$root" "$out"
 end=$(( $(date +%s) + deadline ))

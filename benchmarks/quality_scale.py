@@ -1131,11 +1131,14 @@ def render_setting(setting: Setting, cells: dict[str, dict[int, dict]], plot: st
     for seeds in cells.values():
         for c in seeds.values():
             for d in {x.get("device", "cpu (not recorded)") for x in c["sessions"]}:
+                if d.startswith("cuda"):  # a GPU cell's arithmetic: its config's `bf16` ([`cell_precision`])
+                    d += " " + cell_precision({**c, "sessions": [{"device": d}]})
                 devices[d] = devices.get(d, 0) + 1
     if devices:
         lines += [
-            "Cells by device (`device: auto`, `bf16: auto`: bf16 on CUDA, fp32 on CPU; a cell resumed on another "
-            "device counts for both): " + ", ".join(f"{d} {n}" for d, n in sorted(devices.items())) + ".",
+            "Cells by device (`device: auto`: on CUDA bf16 unless the cell sets `bf16: false`, on the CPU fp32; fp32 "
+            "on an H200 equalled the CPU's cell to 8e-6 per client, docs/quality_scale_analysis.md; a cell resumed "
+            "on another device counts for both): " + ", ".join(f"{d} {n}" for d, n in sorted(devices.items())) + ".",
             "",
         ]
     if mixed:
