@@ -77,6 +77,12 @@ DEFAULT_ROOT = REPO_ROOT / "outputs" / "quality"
 MASK_OVERLAP_FILE = (
     "mask_overlap.json"  # [`mask_overlap`] kept in a cell packed without its state (quality_transfer.py)
 )
+KEPT_MARK = "†"
+KEPT_NOTE = (
+    "perplexities only: quality.json keeps this seed's numbers, its records are on no machine (docs/"
+    'quality_scale_analysis.md, "Where the cells\' records live"); its ROUGE-L, bytes, wall time, device and masks '
+    "are not in the row, whose other columns say over how many seeds they are."
+)
 IMPORTED_FILE = "imported.json"  # a cell trained elsewhere (a GPU session): records only, never resumed or forked
 TINY_ROOT = REPO_ROOT / "outputs" / "quality-scale-tiny"
 GOAL_RATIO = q.GOAL_RATIO  # PerFIT's geometric mean at most 0.77 x FedIT's
@@ -853,27 +859,29 @@ def merge_results(previous: dict[str, Any], new: dict[str, Any]) -> tuple[dict[s
     return merged, kept
 
 
-def kept_lines(kept: dict[str, dict[str, dict[str, list[float | None]]]]) -> list[str]:
-    """The markdown for a setting's cells that quality.json keeps without records here ([`merge_results`]): their
-    means from the perplexities alone (the geometric mean is exp of the mean log perplexity, i.e. of the mean eval
-    loss, as in the tables); ROUGE-L, bytes and wall time went with the records."""
-    if not kept:
-        return []
-    lines = [
-        "Finished cells whose records are not on this machine, kept in quality.json (perplexity only: their ROUGE-L, "
-        "bytes and wall time went with the records; they enter none of the tables above):",
-        "",
-        "| method | seeds | geometric mean ppl | arithmetic mean ppl |",
-        "|---|---|---:|---:|",
-    ]
-    for method in [m for m in METHODS if m in kept]:
-        geo, ari = [], []
-        for clients in kept[method].values():
-            final = [v[-1] for v in clients.values() if v and v[-1] is not None]
-            geo.append(math.exp(_mean(math.log(x) for x in final)))
-            ari.append(_mean(final))
-        lines.append(f"| `{method}` | {', '.join(sorted(kept[method]))} | {_pm(geo)} | {_pm(ari)} |")
-    return [*lines, ""]
+def kept_cell(clients: dict[str, list[float | None]]) -> dict[str, Any]:
+    """A finished cell rebuilt from its quality.json entry alone, for a cell whose records are on no machine
+    ([`merge_results`]): per client and round index its perplexity and, as eval loss, its log (the engine's
+    perplexity is exp of the eval loss, so the geometric mean is the same), and nothing else: no ROUGE-L, bytes, wall
+    time, device or masks (`kept`: the tables mark its seed)."""
+    n = len(next(iter(clients.values())))
+    return {
+        "config": {},
+        "finished": True,
+        "done": n - 1,
+        "total": n - 1,
+        "ppl": {c: list(v) for c, v in clients.items()},
+        "loss": {c: [math.log(x) if x is not None else None for x in v] for c, v in clients.items()},
+        "summaries": {},
+        "bytes_up": None,
+        "bytes_down": None,
+        "wall_s": None,
+        "sessions": [],
+        "rouge": None,
+        "budget": None,
+        "folder": None,
+        "kept": True,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -950,6 +958,8 @@ def mask_overlap(cell: dict[str, Any]) -> dict[str, Any] | None:
     import torch
     from safetensors.torch import load_file
 
+    if cell.get("folder") is None:  # a cell kept from quality.json alone ([`kept_cell`]): no masks
+        return None
     state = cell["folder"] / "state"
     ckpt = state / "checkpoint.json"
     if not ckpt.is_file():
@@ -988,6 +998,11 @@ def mask_overlap(cell: dict[str, Any]) -> dict[str, Any] | None:
         "jaccard": _mean(jac) if jac else 1.0,
         "density": float(kept.mean()) / total,
     }
+
+
+def _of(n: int, total: int) -> str:
+    """` (n of total seeds)` where a column's mean is over fewer seeds than the row's (cells kept without records)."""
+    return "" if n == total else f" ({n} of {total} seeds)"
 
 
 def _fmt_mb(n: float) -> str:
@@ -1090,10 +1105,11 @@ def render_setting(setting: Setting, cells: dict[str, dict[int, dict]], plot: st
             seeds = cells.get(m, {})
             fin = sorted(s for s, c in seeds.items() if c["finished"])
             part = [f"seed{s} {c['done']}/{c['total']}" for s, c in sorted(seeds.items()) if not c["finished"]]
+            marked = {s: f"{s}{KEPT_MARK if seeds[s].get('kept') else ''}" for s in fin}  # † perplexities only
             if mixed:  # each seed's arithmetic, where the table has more than one
-                done_s = ", ".join(f"{s} {stats[m][s]['precision'] or 'fp32?'}" for s in fin) or "–"
+                done_s = ", ".join(f"{marked[s]} {stats[m][s]['precision'] or 'fp32?'}" for s in fin) or "–"
             else:
-                done_s = ", ".join(map(str, fin)) or "–"
+                done_s = ", ".join(marked[s] for s in fin) or "–"
             if part:
                 done_s += f" (partial: {', '.join(part)})"
             if not fin:
@@ -1107,6 +1123,8 @@ def render_setting(setting: Setting, cells: dict[str, dict[int, dict]], plot: st
             wtl = "–" if m == "perfit" or "perfit" not in cells else wins(cells["perfit"], seeds)
             wtl = "/".join(map(str, wtl)) if isinstance(wtl, tuple) else ("–" if wtl in ("–", None) else wtl)
             walls = [seeds[s]["wall_s"] for s in fin if seeds[s]["wall_s"] is not None]
+            ups = [seeds[s]["bytes_up"] for s in fin if seeds[s]["bytes_up"] is not None]
+            downs = [seeds[s]["bytes_down"] for s in fin if seeds[s]["bytes_down"] is not None]
             bold = "**" if m == "perfit" else ""
             lines.append(
                 "| "
@@ -1117,16 +1135,18 @@ def render_setting(setting: Setting, cells: dict[str, dict[int, dict]], plot: st
                         f"{bold}{_pm([x['geo'] for x in st])}{bold}",
                         ratio,
                         _pm([x["arith"] for x in st]),
-                        _pm(rouge) if len(rouge) == len(st) else "–",
+                        _pm(rouge) + _of(len(rouge), len(st)) if rouge else "–",
                         wtl,
-                        _fmt_mb(_mean(seeds[s]["bytes_up"] for s in fin)),
-                        _fmt_mb(_mean(seeds[s]["bytes_down"] for s in fin)),
-                        f"{_mean(walls) / 60:.0f}" if walls else "–",
+                        _fmt_mb(_mean(ups)) if ups else "–",
+                        _fmt_mb(_mean(downs)) if downs else "–",
+                        f"{_mean(walls) / 60:.0f}{_of(len(walls), len(st))}" if walls else "–",
                     ]
                 )
                 + " |"
             )
         lines.append("")
+        if any(c.get("kept") for m in methods for c in cells.get(m, {}).values()):
+            lines += [f"{KEPT_MARK} {KEPT_NOTE}", ""]
     devices: dict[str, int] = {}
     for seeds in cells.values():
         for c in seeds.values():
@@ -1457,6 +1477,11 @@ def report(args, root: Path) -> dict[str, Any]:
     results_path = args.results or (root / "quality.json" if args.tiny else RESULTS_PATH)
     previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results, kept = merge_results(previous, results_json(collected))
+    for name, methods in kept.items():  # the tables and plots show them too, marked (records on no machine)
+        for method, seeds in methods.items():
+            if name in collected and method in METHODS:
+                for seed, clients in seeds.items():
+                    collected[name].setdefault(method, {})[int(seed)] = kept_cell(clients)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     from hf_perfit._io import atomic_write_json
 
@@ -1532,7 +1557,6 @@ def report(args, root: Path) -> dict[str, Any]:
         plot_name = f"quality_scale_{name}.png"
         drawn = plot_setting(setting, cells, [doc_dir / plot_name], args.tiny)
         lines += render_setting(setting, cells, plot_name if drawn else None, args.tiny, root)
-        lines += kept_lines(kept.get(name, {}))
     lines += ["### Reading", ""]
     if ANALYSIS_PATH.is_file() and not args.tiny:
         text = ANALYSIS_PATH.read_text().splitlines()

@@ -182,7 +182,18 @@ def test_report_keeps_numbers_whose_records_are_elsewhere(trained, tmp_path):
     assert after["flan8_recipe"]["local"]["7"] == lost  # kept though no records of it are here
     assert set(after["flan8_recipe"]["fedit"]) == {"0"}  # the cells that are here are written as before
     section = (trained / "benchmarks_section.md").read_text()
-    assert "| `local` | 7 | 4.000 | 5.000 |" in section  # geometric sqrt(2*8) = 4, arithmetic (2+8)/2 = 5
+    # in the table, marked: geometric sqrt(2*8) = 4, arithmetic (2+8)/2 = 5; no FedIT seed 7 to pair with, no ROUGE-L
+    assert "| local | 7† | 4.000 | – | 5.000 | – |" in section
+    assert f"{qs.KEPT_MARK} {qs.KEPT_NOTE}" in section
+
+    # a finished cell rebuilt from its quality.json entry alone gives the row its records give
+    for method in ("fedit", "perfit"):
+        cell = qs.read_cell(_cell(trained, method))
+        kept = qs.kept_cell(after["flan8_recipe"][method]["0"])
+        mine, theirs = qs.seed_stats(kept), qs.seed_stats(cell)
+        assert mine["geo"] == pytest.approx(theirs["geo"], rel=1e-12)
+        assert mine["arith"] == theirs["arith"] and "rouge" not in mine and mine["precision"] is None
+        assert qs.round_curves(kept) == pytest.approx(qs.round_curves(cell), rel=1e-12)
 
     merged, kept = qs.merge_results(
         {"s": {"m": {"0": {"c": [1.0]}, "1": {"c": [2.0]}}}}, {"s": {"m": {"0": {"c": [3.0]}}}}
