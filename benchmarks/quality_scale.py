@@ -79,10 +79,13 @@ MASK_OVERLAP_FILE = (
 )
 KEPT_MARK = "†"
 KEPT_NOTE = (
-    "perplexities only: quality.json keeps this seed's numbers, its records are on no machine (docs/"
-    'quality_scale_analysis.md, "Where the cells\' records live"); its ROUGE-L, bytes, wall time, device and masks '
-    "are not in the row, whose other columns say over how many seeds they are."
+    "records lost: quality.json keeps this seed's perplexities, its records are on no machine (docs/"
+    'quality_scale_analysis.md, "Where the cells\' records live"). Its ROUGE-L, bytes, wall time and mask overlap '
+    "are those the report built from its records before (docs/results/kept_columns.json), where they were of this "
+    "seed alone or of exactly this row's seeds; otherwise missing, and a column says over how many seeds it is."
 )
+# What the report built from the lost cells' records, kept from the docs of the last report that had them.
+KEPT_COLUMNS_PATH = REPO_ROOT / "docs" / "results" / "kept_columns.json"
 IMPORTED_FILE = "imported.json"  # a cell trained elsewhere (a GPU session): records only, never resumed or forked
 TINY_ROOT = REPO_ROOT / "outputs" / "quality-scale-tiny"
 GOAL_RATIO = q.GOAL_RATIO  # PerFIT's geometric mean at most 0.77 x FedIT's
@@ -859,11 +862,12 @@ def merge_results(previous: dict[str, Any], new: dict[str, Any]) -> tuple[dict[s
     return merged, kept
 
 
-def kept_cell(clients: dict[str, list[float | None]]) -> dict[str, Any]:
+def kept_cell(clients: dict[str, list[float | None]], known: dict[str, Any] | None = None) -> dict[str, Any]:
     """A finished cell rebuilt from its quality.json entry alone, for a cell whose records are on no machine
     ([`merge_results`]): per client and round index its perplexity and, as eval loss, its log (the engine's
-    perplexity is exp of the eval loss, so the geometric mean is the same), and nothing else: no ROUGE-L, bytes, wall
-    time, device or masks (`kept`: the tables mark its seed)."""
+    perplexity is exp of the eval loss, so the geometric mean is the same); `known` ([`kept_columns`]): what an
+    earlier report built from its records. No device (`kept`: the tables mark its seed)."""
+    known = known or {}
     n = len(next(iter(clients.values())))
     return {
         "config": {},
@@ -873,15 +877,41 @@ def kept_cell(clients: dict[str, list[float | None]]) -> dict[str, Any]:
         "ppl": {c: list(v) for c, v in clients.items()},
         "loss": {c: [math.log(x) if x is not None else None for x in v] for c, v in clients.items()},
         "summaries": {},
-        "bytes_up": None,
-        "bytes_down": None,
-        "wall_s": None,
+        "bytes_up": known.get("bytes_up"),
+        "bytes_down": known.get("bytes_down"),
+        "wall_s": known.get("wall_s"),
         "sessions": [],
         "rouge": None,
+        "rouge_mean": known.get("rouge"),
+        "mask_overlap": known.get("mask_overlap"),
+        "kept_row": known.get("row"),
         "budget": None,
         "folder": None,
         "kept": True,
     }
+
+
+def _number(text: str, scale: float = 1.0) -> float | None:
+    """A table cell's number (`1,343.2`, `0.517`) times `scale`; `None` for `–` or a mean ± sd."""
+    try:
+        return float(text.replace(",", "")) * scale
+    except ValueError:
+        return None
+
+
+def kept_columns(extra: dict[str, Any], setting: str, method: str, seed: int) -> dict[str, Any]:
+    """What the report built from a lost cell's records before they were lost (`KEPT_COLUMNS_PATH`), for one seed:
+    its ROUGE-L, bytes and wall time where its table row was of that seed alone, its mask overlap row, and the row
+    (`row`: the table uses its columns where a row's seeds are exactly that row's)."""
+    block = extra.get(setting, {})
+    row = block.get("rows", {}).get(method)
+    out: dict[str, Any] = {"row": row, "mask_overlap": block.get("mask_overlap", {}).get(method, {}).get(str(seed))}
+    if row and row["seeds"] == [seed]:
+        out["rouge"] = _number(row["rouge"])
+        out["bytes_up"] = _number(row["mb_up"], 1e6)
+        out["bytes_down"] = _number(row["mb_down"], 1e6)
+        out["wall_s"] = _number(row["wall_min"], 60.0)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -926,6 +956,8 @@ def seed_stats(cell: dict[str, Any]) -> dict[str, Any]:
     rouge = cell.get("rouge")
     if rouge and all(c in rouge["clients"] for c in ppl):
         out["rouge"] = _mean(rouge["clients"][c]["rouge_l"] for c in ppl)
+    elif cell.get("rouge_mean") is not None:  # a cell kept without records ([`kept_cell`])
+        out["rouge"] = cell["rouge_mean"]
     return out
 
 
@@ -958,8 +990,8 @@ def mask_overlap(cell: dict[str, Any]) -> dict[str, Any] | None:
     import torch
     from safetensors.torch import load_file
 
-    if cell.get("folder") is None:  # a cell kept from quality.json alone ([`kept_cell`]): no masks
-        return None
+    if cell.get("folder") is None:  # a cell kept from quality.json alone ([`kept_cell`])
+        return cell.get("mask_overlap")
     state = cell["folder"] / "state"
     ckpt = state / "checkpoint.json"
     if not ckpt.is_file():
@@ -998,6 +1030,16 @@ def mask_overlap(cell: dict[str, Any]) -> dict[str, Any] | None:
         "jaccard": _mean(jac) if jac else 1.0,
         "density": float(kept.mean()) / total,
     }
+
+
+def _walls(walls: list[float], seeds: int) -> str:
+    """The wall time column (minutes per seed): the mean, or each seed's where they are more than 2x apart (cells of
+    different machines: a FLAN-8 cell is ~1 h on the 2-core CPU and ~6 min on an H200; they do not average)."""
+    if not walls:
+        return "–"
+    if max(walls) > 2 * min(walls):
+        return " / ".join(f"{w / 60:.0f}" for w in walls) + _of(len(walls), seeds)
+    return f"{_mean(walls) / 60:.0f}{_of(len(walls), seeds)}"
 
 
 def _of(n: int, total: int) -> str:
@@ -1125,6 +1167,9 @@ def render_setting(setting: Setting, cells: dict[str, dict[int, dict]], plot: st
             walls = [seeds[s]["wall_s"] for s in fin if seeds[s]["wall_s"] is not None]
             ups = [seeds[s]["bytes_up"] for s in fin if seeds[s]["bytes_up"] is not None]
             downs = [seeds[s]["bytes_down"] for s in fin if seeds[s]["bytes_down"] is not None]
+            row = next((seeds[s]["kept_row"] for s in fin if seeds[s].get("kept_row")), None)
+            # every seed kept without records, and an earlier report's row of exactly these seeds: its columns
+            earlier = row if row and all(seeds[s].get("kept") for s in fin) and fin == sorted(row["seeds"]) else None
             bold = "**" if m == "perfit" else ""
             lines.append(
                 "| "
@@ -1135,11 +1180,11 @@ def render_setting(setting: Setting, cells: dict[str, dict[int, dict]], plot: st
                         f"{bold}{_pm([x['geo'] for x in st])}{bold}",
                         ratio,
                         _pm([x["arith"] for x in st]),
-                        _pm(rouge) + _of(len(rouge), len(st)) if rouge else "–",
+                        earlier["rouge"] if earlier else (_pm(rouge) + _of(len(rouge), len(st)) if rouge else "–"),
                         wtl,
-                        _fmt_mb(_mean(ups)) if ups else "–",
-                        _fmt_mb(_mean(downs)) if downs else "–",
-                        f"{_mean(walls) / 60:.0f}{_of(len(walls), len(st))}" if walls else "–",
+                        earlier["mb_up"] if earlier else (_fmt_mb(_mean(ups)) if ups else "–"),
+                        earlier["mb_down"] if earlier else (_fmt_mb(_mean(downs)) if downs else "–"),
+                        earlier["wall_min"] if earlier else _walls(walls, len(st)),
                     ]
                 )
                 + " |"
@@ -1477,11 +1522,15 @@ def report(args, root: Path) -> dict[str, Any]:
     results_path = args.results or (root / "quality.json" if args.tiny else RESULTS_PATH)
     previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results, kept = merge_results(previous, results_json(collected))
+    extra = {}  # the tiny smoke test's cells are none of those
+    if not args.tiny and KEPT_COLUMNS_PATH.is_file():
+        extra = json.loads(KEPT_COLUMNS_PATH.read_text())["settings"]
     for name, methods in kept.items():  # the tables and plots show them too, marked (records on no machine)
         for method, seeds in methods.items():
             if name in collected and method in METHODS:
                 for seed, clients in seeds.items():
-                    collected[name].setdefault(method, {})[int(seed)] = kept_cell(clients)
+                    known = kept_columns(extra, name, method, int(seed))
+                    collected[name].setdefault(method, {})[int(seed)] = kept_cell(clients, known)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     from hf_perfit._io import atomic_write_json
 

@@ -239,3 +239,38 @@ def test_report_no_write_leaves_the_docs_plots_alone(trained, tmp_path):
     assert (docs_png.stat().st_mtime_ns if docs_png.is_file() else None) == before
     assert (trained / "quality_scale_flan8_recipe.png").is_file()
     assert json.loads((tmp_path / "q.json").read_text())["flan8_recipe"]
+
+
+def test_kept_cells_carry_what_an_earlier_report_built_from_their_records(tmp_path):
+    """docs/results/kept_columns.json's columns: a row of one seed gives that cell's own ROUGE-L, bytes and wall time,
+    a row of several seeds gives its columns where the row's seeds are exactly those, and a mask overlap row comes
+    back per seed."""
+    clients = {"client_0": [4.0, 2.0], "client_1": [9.0, 8.0]}
+    overlap = {"round": 1, "clients": 2, "density": 0.25, "shared": 0.2, "exclusive": 0.1, "none": 0.7}
+    extra = {
+        "flan8_recipe": {
+            "rows": {
+                "fedprox": {"seeds": [0], "rouge": "0.517", "mb_up": "1,343.2", "mb_down": "0.000", "wall_min": "63"},
+                "local": {
+                    "seeds": [0, 1],
+                    "rouge": "0.535 ± 0.017",
+                    "mb_up": "147.5",
+                    "mb_down": "0.000",
+                    "wall_min": "95",
+                },
+            },
+            "mask_overlap": {"fedprox": {"0": overlap}},
+        }
+    }
+    known = qs.kept_columns(extra, "flan8_recipe", "fedprox", 0)
+    assert known["rouge"] == 0.517 and known["bytes_up"] == pytest.approx(1343.2e6) and known["wall_s"] == 63 * 60
+    cell = qs.kept_cell(clients, known)
+    assert qs.seed_stats(cell)["rouge"] == 0.517 and qs.mask_overlap(cell) == overlap
+    assert "rouge" not in qs.kept_columns(extra, "flan8_recipe", "local", 0)  # a mean over 2 seeds is no seed's
+
+    setting = qs.SETTINGS["flan8_recipe"]
+    local = {s: qs.kept_cell(clients, qs.kept_columns(extra, "flan8_recipe", "local", s)) for s in (0, 1)}
+    lines = qs.render_setting(setting, {"local": local}, None, True, tmp_path)
+    assert "| local | 0†, 1† | 4.000 ± 0.000 | – | 5.000 ± 0.000 | 0.535 ± 0.017 | – | 147.5 | 0.000 | 95 |" in lines
+    lines = qs.render_setting(setting, {"local": {0: local[0]}}, None, True, tmp_path)  # not the row's seeds
+    assert "| local | 0† | 4.000 | – | 5.000 | – | – | – | – | – |" in lines
