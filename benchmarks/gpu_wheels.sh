@@ -13,17 +13,17 @@
 set -euo pipefail
 py=${PYTHON:-.venv/bin/python}; cuda=${CUDA:-130}
 # the versions installed here (CI's)
-pins=$("$py" -c "import importlib.metadata as m; print(*(f'{n}=={m.version(n)}' for n in
-  ('huggingface_hub', 'httpx2', 'httpcore2', 'truststore', 'nltk')))")
+pin() { "$py" -c "import importlib.metadata as m, sys; print(*(f'{n}=={m.version(n)}' for n in sys.argv[1:]))" "$@"; }
+dl() {  # DEST PACKAGE...: wheels for the GPU image's Python 3.12 on x86-64 Linux
+  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d "$@" 2>&1 | grep -v WARNING || true
+}
 mkdir -p .whl
-"$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-  $pins 2>&1 | grep -v WARNING || true
+dl .whl $(pin huggingface_hub httpx2 httpcore2 truststore nltk)
 "$py" -m pip wheel -q --no-deps -w .whl rouge-score==0.1.2 2>&1 | grep -v WARNING || true
-bnb=$("$py" -c "import importlib.metadata as m; print(m.version('bitsandbytes'))")
 tmp=$(mktemp -d)
-"$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_24_x86_64 -d "$tmp" "bitsandbytes==$bnb" 2>&1 | grep -v WARNING || true
+dl "$tmp" $(pin bitsandbytes)
 # drop the other libraries' files and their RECORD lines (pip installs the files RECORD lists)
 "$py" - "$tmp"/bitsandbytes-*.whl .whl "$cuda" <<'EOF'
 import sys
