@@ -10,7 +10,7 @@
 # it starts on the second's, e.g. the rows the goal is about over 3 seeds first, then the other rows:
 #   ... 420 8 --setting flan8_recipe --methods local fedit perfit --then --setting flan8_recipe --methods main
 #
-# Every worker walks the same plan; a cell's lock makes it one worker's (`quality_scale.CellLock`), so the workers
+# Every worker walks the same plan; a cell's lock makes it one worker's (`quality_grid.CellLock`), so the workers
 # form a queue. A worker repeats its pass while cells were skipped (locked by another worker, or a fedit_ft waiting
 # for its fedit to fork from), until nothing is left or the deadline. At the deadline the workers get SIGINT: a cell
 # cut short loses its unfinished round only, but stays on this machine (partial cells do not travel, see

@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import quality as q  # noqa: E402
-import quality_scale as qs  # noqa: E402
+import quality_grid as grid  # noqa: E402
+import quality_scale_report as qr  # noqa: E402
 
 # what the report reads from a cell folder (relative paths); everything else there is tensors or plots
 CELL_FILES = (
@@ -49,9 +50,9 @@ CELL_FILES = (
     q.SETTINGS_FILE,
     "state/checkpoint.json",
     "state/run.json",
-    qs.MASK_OVERLAP_FILE,
+    qr.MASK_OVERLAP_FILE,
 )
-IMPORTED_FILE = qs.IMPORTED_FILE
+IMPORTED_FILE = grid.IMPORTED_FILE
 MAX_BYTES = 16 * 2**20  # the device tool returns files of at most 16 MiB
 
 
@@ -77,12 +78,12 @@ def pack(root: Path, out: Path) -> dict[str, Any]:
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for folder in cells:
             rel = folder.relative_to(root)
-            cell = qs.read_cell(folder)
+            cell = qr.read_cell(folder)
             if cell is not None and cell["finished"]:
                 finished.append(str(rel))
-            overlap = qs.mask_overlap(cell) if cell is not None else None
+            overlap = qr.mask_overlap(cell) if cell is not None else None
             if overlap is not None:  # computed from the strategy state, which does not travel
-                q._write_json(folder / qs.MASK_OVERLAP_FILE, overlap)
+                q._write_json(folder / qr.MASK_OVERLAP_FILE, overlap)
             for name in CELL_FILES:
                 if (folder / name).is_file():
                     tar.add(folder / name, arcname=str(rel / name))
@@ -145,7 +146,7 @@ def _finished_cells(root: Path, unfinished: list[str]):
     go to `unfinished`."""
     for folder in cell_folders(root):
         rel = folder.relative_to(root)
-        cell = qs.read_cell(folder)
+        cell = qr.read_cell(folder)
         if cell is None or not cell["finished"]:
             unfinished.append(str(rel))
             continue
@@ -213,9 +214,9 @@ def save(root: Path, store: Path) -> dict[str, list[str]]:
     """
     report: dict[str, list[str]] = {"saved": [], "unchanged": [], "unfinished": []}
     for folder, rel, cell in _finished_cells(root, report["unfinished"]):
-        overlap = qs.mask_overlap(cell)
+        overlap = qr.mask_overlap(cell)
         if overlap is not None:  # computed from the strategy state, which is not kept
-            q._write_json(folder / qs.MASK_OVERLAP_FILE, overlap)
+            q._write_json(folder / qr.MASK_OVERLAP_FILE, overlap)
         target = store / rel
         if target.is_dir() and _same_records(folder, target):
             report["unchanged"].append(str(rel))
@@ -258,15 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setting", help="only this setting's cells")
     u = sub.add_parser("unpack", help="add the finished cells of an archive to --root")
     u.add_argument("archive", type=Path)
-    u.add_argument("--root", type=Path, default=qs.DEFAULT_ROOT, help=f"default: {qs.DEFAULT_ROOT}")
+    u.add_argument("--root", type=Path, default=grid.DEFAULT_ROOT, help=f"default: {grid.DEFAULT_ROOT}")
     args = parser.parse_args(argv)
     if args.command == "pack":
         root = args.root.resolve()
         if args.setting:
-            if args.setting not in qs.SETTINGS:
-                raise SystemExit(f"--setting {args.setting}: unknown; allowed: {', '.join(qs.SETTINGS)}.")
+            if args.setting not in grid.SETTINGS:
+                raise SystemExit(f"--setting {args.setting}: unknown; allowed: {', '.join(grid.SETTINGS)}.")
             with tempfile.TemporaryDirectory() as view:  # a root holding only that setting's folder
-                name = qs.storage(qs.SETTINGS[args.setting]).name
+                name = grid.storage(grid.SETTINGS[args.setting]).name
                 os.symlink(root / name, Path(view) / name)
                 out = pack(Path(view), args.out)
         else:

@@ -17,8 +17,10 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import quality as q  # noqa: E402
+import quality_grid as grid  # noqa: E402
 import quality_partition as qp  # noqa: E402
 import quality_scale as qs  # noqa: E402
+import quality_scale_report as qr  # noqa: E402
 
 # the fixture was written with these two: the comparison must normalise exactly as the generation did
 from tests.fixtures.make_quality_configs import _data as _client_folder  # noqa: E402
@@ -121,17 +123,17 @@ def test_quality_py_configs_are_those_of_6705756(command, tmp_path):
 
 
 @pytest.mark.parametrize("tiny", [False, True], ids=["full", "tiny"])
-@pytest.mark.parametrize("name", list(qs.SETTINGS))
+@pytest.mark.parametrize("name", list(grid.SETTINGS))
 def test_quality_scale_configs_are_those_of_6705756(name, tiny, tmp_path):
-    setting = qs.SETTINGS[name]
-    n = (3 if setting.partition == "flan8" else qs.TINY_PARTITION_CLIENTS) if tiny else setting.num_clients
+    setting = grid.SETTINGS[name]
+    n = (3 if setting.partition == "flan8" else grid.TINY_PARTITION_CLIENTS) if tiny else setting.num_clients
     data = _client_folder(tmp_path / "data", n)
     root = tmp_path / "root"
     expected = FIXTURE["quality_scale.py --tiny" if tiny else "quality_scale.py"][name]
-    assert sorted(expected) == ["0", "1"] and sorted(expected["0"]) == sorted(qs.methods_of(setting, ["all"]))
+    assert sorted(expected) == ["0", "1"] and sorted(expected["0"]) == sorted(grid.methods_of(setting, ["all"]))
     for seed, runs in expected.items():
         for method, ref in runs.items():
-            config, _, _ = qs.cell_config(setting, method, int(seed), root, data, tiny)
+            config, _, _ = grid.cell_config(setting, method, int(seed), root, data, tiny)
             assert _normalized(config, root) == ref, (seed, method)
 
 
@@ -152,11 +154,11 @@ def test_flan8_recipe_cells_match_the_background_command(tmp_path):
     for m in args.methods:
         config = _normalized(q.method_config(m, s, data, root / "flan8_recipe" / "seed0" / m), root)
         assert config == FIXTURE["quality_scale.py"]["flan8_recipe"]["0"][m]
-    cell = qs.base_settings(qs.SETTINGS["flan8_recipe"], 0, data, tiny=False)
+    cell = grid.base_settings(grid.SETTINGS["flan8_recipe"], 0, data, tiny=False)
     assert (cell.rouge_examples, cell.max_new_tokens, cell.tiny) == (50, 32, False)
-    assert qs.storage(qs.SETTINGS["alpha0.5"]).name == "dirichlet40_f20"
-    assert qs.config_path(qs.SETTINGS["alpha0.5"]).name == "dirichlet40_f20.yaml"
-    assert qs.methods_of(qs.SETTINGS["flan8_recipe"], ["ablations"])[0] == "perfit"
+    assert grid.storage(grid.SETTINGS["alpha0.5"]).name == "dirichlet40_f20"
+    assert grid.config_path(grid.SETTINGS["alpha0.5"]).name == "dirichlet40_f20.yaml"
+    assert grid.methods_of(grid.SETTINGS["flan8_recipe"], ["ablations"])[0] == "perfit"
 
 
 def test_old_and_new_flags_give_the_same_settings_and_new_commands():
@@ -230,7 +232,7 @@ def test_quality_scale_overrides_need_a_root_of_their_own(tmp_path):
     args = qs.parse_args(["plan", "--setting", "iid", "--root", str(tmp_path), "--lr", "1e-4"])
     assert args.overrides == ["--learning_rate", "1e-4"]
     data = _client_folder(tmp_path / "data", 40)
-    config, s, _ = qs.cell_config(qs.SETTINGS["iid"], "perfit", 2, tmp_path, data, False, args.overrides)
+    config, s, _ = grid.cell_config(grid.SETTINGS["iid"], "perfit", 2, tmp_path, data, False, args.overrides)
     assert (config.learning_rate, config.seed, config.num_rounds, config.fraction_clients) == (1e-4, 2, 20, 0.2)
     assert s.overrides == ["--seed", "2", "--learning_rate", "1e-4"]
 
@@ -241,7 +243,7 @@ def test_quality_scale_overrides_need_a_root_of_their_own(tmp_path):
 def test_finetuned_row_forked_from_its_source_equals_it_from_scratch(source, tuned, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    assert qs.METHODS[tuned].fork_of == source
+    assert grid.METHODS[tuned].fork_of == source
     common = ["run", "--tiny", "--setting", "flan8_recipe", "--seeds", "0", "--no-report", "--threads", "1"]
     common += ["--device", "cpu", "--bf16", "false"]  # bit-for-bit (conftest.CPU_FP32); bf16: test_resume_bf16.py
     assert qs.main([*common, "--methods", source, tuned, "--root", str(tmp_path / "fork")]) == 0
@@ -262,10 +264,10 @@ def test_finetuned_row_forked_from_its_source_equals_it_from_scratch(source, tun
 @pytest.mark.parametrize("tiny", [False, True], ids=["full", "tiny"])
 def test_perfit_variants_differ_from_perfit_in_their_one_change_only(tiny, tmp_path):
     # the ablation that isolates each variant's gain: the same run as `perfit` but for one key
-    setting = qs.SETTINGS["flan8_recipe"]
-    assert {"perfit", "perfit_pb", "perfit_ft", "perfit_pb_ft"} <= set(qs.methods_of(setting, ["ablations"]))
+    setting = grid.SETTINGS["flan8_recipe"]
+    assert {"perfit", "perfit_pb", "perfit_ft", "perfit_pb_ft"} <= set(grid.methods_of(setting, ["ablations"]))
     data = _client_folder(tmp_path / "data", 3 if tiny else 8)
-    configs = {m: qs.cell_config(setting, m, 0, tmp_path, data, tiny)[0].to_dict() for m in qs.METHODS}
+    configs = {m: grid.cell_config(setting, m, 0, tmp_path, data, tiny)[0].to_dict() for m in grid.METHODS}
 
     def changed(m: str, against: str) -> set[str]:
         return {k for k in configs[against] if k != "output_dir" and configs[m][k] != configs[against][k]}
@@ -276,7 +278,7 @@ def test_perfit_variants_differ_from_perfit_in_their_one_change_only(tiny, tmp_p
     assert changed("perfit_pb_ft", "perfit_ft") == {"strategy_options"}  # personal B isolated on top of fine-tuning
     assert configs["perfit_pb"]["strategy_options"] == {"personal_b": True}
     assert configs["perfit_ft"]["finetune_steps"] == configs["perfit"]["local_steps"]
-    assert qs.METHODS["perfit_pb_ft"].fork_of == "perfit_pb"
+    assert grid.METHODS["perfit_pb_ft"].fork_of == "perfit_pb"
 
 
 def test_personal_b_recipe_is_the_flan8_recipe_plus_the_measured_variant(tmp_path):
@@ -290,7 +292,7 @@ def test_personal_b_recipe_is_the_flan8_recipe_plus_the_measured_variant(tmp_pat
         for name in ("config_flan8.yaml", "config_flan8_personal_b.yaml")
     )
     assert {k for k in plain if plain[k] != variant[k]} == {"strategy_options", "finetune_steps", "output_dir"}
-    row = qs.cell_config(qs.SETTINGS["flan8_recipe"], "perfit_pb_ft", 0, tmp_path, data, False)[0].to_dict()
+    row = grid.cell_config(grid.SETTINGS["flan8_recipe"], "perfit_pb_ft", 0, tmp_path, data, False)[0].to_dict()
     assert (variant["strategy_options"], variant["finetune_steps"]) == (row["strategy_options"], row["finetune_steps"])
     assert (variant["num_rounds"], variant["local_steps"]) == (row["num_rounds"], row["local_steps"])
 
@@ -300,18 +302,18 @@ def test_plot_curves_and_their_ratio_to_fedit_of_the_same_seed(tmp_path):
 
     # geometric mean over clients per round, None where no client has a value
     cell = {"finished": True, "loss": {"a": [0.0, math.log(2.0)], "b": [math.log(4.0), None]}}
-    assert qs.round_curves(cell) == pytest.approx([2.0, 2.0])
-    assert qs.round_curves({"loss": {"a": [None, 0.0]}}) == [None, 1.0]
+    assert qr.round_curves(cell) == pytest.approx([2.0, 2.0])
+    assert qr.round_curves({"loss": {"a": [None, 0.0]}}) == [None, 1.0]
     # paired per round; a fine-tuned row's extra last point against the reference's last round
-    assert qs.ratio_curve([4.0, 2.0, 1.5], [4.0, 2.5]) == [1.0, 0.8, 0.6]
-    assert qs.ratio_curve([None, 2.0], [4.0, 2.0]) == [None, 1.0]
+    assert qr.ratio_curve([4.0, 2.0, 1.5], [4.0, 2.5]) == [1.0, 0.8, 0.6]
+    assert qr.ratio_curve([None, 2.0], [4.0, 2.0]) == [None, 1.0]
 
-    setting = qs.SETTINGS["flan8_recipe"]
+    setting = grid.SETTINGS["flan8_recipe"]
     path = tmp_path / "plot.png"
-    assert not qs.plot_setting(setting, {}, [path], tiny=True) and not path.exists()
+    assert not qr.plot_setting(setting, {}, [path], tiny=True) and not path.exists()
     fedit = {"finished": True, "loss": {"a": [1.0, 0.5], "b": [1.0, 0.7]}}
     cells = {"fedit": {0: fedit}, "perfit": {0: cell}, "local": {1: {"finished": False, "loss": cell["loss"]}}}
-    assert qs.plot_setting(setting, cells, [path], tiny=True)
+    assert qr.plot_setting(setting, cells, [path], tiny=True)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*.tmp"))  # written through a temp file and renamed
 
@@ -322,8 +324,8 @@ def test_plot_draws_a_row_in_one_color_in_both_panels(tmp_path, monkeypatch):
     from matplotlib import colors as mcolors
     from matplotlib import pyplot as plt
 
-    setting = qs.SETTINGS["flan8_recipe"]
-    colors = qs.method_colors(setting)
+    setting = grid.SETTINGS["flan8_recipe"]
+    colors = qr.method_colors(setting)
     rows = [*setting.methods, *setting.ablations]
     assert set(colors) == set(rows) and colors["perfit"] == "black"
     assert len({mcolors.to_hex(colors[m]) for m in set(rows)}) == len(set(rows))  # every row its own color
@@ -341,7 +343,7 @@ def test_plot_draws_a_row_in_one_color_in_both_panels(tmp_path, monkeypatch):
     figures = []
     close = plt.close
     monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
-    assert qs.plot_setting(setting, cells, [tmp_path / "plot.png"], tiny=False)
+    assert qr.plot_setting(setting, cells, [tmp_path / "plot.png"], tiny=False)
     left, right = figures[-1].axes
 
     def by_row(ax, prop):  # row name (the label before " (n seeds)") -> prop(line), legend lines only
@@ -360,8 +362,8 @@ def test_plot_draws_a_row_in_one_color_in_both_panels(tmp_path, monkeypatch):
     def levels(ax):
         return sorted(line.get_ydata()[0] for line in ax.lines if line.get_label()[0] == "_")
 
-    assert levels(right) == [qs.GOAL_RATIO, 1.0] and "0.77x" in right.get_ylabel()
-    assert qs.plot_setting(qs.SETTINGS["iid"], cells, [tmp_path / "iid.png"], tiny=False)
+    assert levels(right) == [qr.GOAL_RATIO, 1.0] and "0.77x" in right.get_ylabel()
+    assert qr.plot_setting(grid.SETTINGS["iid"], cells, [tmp_path / "iid.png"], tiny=False)
     right = figures[-1].axes[1]
     assert levels(right) == [1.0] and "at most 1" in right.get_ylabel()
 
@@ -370,11 +372,11 @@ def test_every_40_client_setting_runs_the_variants_beside_perfit(tmp_path):
     # the variant docs/perfit.md recommends is measured where clients share tasks too (IID included), as an ablation
     # of `perfit` on the same partition and schedule
     data = _client_folder(tmp_path / "data", 40)
-    for name, setting in qs.SETTINGS.items():
+    for name, setting in grid.SETTINGS.items():
         if setting.partition == "flan8":
             continue
-        assert qs.methods_of(setting, ["ablations"]) == ["perfit", "perfit_pb", "perfit_pb_ft"], name
-        configs = {m: qs.cell_config(setting, m, 0, tmp_path, data, False)[0].to_dict() for m in setting.ablations}
+        assert grid.methods_of(setting, ["ablations"]) == ["perfit", "perfit_pb", "perfit_pb_ft"], name
+        configs = {m: grid.cell_config(setting, m, 0, tmp_path, data, False)[0].to_dict() for m in setting.ablations}
         changed = {
             k for k in configs["perfit"] if k != "output_dir" and configs["perfit_pb"][k] != configs["perfit"][k]
         }
@@ -390,10 +392,10 @@ def test_run_leaves_the_cells_of_a_running_quality_py_alone(tmp_path, capsys):
     proc = subprocess.Popen([*fake, "--tiny", "--output-root", str(seed_root)])
     try:
         for _ in range(100):  # until /proc shows its command line
-            if seed_root.resolve() in qs.quality_py_jobs():
+            if seed_root.resolve() in grid.quality_py_jobs():
                 break
             time.sleep(0.05)
-        assert qs.quality_py_jobs()[seed_root.resolve()] == (proc.pid, {"fedit"})
+        assert grid.quality_py_jobs()[seed_root.resolve()] == (proc.pid, {"fedit"})
         argv = ["run", "--tiny", "--setting", "flan8_recipe", "--seeds", "0", "--methods", "fedit", "--no-report"]
         assert qs.main([*argv, "--root", str(tmp_path)]) == 0
         out = capsys.readouterr().out
@@ -407,19 +409,19 @@ def test_run_leaves_the_cells_of_a_running_quality_py_alone(tmp_path, capsys):
 
 def test_ratio_to_fedit_pairs_seeds_and_says_when_it_cannot():
     stats = {"perfit": {1: {"geo": 1.6}, 2: {"geo": 1.8}}, "fedit": {1: {"geo": 2.0}, 0: {"geo": 1.0}}}
-    assert qs._ratio_to_fedit(stats, "perfit") == (0.8, "over seed(s) 1")  # the shared seed only
+    assert qr._ratio_to_fedit(stats, "perfit") == (0.8, "over seed(s) 1")  # the shared seed only
     stats["fedit"].pop(1)  # no seed in common (the report crashed here): unpaired means, and said so
-    ratio, over = qs._ratio_to_fedit(stats, "perfit")
+    ratio, over = qr._ratio_to_fedit(stats, "perfit")
     assert ratio == pytest.approx(1.7) and over == "over different seeds (perfit: 1, 2; fedit: 0; unpaired)"
 
 
 def test_order_says_when_rows_finished_different_seeds():
     stats = {"local": {0: {"geo": 1.55}, 1: {"geo": 1.58}}, "perfit": {0: {"geo": 1.65}, 1: {"geo": 1.66}}}
     geo = {m: sum(v["geo"] for v in st.values()) / len(st) for m, st in stats.items()}
-    assert qs._order(["perfit", "local"], stats, geo) == "local 1.565 < perfit 1.655"  # same seeds: plain
+    assert qr._order(["perfit", "local"], stats, geo) == "local 1.565 < perfit 1.655"  # same seeds: plain
     stats["fedamole"] = {0: {"geo": 1.60}}  # one seed: its mean would sit between the two-seed means unmarked
     geo["fedamole"] = 1.60
-    assert qs._order(["perfit", "local", "fedamole"], stats, geo) == (
+    assert qr._order(["perfit", "local", "fedamole"], stats, geo) == (
         "local 1.565 (2) < fedamole 1.600 (1) < perfit 1.655 (2) (in parentheses: seeds finished); "
         "over seed(s) 0, which every row finished: local 1.550 < fedamole 1.600 < perfit 1.650"
     )
@@ -427,11 +429,11 @@ def test_order_says_when_rows_finished_different_seeds():
 
 def test_cell_precision_from_sessions_devices_and_bf16():
     cpu, gpu = {"device": "cpu"}, {"device": "cuda (NVIDIA H200)"}
-    assert qs.cell_precision({"config": {"bf16": "auto"}, "sessions": [cpu, cpu]}) == "fp32"
-    assert qs.cell_precision({"config": {"bf16": "auto"}, "sessions": [gpu]}) == "bf16"
-    assert qs.cell_precision({"config": {"bf16": False}, "sessions": [gpu]}) == "fp32"  # bf16 off on the GPU
-    assert qs.cell_precision({"config": {}, "sessions": [gpu, cpu]}) == "bf16+fp32"  # resumed on the other machine
-    assert qs.cell_precision({"config": {}, "sessions": [{"started": "before the device field"}]}) is None
+    assert qr.cell_precision({"config": {"bf16": "auto"}, "sessions": [cpu, cpu]}) == "fp32"
+    assert qr.cell_precision({"config": {"bf16": "auto"}, "sessions": [gpu]}) == "bf16"
+    assert qr.cell_precision({"config": {"bf16": False}, "sessions": [gpu]}) == "fp32"  # bf16 off on the GPU
+    assert qr.cell_precision({"config": {}, "sessions": [gpu, cpu]}) == "bf16+fp32"  # resumed on the other machine
+    assert qr.cell_precision({"config": {}, "sessions": [{"started": "before the device field"}]}) is None
 
 
 def test_ratio_to_fedit_pairs_only_seeds_of_one_precision():
@@ -439,22 +441,22 @@ def test_ratio_to_fedit_pairs_only_seeds_of_one_precision():
         "perfit": {0: {"geo": 1.6, "precision": "fp32"}, 1: {"geo": 1.0, "precision": "bf16"}},
         "fedit": {0: {"geo": 2.0, "precision": "fp32"}, 1: {"geo": 2.0, "precision": "fp32"}},
     }
-    ratio, over = qs._ratio_to_fedit(stats, "perfit")
+    ratio, over = qr._ratio_to_fedit(stats, "perfit")
     assert ratio == pytest.approx(0.8)  # seed 1 (bf16 against fp32) left out; with it the ratio would be 0.65
     assert over == "over seed(s) 0 (not seed(s) 1: bf16 in one row, fp32 in the other)"
     stats["perfit"].pop(0)
-    ratio, over = qs._ratio_to_fedit(stats, "perfit")
+    ratio, over = qr._ratio_to_fedit(stats, "perfit")
     assert ratio == pytest.approx(0.5) and over.startswith("over seeds of different precisions")
     stats["perfit"][1]["precision"] = None  # a cell of before the device field pairs with any (all were CPU fp32)
-    assert qs._ratio_to_fedit(stats, "perfit") == (0.5, "over seed(s) 1")
+    assert qr._ratio_to_fedit(stats, "perfit") == (0.5, "over seed(s) 1")
 
 
 def test_standing_marks_a_verdict_over_mixed_precisions_provisional():
-    setting = qs.SETTINGS["iid"]
+    setting = grid.SETTINGS["iid"]
     stats = {m: {0: {"geo": g, "precision": p}} for m, g, p in (("perfit", 2.2, "bf16"), ("fedit", 2.3, "bf16"))}
     stats["local"] = {0: {"geo": 2.4, "precision": "fp32"}}
     geo = {m: st[0]["geo"] for m, st in stats.items()}
-    plain = qs._standing(setting, {}, stats, geo)[0]
-    mixed = qs._standing(setting, {}, stats, geo, mixed=True)[0]
+    plain = qr._standing(setting, {}, stats, geo)[0]
+    mixed = qr._standing(setting, {}, stats, geo, mixed=True)[0]
     assert "**met**" in plain and "provisional" not in plain
     assert "**met**" in mixed and mixed.endswith("(provisional: the rows mix bf16 and fp32 cells).")

@@ -16,7 +16,9 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import quality_grid as grid  # noqa: E402
 import quality_scale as qs  # noqa: E402
+import quality_scale_report as qr  # noqa: E402
 import quality_transfer as qt  # noqa: E402
 
 COMMON = ["--tiny", "--setting", "flan8_recipe", "--seeds", "0", "--threads", "1", "--no-report"]
@@ -47,15 +49,15 @@ def test_packed_cells_read_as_the_originals(trained, tmp_path, capsys):
     assert qt.main(["unpack", str(archive), "--root", str(here)]) == 0
     assert "imported: 2" in capsys.readouterr().out
     for method in ("fedit", "perfit"):
-        original, imported = qs.read_cell(_cell(trained, method)), qs.read_cell(_cell(here, method))
+        original, imported = qr.read_cell(_cell(trained, method)), qr.read_cell(_cell(here, method))
         for key in ("finished", "done", "total", "ppl", "loss", "bytes_up", "bytes_down", "wall_s", "config"):
             assert imported[key] == original[key], key
-        assert json.loads((_cell(here, method) / qs.IMPORTED_FILE).read_text())["archive"] == "records.tar.gz"
+        assert json.loads((_cell(here, method) / grid.IMPORTED_FILE).read_text())["archive"] == "records.tar.gz"
     # PerFIT's mask overlap was computed from the strategy state before packing; the import reads the same numbers
-    assert qs.mask_overlap(qs.read_cell(_cell(here, "perfit"))) == qs.mask_overlap(
-        qs.read_cell(_cell(trained, "perfit"))
+    assert qr.mask_overlap(qr.read_cell(_cell(here, "perfit"))) == qr.mask_overlap(
+        qr.read_cell(_cell(trained, "perfit"))
     )
-    assert qs.mask_overlap(qs.read_cell(_cell(here, "fedit"))) is None
+    assert qr.mask_overlap(qr.read_cell(_cell(here, "fedit"))) is None
 
     # the report over the imported cells gives the same quality.json as over the originals
     for root in (trained, here):
@@ -112,18 +114,18 @@ def test_an_imported_fedit_is_not_forked(trained, tmp_path, capsys):
     here = tmp_path / "here"
     assert qt.main(["unpack", str(archive), "--root", str(here)]) == 0
     args = qs.parse_args(["plan", *COMMON, "--root", str(trained), "--methods", "fedit_ft"])
-    (cell,) = qs.plan(args, [qs.SETTINGS["flan8_recipe"]], trained)  # the config the imported fedit was run with
-    assert qs.fork_source(_cell(here, "fedit_ft"), cell["config"]) is None  # its client states stayed on the GPU
-    (_cell(here, "fedit") / qs.IMPORTED_FILE).unlink()
-    assert qs.fork_source(_cell(here, "fedit_ft"), cell["config"]) == _cell(here, "fedit")  # the mark is why
+    (cell,) = qs.plan(args, [grid.SETTINGS["flan8_recipe"]], trained)  # the config the imported fedit was run with
+    assert grid.fork_source(_cell(here, "fedit_ft"), cell["config"]) is None  # its client states stayed on the GPU
+    (_cell(here, "fedit") / grid.IMPORTED_FILE).unlink()
+    assert grid.fork_source(_cell(here, "fedit_ft"), cell["config"]) == _cell(here, "fedit")  # the mark is why
 
 
 def test_fine_tuning_waits_while_another_worker_computes_its_source(trained, tmp_path):
     args = qs.parse_args(["plan", *COMMON, "--root", str(tmp_path), "--methods", "fedit", "fedit_ft"])
-    cells = qs.plan(args, [qs.SETTINGS["flan8_recipe"]], tmp_path)
+    cells = qs.plan(args, [grid.SETTINGS["flan8_recipe"]], tmp_path)
     ft = next(c for c in cells if c["method"] == "fedit_ft")
     assert qs._fork_source_running(ft, cells) is None  # nobody computes fedit
-    lock = qs.CellLock(next(c for c in cells if c["method"] == "fedit")["folder"])
+    lock = grid.CellLock(next(c for c in cells if c["method"] == "fedit")["folder"])
     lock.path.parent.mkdir(parents=True, exist_ok=True)
     lock.path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # a live holder
     assert qs._fork_source_running(ft, cells) == "fedit"
@@ -142,12 +144,12 @@ def test_saved_records_restore_the_cells_in_a_fresh_checkout(trained, tmp_path, 
     fresh = tmp_path / "fresh"  # a new checkout: no outputs/, the store committed
     assert sorted(qt.restore(store, fresh)["imported"]) == out["saved"]
     for method in ("fedit", "perfit"):
-        original, restored = qs.read_cell(_cell(trained, method)), qs.read_cell(_cell(fresh, method))
+        original, restored = qr.read_cell(_cell(trained, method)), qr.read_cell(_cell(fresh, method))
         for key in ("finished", "done", "total", "ppl", "loss", "bytes_up", "bytes_down", "wall_s", "config"):
             assert restored[key] == original[key], key
-        assert "store" in json.loads((_cell(fresh, method) / qs.IMPORTED_FILE).read_text())
-    assert qs.mask_overlap(qs.read_cell(_cell(fresh, "perfit"))) == qs.mask_overlap(
-        qs.read_cell(_cell(trained, "perfit"))
+        assert "store" in json.loads((_cell(fresh, method) / grid.IMPORTED_FILE).read_text())
+    assert qr.mask_overlap(qr.read_cell(_cell(fresh, "perfit"))) == qr.mask_overlap(
+        qr.read_cell(_cell(trained, "perfit"))
     )
     stamps = {p: p.stat().st_mtime_ns for p in fresh.rglob("*") if p.is_file()}
     assert qt.restore(store, fresh)["kept_local"] == out["saved"]  # a folder that is here is never touched
@@ -184,18 +186,18 @@ def test_report_keeps_numbers_whose_records_are_elsewhere(trained, tmp_path):
     section = (trained / "benchmarks_section.md").read_text()
     # in the table, marked: geometric sqrt(2*8) = 4, arithmetic (2+8)/2 = 5; no FedIT seed 7 to pair with, no ROUGE-L
     assert "| local | 7† | 4.000 | – | 5.000 | – |" in section
-    assert f"{qs.KEPT_MARK} {qs.KEPT_NOTE}" in section
+    assert f"{qr.KEPT_MARK} {qr.KEPT_NOTE}" in section
 
     # a finished cell rebuilt from its quality.json entry alone gives the row its records give
     for method in ("fedit", "perfit"):
-        cell = qs.read_cell(_cell(trained, method))
-        kept = qs.kept_cell(after["flan8_recipe"][method]["0"])
-        mine, theirs = qs.seed_stats(kept), qs.seed_stats(cell)
+        cell = qr.read_cell(_cell(trained, method))
+        kept = qr.kept_cell(after["flan8_recipe"][method]["0"])
+        mine, theirs = qr.seed_stats(kept), qr.seed_stats(cell)
         assert mine["geo"] == pytest.approx(theirs["geo"], rel=1e-12)
         assert mine["arith"] == theirs["arith"] and "rouge" not in mine and mine["precision"] is None
-        assert qs.round_curves(kept) == pytest.approx(qs.round_curves(cell), rel=1e-12)
+        assert qr.round_curves(kept) == pytest.approx(qr.round_curves(cell), rel=1e-12)
 
-    merged, kept = qs.merge_results(
+    merged, kept = qr.merge_results(
         {"s": {"m": {"0": {"c": [1.0]}, "1": {"c": [2.0]}}}}, {"s": {"m": {"0": {"c": [3.0]}}}}
     )
     assert merged == {"s": {"m": {"0": {"c": [3.0]}, "1": {"c": [2.0]}}}}  # a cell that is here wins
@@ -232,7 +234,7 @@ def test_report_marks_cells_of_another_precision(trained, tmp_path):
 def test_report_no_write_leaves_the_docs_plots_alone(trained, tmp_path):
     """`report --no-write` (no --tiny) over a root: quality.json, the records and the plot go where it is told or to
     the root; docs/quality_scale_*.png, which the docs' tables were built with, are not rewritten."""
-    docs_png = qs.REPO_ROOT / "docs" / "quality_scale_flan8_recipe.png"
+    docs_png = grid.REPO_ROOT / "docs" / "quality_scale_flan8_recipe.png"
     before = docs_png.stat().st_mtime_ns if docs_png.is_file() else None
     argv = ["report", "--setting", "flan8_recipe", "--root", str(trained), "--no-write"]
     assert qs.main([*argv, "--results", str(tmp_path / "q.json"), "--store", str(tmp_path / "store")]) == 0
@@ -262,15 +264,15 @@ def test_kept_cells_carry_what_an_earlier_report_built_from_their_records(tmp_pa
             "mask_overlap": {"fedprox": {"0": overlap}},
         }
     }
-    known = qs.kept_columns(extra, "flan8_recipe", "fedprox", 0)
+    known = qr.kept_columns(extra, "flan8_recipe", "fedprox", 0)
     assert known["rouge"] == 0.517 and known["bytes_up"] == pytest.approx(1343.2e6) and known["wall_s"] == 63 * 60
-    cell = qs.kept_cell(clients, known)
-    assert qs.seed_stats(cell)["rouge"] == 0.517 and qs.mask_overlap(cell) == overlap
-    assert "rouge" not in qs.kept_columns(extra, "flan8_recipe", "local", 0)  # a mean over 2 seeds is no seed's
+    cell = qr.kept_cell(clients, known)
+    assert qr.seed_stats(cell)["rouge"] == 0.517 and qr.mask_overlap(cell) == overlap
+    assert "rouge" not in qr.kept_columns(extra, "flan8_recipe", "local", 0)  # a mean over 2 seeds is no seed's
 
-    setting = qs.SETTINGS["flan8_recipe"]
-    local = {s: qs.kept_cell(clients, qs.kept_columns(extra, "flan8_recipe", "local", s)) for s in (0, 1)}
-    lines = qs.render_setting(setting, {"local": local}, None, True, tmp_path)
+    setting = grid.SETTINGS["flan8_recipe"]
+    local = {s: qr.kept_cell(clients, qr.kept_columns(extra, "flan8_recipe", "local", s)) for s in (0, 1)}
+    lines = qr.render_setting(setting, {"local": local}, None, True, tmp_path)
     assert "| local | 0†, 1† | 4.000 ± 0.000 | – | 5.000 ± 0.000 | 0.535 ± 0.017 | – | 147.5 | 0.000 | 95 |" in lines
-    lines = qs.render_setting(setting, {"local": {0: local[0]}}, None, True, tmp_path)  # not the row's seeds
+    lines = qr.render_setting(setting, {"local": {0: local[0]}}, None, True, tmp_path)  # not the row's seeds
     assert "| local | 0† | 4.000 | – | 5.000 | – | – | – | – | – |" in lines
