@@ -40,6 +40,14 @@ A run without `--deployment` keeps the deployment results already in the section
 under the date, commit and command of the run that measured them), so the simulation arms can be re-measured alone.
 `--deployment_only` is the converse: it times `in_process_1thread` and the deployment arms only, and replaces only
 that kept block of deployment results (the simulation arms and their reading stay as they are).
+
+`--real FLAN8_DIR` asks the same question at the work a user runs: SmolLM2-135M-Instruct (the preset every process
+loads from its package) and FLAN-8's clients 0-2 (their first 40 rows), batch 4 of <= 128 tokens, a rank-8 budget.
+It goes with `--deployment_only` and prints only (docs/benchmarks.md quotes it, with its command). Run it under
+`taskset -c 0` to give the in-process run and the whole federation (SuperLink, nodes, ServerApp) the same single core:
+
+    taskset -c 0 python benchmarks/flower_overhead.py --deployment_only --deployment_arms in_node --repeats 1 \
+        --num_rounds 2 --local_steps 2 --real ../shared/data/flan8
 """
 
 from __future__ import annotations
@@ -63,6 +71,10 @@ from _report import DOC_PATH, REPO_ROOT, command_line, machine_lines, update_doc
 
 SECTION = "## Flower overhead (benchmarks/flower_overhead.py)"
 APP_DIR = REPO_ROOT / "recipes" / "flower"
+# --real: the model every process loads from its package (hf_perfit.presets), and the training rows per client taken
+# from FLAN-8 (40: 30 to train on, 10 test rows at test_fraction 0.25, enough for the local steps of a short run)
+REAL_MODEL = "smollm2-135m-instruct"
+REAL_ROWS = 40
 KEPT_START = "<!-- deployment results kept from an earlier run (flower_overhead.py without --deployment) -->"
 KEPT_END = "<!-- end of the kept deployment results -->"
 _DEPLOYMENT_BULLETS = ("- Deployment", "- Before (commit", "- Flower's default deployment")
@@ -95,6 +107,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="time in_process_1thread and the deployment arms only; replace only the kept deployment block",
     )
     p.add_argument("--num_cpus", type=int, default=None, help="CPUs for Ray (default: all usable)")
+    p.add_argument(
+        "--real",
+        type=Path,
+        metavar="FLAN8_DIR",
+        help="the same comparison on real work: SmolLM2-135M-Instruct and 3 FLAN-8 clients (this folder), batch 4 of "
+        "<= 128 tokens, rank-8 budget; prints only (with --deployment_only; docs/benchmarks.md quotes it by hand)",
+    )
     p.add_argument("--no-write", dest="write", action="store_false", help="print only, leave docs/benchmarks.md")
     p.add_argument("--output", type=Path, default=DOC_PATH, help="markdown file to update")
     p.add_argument(
@@ -103,7 +122,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="an extra line for the section's machine list (e.g. that a background job was paused); repeatable",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.real is not None:
+        if not args.deployment_only:
+            p.error("--real times in_process_1thread against the deployment arms: add --deployment_only.")
+        args.write = False  # the section's text describes the tiny work
+    return args
 
 
 def _section_text(doc: str) -> str:
@@ -167,8 +191,20 @@ def replace_kept(section: str, block: str) -> str:
     return section[:closing].rstrip("\n") + "\n\n" + block + "\n" + section[closing:]
 
 
-def make_assets(root: Path) -> None:
-    """The tests' tiny random Llama + character tokenizer, saved like a Hub checkpoint, and 3 categories of data."""
+def make_assets(root: Path, real: Path | None = None) -> None:
+    """The tests' tiny random Llama + character tokenizer, saved like a Hub checkpoint, and 3 categories of data; with
+    `real` (a FLAN-8 client folder) only the data: the first `REAL_ROWS` training rows of FLAN-8's clients 0-2, one
+    category each (the model is the SmolLM2 preset, read by every process from its package)."""
+    if real is not None:
+        rows = []
+        for k in range(3):
+            path = real / f"local_training_{k}.json"
+            if not path.is_file():
+                raise SystemExit(f"--real {real}: no {path.name} there; give FLAN-8's client folder.")
+            for r in json.loads(path.read_text())[:REAL_ROWS]:
+                rows.append({"instruction": r["instruction"], "response": r["output"], "category": f"c{k}"})
+        (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return
     sys.path.insert(0, str(REPO_ROOT))
     from tests.conftest import build_tokenizer, tiny_llama
 
@@ -185,6 +221,24 @@ def make_assets(root: Path) -> None:
 def make_config(args: argparse.Namespace, assets: Path, out: Path):
     from hf_perfit.federated.config import FederatedConfig
 
+    if args.real is not None:  # the recipes' per-step work: SmolLM2, rank-8 budget, batch 4 of <= 128 tokens
+        return FederatedConfig(
+            model_name_or_path=REAL_MODEL,
+            dataset_name=str(assets / "data.jsonl"),
+            strategy="perfit",
+            num_clients=3,
+            num_rounds=args.num_rounds,
+            local_steps=args.local_steps,
+            search_steps=min(4, args.local_steps),
+            learning_rate=2e-4,
+            per_device_train_batch_size=4,
+            max_length=128,
+            lora_r=8,
+            lora_alpha=16,
+            test_fraction=0.25,
+            output_dir=str(out),
+            overwrite=True,
+        )
     return FederatedConfig(
         model_name_or_path=str(assets / "model"),
         dataset_name=str(assets / "data.jsonl"),
@@ -394,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="flower_overhead_") as tmp:
         root = Path(tmp)
-        make_assets(root)
+        make_assets(root, args.real)
         run_in_process(make_config(args, root, root / "warm_up"))  # untimed: this process's one-time lazy imports
         for rep in range(args.repeats):
             order = arms if rep % 2 == 0 else list(reversed(arms))

@@ -92,3 +92,37 @@ def test_a_deployment_only_run_replaces_only_the_kept_block():
     assert "newer deployment rows" in again and "new deployment rows" not in again
     assert again.count(fo.KEPT_START) == 1 and again.replace("newer", "new") == once
     assert fo.replace_kept("## Flower overhead\n", block) == f"## Flower overhead\n\n{block}\n"
+
+
+def test_real_work_takes_three_flan8_clients_and_never_writes_the_tiny_section(tmp_path):
+    """`--real`: three FLAN-8 clients' first rows, one category each, and the SmolLM2 preset's config; the results
+    are printed only (the section's text is about the tiny work), and only beside `--deployment_only`."""
+    import json
+
+    import pytest
+
+    fo = _flower_overhead()
+    flan8 = tmp_path / "flan8"
+    flan8.mkdir()
+    for k in range(4):
+        rows = [{"instruction": f"q{k}-{i}", "output": f"a{k}-{i}", "category": "x"} for i in range(fo.REAL_ROWS + 5)]
+        (flan8 / f"local_training_{k}.json").write_text(json.dumps(rows))
+    args = fo.parse_args(["--deployment_only", "--real", str(flan8), "--num_rounds", "2", "--local_steps", "3"])
+    assert args.write is False
+    fo.make_assets(tmp_path, args.real)
+    rows = [json.loads(line) for line in (tmp_path / "data.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * fo.REAL_ROWS
+    assert [r["category"] for r in rows[:: fo.REAL_ROWS]] == ["c0", "c1", "c2"]
+    assert rows[fo.REAL_ROWS] == {"instruction": "q1-0", "response": "a1-0", "category": "c1"}
+    config = fo.make_config(args, tmp_path, tmp_path / "out")
+    assert (config.model_name_or_path, config.num_clients, config.per_device_train_batch_size) == (
+        fo.REAL_MODEL,
+        3,
+        4,
+    )
+    assert (config.max_length, config.lora_r, config.num_rounds, config.local_steps) == (128, 8, 2, 3)
+    with pytest.raises(SystemExit):
+        fo.parse_args(["--real", str(flan8)])  # the simulation arms' section would describe the tiny work
+    (flan8 / "local_training_2.json").unlink()
+    with pytest.raises(SystemExit, match="local_training_2.json"):
+        fo.make_assets(tmp_path / "b", flan8)
