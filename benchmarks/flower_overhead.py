@@ -195,67 +195,60 @@ def make_assets(root: Path, real: Path | None = None) -> None:
     """The tests' tiny random Llama + character tokenizer, saved like a Hub checkpoint, and 3 categories of data; with
     `real` (a FLAN-8 client folder) only the data: the first `REAL_ROWS` training rows of FLAN-8's clients 0-2, one
     category each (the model is the SmolLM2 preset, read by every process from its package)."""
+    rows = []
     if real is not None:
-        rows = []
         for k in range(3):
             path = real / f"local_training_{k}.json"
             if not path.is_file():
                 raise SystemExit(f"--real {real}: no {path.name} there; give FLAN-8's client folder.")
             for r in json.loads(path.read_text())[:REAL_ROWS]:
                 rows.append({"instruction": r["instruction"], "response": r["output"], "category": f"c{k}"})
-        (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return
-    sys.path.insert(0, str(REPO_ROOT))
-    from tests.conftest import build_tokenizer, tiny_llama
+    else:
+        sys.path.insert(0, str(REPO_ROOT))
+        from tests.conftest import build_tokenizer, tiny_llama
 
-    tiny_llama().save_pretrained(root / "model")
-    build_tokenizer().save_pretrained(root / "model")
-    rows = [
-        {"instruction": f"Task {k}: echo {i}", "response": f"{k}{i}{k}", "category": f"c{k}"}
-        for k in range(3)
-        for i in range(12)
-    ]
+        tiny_llama().save_pretrained(root / "model")
+        build_tokenizer().save_pretrained(root / "model")
+        rows = [
+            {"instruction": f"Task {k}: echo {i}", "response": f"{k}{i}{k}", "category": f"c{k}"}
+            for k in range(3)
+            for i in range(12)
+        ]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def make_config(args: argparse.Namespace, assets: Path, out: Path):
     from hf_perfit.federated.config import FederatedConfig
 
-    if args.real is not None:  # the recipes' per-step work: SmolLM2, rank-8 budget, batch 4 of <= 128 tokens
-        return FederatedConfig(
-            model_name_or_path=REAL_MODEL,
-            dataset_name=str(assets / "data.jsonl"),
-            strategy="perfit",
-            num_clients=3,
-            num_rounds=args.num_rounds,
-            local_steps=args.local_steps,
-            search_steps=min(4, args.local_steps),
-            learning_rate=2e-4,
-            per_device_train_batch_size=4,
-            max_length=128,
-            lora_r=8,
-            lora_alpha=16,
-            test_fraction=0.25,
-            output_dir=str(out),
-            overwrite=True,
-        )
-    return FederatedConfig(
+    work = dict(  # the tiny work: the tests' model, short rows, a rank-2 budget
         model_name_or_path=str(assets / "model"),
-        dataset_name=str(assets / "data.jsonl"),
-        strategy="perfit",
-        num_clients=3,
-        num_rounds=args.num_rounds,
-        local_steps=args.local_steps,
-        search_steps=min(4, args.local_steps),
         prune_iterations=2,
         learning_rate=5e-3,
         per_device_train_batch_size=2,
         max_length=48,
         lora_r=2,
         lora_alpha=4,
+    )
+    if args.real is not None:  # the recipes' per-step work: SmolLM2, rank-8 budget, batch 4 of <= 128 tokens
+        work = dict(
+            model_name_or_path=REAL_MODEL,
+            learning_rate=2e-4,
+            per_device_train_batch_size=4,
+            max_length=128,
+            lora_r=8,
+            lora_alpha=16,
+        )
+    return FederatedConfig(
+        dataset_name=str(assets / "data.jsonl"),
+        strategy="perfit",
+        num_clients=3,
+        num_rounds=args.num_rounds,
+        local_steps=args.local_steps,
+        search_steps=min(4, args.local_steps),
         test_fraction=0.25,
         output_dir=str(out),
         overwrite=True,
+        **work,
     )
 
 
