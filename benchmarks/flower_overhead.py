@@ -195,8 +195,8 @@ def make_assets(root: Path, real: Path | None = None) -> None:
     """The tests' tiny random Llama + character tokenizer, saved like a Hub checkpoint, and 3 categories of data; with
     `real` (a FLAN-8 client folder) only the data: the first `REAL_ROWS` training rows of FLAN-8's clients 0-2, one
     category each (the model is the SmolLM2 preset, read by every process from its package)."""
-    rows = []
     if real is not None:
+        rows = []
         for k in range(3):
             path = real / f"local_training_{k}.json"
             if not path.is_file():
@@ -220,15 +220,6 @@ def make_assets(root: Path, real: Path | None = None) -> None:
 def make_config(args: argparse.Namespace, assets: Path, out: Path):
     from hf_perfit.federated.config import FederatedConfig
 
-    work = dict(  # the tiny work: the tests' model, short rows, a rank-2 budget
-        model_name_or_path=str(assets / "model"),
-        prune_iterations=2,
-        learning_rate=5e-3,
-        per_device_train_batch_size=2,
-        max_length=48,
-        lora_r=2,
-        lora_alpha=4,
-    )
     if args.real is not None:  # the recipes' per-step work: SmolLM2, rank-8 budget, batch 4 of <= 128 tokens
         work = dict(
             model_name_or_path=REAL_MODEL,
@@ -237,6 +228,16 @@ def make_config(args: argparse.Namespace, assets: Path, out: Path):
             max_length=128,
             lora_r=8,
             lora_alpha=16,
+        )
+    else:  # the tiny work: the tests' model, short rows, a rank-2 budget
+        work = dict(
+            model_name_or_path=str(assets / "model"),
+            prune_iterations=2,
+            learning_rate=5e-3,
+            per_device_train_batch_size=2,
+            max_length=48,
+            lora_r=2,
+            lora_alpha=4,
         )
     return FederatedConfig(
         dataset_name=str(assets / "data.jsonl"),

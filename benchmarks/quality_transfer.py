@@ -61,6 +61,14 @@ def cell_folders(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.glob("*/seed*/*/metrics.jsonl"))
 
 
+def keep_mask_overlap(folder: Path, cell: dict[str, Any]) -> None:
+    """Write the cell's mask overlap (`quality_scale_report.mask_overlap`) into its folder, next to its records: it is
+    computed from the strategy state, which neither an archive nor the store keeps. Nothing for a run without masks."""
+    overlap = qr.mask_overlap(cell)
+    if overlap is not None:
+        q._write_json(folder / qr.MASK_OVERLAP_FILE, overlap)
+
+
 def pack(root: Path, out: Path) -> dict[str, Any]:
     """Write the records of every cell under `root` (and each setting's `base/` ROUGE-L) to the gzipped tar `out`.
 
@@ -81,9 +89,8 @@ def pack(root: Path, out: Path) -> dict[str, Any]:
             cell = qr.read_cell(folder)
             if cell is not None and cell["finished"]:
                 finished.append(str(rel))
-            overlap = qr.mask_overlap(cell) if cell is not None else None
-            if overlap is not None:  # computed from the strategy state, which does not travel
-                q._write_json(folder / qr.MASK_OVERLAP_FILE, overlap)
+            if cell is not None:
+                keep_mask_overlap(folder, cell)
             for name in CELL_FILES:
                 if (folder / name).is_file():
                     tar.add(folder / name, arcname=str(rel / name))
@@ -214,9 +221,7 @@ def save(root: Path, store: Path) -> dict[str, list[str]]:
     """
     report: dict[str, list[str]] = {"saved": [], "unchanged": [], "unfinished": []}
     for folder, rel, cell in _finished_cells(root, report["unfinished"]):
-        overlap = qr.mask_overlap(cell)
-        if overlap is not None:  # computed from the strategy state, which is not kept
-            q._write_json(folder / qr.MASK_OVERLAP_FILE, overlap)
+        keep_mask_overlap(folder, cell)
         target = store / rel
         if target.is_dir() and _same_records(folder, target):
             report["unchanged"].append(str(rel))
