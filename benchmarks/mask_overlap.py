@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality as q  # noqa: E402
+import quality_setup as qset  # noqa: E402
 from _report import command_line, machine_lines, publish  # noqa: E402
 from measurement_vanishing import first_batch  # noqa: E402
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--flan8", type=Path, default=q.FLAN8, help="the FLAN-8 client folder")
+    p.add_argument("--flan8", type=Path, default=qset.FLAN8, help="the FLAN-8 client folder")
     p.add_argument("--tiny", action="store_true", help="tiny random Llama + synthetic clients (never writes docs/)")
     p.add_argument("--no-write", action="store_true", help="print the section; leave docs/ alone")
     p.add_argument("--threads", type=int)
@@ -104,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     datasets.disable_progress_bars()
     if args.threads:
         torch.set_num_threads(args.threads)
-    s = q.Settings(tiny=args.tiny, **(q.TINY_DEFAULTS if args.tiny else {}))
+    s = qset.Settings(tiny=args.tiny, **(qset.TINY_DEFAULTS if args.tiny else {}))
     fc = s.federated()  # benchmarks/quality.py's settings: benchmarks/settings/flan8_default.yaml (+ tiny.yaml)
     batch = fc.per_device_train_batch_size
-    folder = q.write_tiny_clients(Path("/tmp/hf_perfit_overlap_tiny")) if args.tiny else args.flan8.resolve()
-    base, tokenizer = q.base_model_and_tokenizer(s)
+    folder = qset.write_tiny_clients(Path("/tmp/hf_perfit_overlap_tiny")) if args.tiny else args.flan8.resolve()
+    base, tokenizer = qset.base_model_and_tokenizer(s)
     clients = load_client_folder(folder)
     masks, alloc, cats = {}, {}, {}
     t0 = time.perf_counter()

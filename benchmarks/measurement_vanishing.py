@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality as q  # noqa: E402
+import quality_setup as qset  # noqa: E402
 from _report import command_line, machine_lines, publish  # noqa: E402
 
 SECTION = "## Measurement vanishing: zero Taylor scores by init (benchmarks/measurement_vanishing.py)"
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--flan8", type=Path, default=q.FLAN8, help="the FLAN-8 client folder")
+    p.add_argument("--flan8", type=Path, default=qset.FLAN8, help="the FLAN-8 client folder")
     p.add_argument("--tiny", action="store_true", help="tiny random Llama + synthetic clients (never writes docs/)")
     p.add_argument("--no-write", action="store_true", help="print the section; leave docs/ alone")
     p.add_argument("--threads", type=int)
@@ -122,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    s = q.Settings(tiny=args.tiny, **(q.TINY_DEFAULTS if args.tiny else {}))
+    s = qset.Settings(tiny=args.tiny, **(qset.TINY_DEFAULTS if args.tiny else {}))
     fc = s.federated()  # benchmarks/quality.py's settings: benchmarks/settings/flan8_default.yaml (+ tiny.yaml)
-    folder = q.write_tiny_clients(Path("/tmp/hf_perfit_vanishing_tiny")) if args.tiny else args.flan8.resolve()
-    base, tokenizer = q.base_model_and_tokenizer(s)
+    folder = qset.write_tiny_clients(Path("/tmp/hf_perfit_vanishing_tiny")) if args.tiny else args.flan8.resolve()
+    base, tokenizer = qset.base_model_and_tokenizer(s)
     clients = load_client_folder(folder)
     t0 = time.perf_counter()
     rows, search = [], {}

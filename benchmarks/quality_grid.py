@@ -16,6 +16,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as q  # noqa: E402
+import quality_run as qrun  # noqa: E402
+import quality_setup as qset  # noqa: E402
 from _report import REPO_ROOT  # noqa: E402
 from quality_partition import write_partition  # noqa: E402
 
@@ -258,27 +260,27 @@ def cell_dir(root: Path, setting: Setting, seed: int, method: str) -> Path:
 
 def config_path(setting: Setting) -> Path:
     """The setting's federated settings: benchmarks/settings/<name>.yaml (of the setting whose cells it shares)."""
-    return q.SETTINGS_DIR / f"{storage(setting).name}.yaml"
+    return qset.SETTINGS_DIR / f"{storage(setting).name}.yaml"
 
 
 @functools.cache
 def schedule(setting: Setting):
     """The setting's YAML as a `FederatedConfig` (no method, no `--tiny`): its rounds, fraction, steps, ..."""
-    return q.Settings(config=str(config_path(setting))).federated()
+    return qset.Settings(config=str(config_path(setting))).federated()
 
 
 def base_settings(
     setting: Setting, seed: int, data: Path, tiny: bool, overrides: list[str] | None = None
-) -> q.Settings:
+) -> qset.Settings:
     """benchmarks/quality.py's settings of a cell (before the method's changes): the setting's YAML, `--seed`, then
     the command line's `overrides` (`--key value` flags of `FederatedConfig` keys)."""
-    return q.Settings(
-        config=q._rel(config_path(setting)),
+    return qset.Settings(
+        config=qset._rel(config_path(setting)),
         overrides=["--seed", str(seed), *(overrides or [])],
         rouge_examples=(2 if tiny else setting.rouge_examples) if setting.rouge_examples else 0,
         data=str(data),
         tiny=tiny,
-        **({k: v for k, v in q.TINY_DEFAULTS.items() if k != "rouge_examples"} if tiny else {}),
+        **({k: v for k, v in qset.TINY_DEFAULTS.items() if k != "rouge_examples"} if tiny else {}),
     )
 
 
@@ -287,7 +289,7 @@ def data_for(setting: Setting, root: Path, flan8: Path, tiny: bool) -> Path:
     setting = storage(setting)
     source = flan8
     if tiny:
-        source = q.write_tiny_clients(root / "tiny_source")
+        source = qset.write_tiny_clients(root / "tiny_source")
     elif not (flan8 / "test.jsonl").is_file():
         raise SystemExit(f"--flan8 {flan8}: no FLAN-8 client folder there (local_training_{{k}}.json + test.jsonl).")
     if setting.partition == "flan8":
@@ -325,16 +327,16 @@ def cell_config(
     budget = None
     if spec.base == "fedamole":
         common = s.federated(spec.overrides)
-        budget = q.fedamole_pool(
-            q.target_shapes(s, common.lora_target_modules),
+        budget = qset.fedamole_pool(
+            qset.target_shapes(s, common.lora_target_modules),
             common.lora_r,
             sampled_count(num_clients, common.fraction_clients),
-            q._recipe("fedamole"),
+            qset._recipe("fedamole"),
             rank=s.fedamole_rank,
             num_experts=s.fedamole_experts,
         )
     out = cell_dir(root, setting, seed, method)
-    config = q.method_config(spec.base, s, data, out, budget, spec.overrides)
+    config = qset.method_config(spec.base, s, data, out, budget, spec.overrides)
     for key, value in spec.config.items():
         if value == "local_steps":
             value = config.local_steps
@@ -361,8 +363,8 @@ def fork_source(folder: Path, config) -> Path | None:
         ):
             continue
         saved = json.loads((other / "state" / "checkpoint.json").read_text())
-        old = q._comparable({**q.config_defaults(), **saved["config"]})
-        new = q._comparable(config.to_dict())
+        old = qset._comparable({**qset.config_defaults(), **saved["config"]})
+        new = qset._comparable(config.to_dict())
         if {**old, "finetune_steps": config.finetune_steps} == new and int(
             saved["completed_rounds"]
         ) == config.num_rounds:
@@ -380,7 +382,7 @@ def fork_finetune(source: Path, folder: Path, config) -> None:
 
     with atomic_directory(folder) as tmp:
         shutil.copytree(source / "state", tmp / "state")
-        for name in ("metrics.jsonl", q.WALL_FILE, q.SETTINGS_FILE):
+        for name in ("metrics.jsonl", qrun.WALL_FILE, qset.SETTINGS_FILE):
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
         config_dict = {**config.to_dict(), "resume": False, "overwrite": False}
@@ -443,7 +445,7 @@ def table_cost_h(setting: Setting, methods: tuple[str, ...], seeds: int = 3, com
 
 def newest_write(folder: Path) -> float:
     """The newest modification time of the run's progress files (0 when none)."""
-    paths = [folder / "metrics.jsonl", folder / "state" / "checkpoint.json", folder / q.WALL_FILE]
+    paths = [folder / "metrics.jsonl", folder / "state" / "checkpoint.json", folder / qrun.WALL_FILE]
     state = folder / "state"
     if state.is_dir():
         for p in state.glob("pending_*"):
@@ -488,7 +490,7 @@ class CellLock:
     def acquire(self) -> str | None:
         """`None` when acquired, else who holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": q._now()}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": qrun._now()}
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

@@ -61,6 +61,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as q  # noqa: E402
+import quality_run as qrun  # noqa: E402
+import quality_setup as qset  # noqa: E402
+from base_eval_cache import BASE_EVAL_FILE  # noqa: E402
 from quality_grid import (  # noqa: E402
     BUSY_S,
     DEFAULT_ROOT,
@@ -109,7 +112,7 @@ def plan(args, settings: list[Setting], root: Path) -> list[dict[str, Any]]:
                 try:
                     config, s, budget = cell_config(setting, method, seed, root, data, args.tiny, args.overrides)
                     cell.update(config=config, settings=s, budget=budget, client_ids=client_ids, data=data)
-                    status = q.run_status(folder, config, client_ids)
+                    status = qrun.run_status(folder, config, client_ids)
                 except (SystemExit, ValueError) as err:  # other settings cached there, or no config for it
                     cell.update(status="refused", why=str(err), left_s=0.0)
                     cells.append(cell)
@@ -177,8 +180,8 @@ def run_cells(args, cells: list[dict[str, Any]]) -> dict[str, int]:
                 if source is not None:
                     fork_finetune(source, folder, cell["config"])
                     print(f"  forked the finished run {source} (its {cell['config'].num_rounds} rounds); fine-tuning")
-            base_eval = folder.parent.parent / q.BASE_EVAL_FILE  # one per setting: its cells share it by key
-            status = q.run_config(
+            base_eval = folder.parent.parent / BASE_EVAL_FILE  # one per setting: its cells share it by key
+            status = qrun.run_config(
                 cell["method"],
                 cell["config"],
                 cell["settings"],
@@ -194,9 +197,9 @@ def run_cells(args, cells: list[dict[str, Any]]) -> dict[str, int]:
                 clients = load_client_folder(cell["data"])
                 key = setting.name
                 if key not in rouge_base_done:  # the base model's ROUGE-L once per setting (seed-independent)
-                    q.rouge_for("base", cell["settings"], folder.parent.parent, clients, base_cache)
+                    qrun.rouge_for("base", cell["settings"], folder.parent.parent, clients, base_cache)
                     rouge_base_done.add(key)
-                q.rouge_for(cell["method"], cell["settings"], folder.parent, clients, base_cache)
+                qrun.rouge_for(cell["method"], cell["settings"], folder.parent, clients, base_cache)
         except KeyboardInterrupt:
             raise
         except Exception:  # one broken cell must not cost the others their runs
@@ -214,17 +217,17 @@ def _fork_source_running(cell: dict[str, Any], cells: list[dict[str, Any]]) -> s
     config = cell["config"]
     if not config.finetune_steps:
         return None
-    want = {**q._comparable(config.to_dict()), "finetune_steps": 0}
+    want = {**qset._comparable(config.to_dict()), "finetune_steps": 0}
     for other in cells:
         if other is cell or other.get("config") is None or other["folder"].parent != cell["folder"].parent:
             continue
-        if q._comparable(other["config"].to_dict()) == want and CellLock(other["folder"]).holder():
+        if qset._comparable(other["config"].to_dict()) == want and CellLock(other["folder"]).holder():
             return other["folder"].name
     return None
 
 
 def _rouge_missing(cell: dict[str, Any]) -> bool:
-    path = cell["folder"] / q.ROUGE_FILE
+    path = cell["folder"] / qrun.ROUGE_FILE
     if not path.is_file():
         return True
     cached = json.loads(path.read_text())
@@ -256,9 +259,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"rows (default: the setting's main table): main, ablations, all, or names: {', '.join(METHODS)}",
     )
     p.add_argument(
-        "--root", type=Path, help=f"cached runs (default: {q._rel(DEFAULT_ROOT)}; --tiny: {q._rel(TINY_ROOT)})"
+        "--root", type=Path, help=f"cached runs (default: {qset._rel(DEFAULT_ROOT)}; --tiny: {qset._rel(TINY_ROOT)})"
     )
-    p.add_argument("--flan8", type=Path, default=q.FLAN8, help="the FLAN-8 client folder (../shared/data/flan8)")
+    p.add_argument("--flan8", type=Path, default=qset.FLAN8, help="the FLAN-8 client folder (../shared/data/flan8)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (1 is fastest on a loaded 2-core machine)")
     p.add_argument("--tiny", action="store_true", help="tiny random Llama + synthetic clients (smoke test)")
     p.add_argument("--force", action="store_true", help="run a cell even if it was written to in the last 15 min")
@@ -289,7 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.root is None:
             p.error(
                 f"{' '.join(rest)} changes every cell's settings: give a --root of its own (the cells under "
-                f"{q._rel(TINY_ROOT if args.tiny else DEFAULT_ROOT)} are the declared settings')."
+                f"{qset._rel(TINY_ROOT if args.tiny else DEFAULT_ROOT)} are the declared settings')."
             )
     for name in args.setting:
         if name not in SETTINGS:
@@ -299,7 +302,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
     for name in args.setting:  # a bad key or value fails now, naming it, not after the first cell
-        base_settings(SETTINGS[name], args.seeds[0], q.FLAN8, args.tiny, args.overrides).federated()
+        base_settings(SETTINGS[name], args.seeds[0], qset.FLAN8, args.tiny, args.overrides).federated()
     return args
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality as q  # noqa: E402
+import quality_run as qrun  # noqa: E402
+import quality_setup as qset  # noqa: E402
+import quality_table as qtab  # noqa: E402
 from _report import DOC_PATH, REPO_ROOT, command_line, machine_lines, update_doc  # noqa: E402
 from quality_grid import (  # noqa: E402
     DEFAULT_ROOT,
@@ -53,7 +55,7 @@ KEPT_NOTE = (
 )
 # What the report built from the lost cells' records, kept from the docs of the last report that had them.
 KEPT_COLUMNS_PATH = REPO_ROOT / "docs" / "results" / "kept_columns.json"
-GOAL_RATIO = q.GOAL_RATIO  # PerFIT's geometric mean at most 0.77 x FedIT's
+GOAL_RATIO = qtab.GOAL_RATIO  # PerFIT's geometric mean at most 0.77 x FedIT's
 TIE = 0.01  # a client's perplexities within 1% of each other are a tie
 
 
@@ -89,9 +91,9 @@ def read_cell(folder: Path) -> dict[str, Any] | None:
             down += int(r.get("bytes_down") or 0)
     done = completed_rounds(folder)
     finished = done >= total and run.results.is_file()
-    wall = json.loads((folder / q.WALL_FILE).read_text()) if (folder / q.WALL_FILE).is_file() else {}
-    rouge = json.loads((folder / q.ROUGE_FILE).read_text()) if (folder / q.ROUGE_FILE).is_file() else None
-    budget = json.loads((folder / q.BUDGET_FILE).read_text()) if (folder / q.BUDGET_FILE).is_file() else None
+    wall = json.loads((folder / qrun.WALL_FILE).read_text()) if (folder / qrun.WALL_FILE).is_file() else {}
+    rouge = json.loads((folder / qrun.ROUGE_FILE).read_text()) if (folder / qrun.ROUGE_FILE).is_file() else None
+    budget = json.loads((folder / qrun.BUDGET_FILE).read_text()) if (folder / qrun.BUDGET_FILE).is_file() else None
     return {
         "config": config,
         "finished": finished,
@@ -102,7 +104,7 @@ def read_cell(folder: Path) -> dict[str, Any] | None:
         "summaries": {int(r["round"]): r for r in records if r.get("summary")},
         "bytes_up": up,
         "bytes_down": down,
-        "wall_s": q.wall_seconds(wall) if wall else None,
+        "wall_s": qrun.wall_seconds(wall) if wall else None,
         "sessions": wall.get("sessions", []),
         "rouge": rouge,
         "budget": budget,
@@ -366,7 +368,7 @@ def commands(setting: Setting, tiny: bool, root: Path) -> list[str]:
     canonical = root.parent.name == "outputs" and root.name == (TINY_ROOT if tiny else DEFAULT_ROOT).name
     # a checkout's own outputs/quality (e.g. the main checkout's, reported from a worktree) is the default root
     if not canonical:
-        extra += ["--root", q._rel(root)]
+        extra += ["--root", qset._rel(root)]
     base = ["python", "benchmarks/quality_scale.py", "run", "--setting", setting.name, "--seeds", "0", "1", "2"]
     out = [shlex.join(base + extra)]
     if setting.ablations:
@@ -389,7 +391,7 @@ def common_settings() -> str:
         f"(lora_alpha {c.lora_alpha}), batch {c.per_device_train_batch_size}, max_length {c.max_length}, AdamW lr "
         f"{lr} constant, PerFIT γ = {c.expansion_factor} with {c.prune_iterations} pruning iterations of "
         f"{c.search_mode} search on {c.search_batches} batches (every setting's YAML, "
-        f"`{q._rel(q.SETTINGS_DIR)}/<setting>.yaml`)"
+        f"`{qset._rel(qset.SETTINGS_DIR)}/<setting>.yaml`)"
     )
 
 
@@ -399,7 +401,7 @@ def render_setting(setting: Setting, cells: dict[str, dict[int, dict]], plot: st
     lines = [
         f"### {setting.name}",
         "",
-        f"{setting.about}. Federated settings: `{q._rel(config_path(setting))}` ({c.num_rounds} rounds x "
+        f"{setting.about}. Federated settings: `{qset._rel(config_path(setting))}` ({c.num_rounds} rounds x "
         f"{c.local_steps} local steps, {c.fraction_clients:.0%} of the clients per round, {c.max_eval_examples} test "
         "examples per client).",
         "",
@@ -553,7 +555,7 @@ def _base_row(setting: Setting, cells, root: Path) -> str:
         return "| base model | | pending | | | | | | | |"
     loss = [v[0] for v in cell["loss"].values() if v[0] is not None]
     ppl = [v[0] for v in cell["ppl"].values() if v[0] is not None]
-    path = root / storage(setting).name / "base" / q.ROUGE_FILE
+    path = root / storage(setting).name / "base" / qrun.ROUGE_FILE
     rouge = "–"
     if path.is_file():
         clients = json.loads(path.read_text())["clients"]
@@ -823,12 +825,12 @@ def report(args, root: Path) -> dict[str, Any]:
     if store is not None:  # cells finished on another machine or in an earlier checkout: records only
         restored = qt.restore(store, root)["imported"]
         if restored:
-            print(f"restored {len(restored)} finished cells from {q._rel(store)}")
+            print(f"restored {len(restored)} finished cells from {qset._rel(store)}")
     collected = collect_all(root, names)
     if store is not None:
         saved = qt.save(root, store)["saved"]
         if saved:
-            print(f"kept the records of {len(saved)} finished cells in {q._rel(store)}: commit them")
+            print(f"kept the records of {len(saved)} finished cells in {qset._rel(store)}: commit them")
     results_path = args.results or (root / "quality.json" if args.tiny else RESULTS_PATH)
     previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results, kept = merge_results(previous, results_json(collected))
@@ -856,7 +858,7 @@ def report(args, root: Path) -> dict[str, Any]:
         "",
         "Every cell (setting, seed, method) is a cached, resumable run in `outputs/quality/<setting>/seed<k>/<method>`"
         " (benchmarks/quality.py's machinery); `run` computes the missing ones, `report` rebuilds this section, "
-        f"`{q._rel(RESULTS_PATH)}` and the plots from the cache only. A cell not finished is *pending*; partial "
+        f"`{qset._rel(RESULTS_PATH)}` and the plots from the cache only. A cell not finished is *pending*; partial "
         "cells are listed with their rounds but enter no number. quality.json holds finished cells only: per client "
         "`[base model, after round 1, ..., after round T]` (+ one entry after fine-tuning for the `*_ft` rows; `null` "
         "where a sampled setting did not evaluate the client).",
@@ -923,7 +925,7 @@ def report(args, root: Path) -> dict[str, Any]:
     else:
         lines += [
             "_Where PerFIT wins, where not, and why (mask overlap, shared vs exclusive elements): written by hand in "
-            f"`{q._rel(ANALYSIS_PATH)}` once the cells above are finished, and included here verbatim._",
+            f"`{qset._rel(ANALYSIS_PATH)}` once the cells above are finished, and included here verbatim._",
             "",
         ]
     section = "\n".join(lines)

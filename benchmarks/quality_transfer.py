@@ -35,19 +35,20 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import quality as q  # noqa: E402
 import quality_grid as grid  # noqa: E402
+import quality_run as qrun  # noqa: E402
 import quality_scale_report as qr  # noqa: E402
+import quality_setup as qset  # noqa: E402
 
 # what the report reads from a cell folder (relative paths); everything else there is tensors or plots
 CELL_FILES = (
     "metrics.jsonl",
     "config.json",
     "results.md",
-    q.WALL_FILE,
-    q.ROUGE_FILE,
-    q.BUDGET_FILE,
-    q.SETTINGS_FILE,
+    qrun.WALL_FILE,
+    qrun.ROUGE_FILE,
+    qrun.BUDGET_FILE,
+    qset.SETTINGS_FILE,
     "state/checkpoint.json",
     "state/run.json",
     qr.MASK_OVERLAP_FILE,
@@ -66,7 +67,7 @@ def keep_mask_overlap(folder: Path, cell: dict[str, Any]) -> None:
     computed from the strategy state, which neither an archive nor the store keeps. Nothing for a run without masks."""
     overlap = qr.mask_overlap(cell)
     if overlap is not None:
-        q._write_json(folder / qr.MASK_OVERLAP_FILE, overlap)
+        qrun._write_json(folder / qr.MASK_OVERLAP_FILE, overlap)
 
 
 def pack(root: Path, out: Path) -> dict[str, Any]:
@@ -97,7 +98,7 @@ def pack(root: Path, out: Path) -> dict[str, Any]:
         for base in sorted(root.glob("*/base/*.json")):
             tar.add(base, arcname=str(base.relative_to(root)))
         info = tarfile.TarInfo("packed.json")  # where and when the cells ran, for `imported.json`
-        meta = json.dumps({"host": socket.gethostname(), "date": q._now(), "device": _device()}).encode()
+        meta = json.dumps({"host": socket.gethostname(), "date": qrun._now(), "device": _device()}).encode()
         info.size = len(meta)
         tar.addfile(info, io.BytesIO(meta))
     data = buffer.getvalue()
@@ -171,7 +172,7 @@ def _import_cells(source: Path, root: Path, meta: dict[str, Any], move: bool) ->
         if target.exists():
             report["kept_local"].append(str(rel))
             continue
-        mark = {**meta, "imported": q._now()}
+        mark = {**meta, "imported": qrun._now()}
         if (folder / IMPORTED_FILE).is_file():
             mark["first"] = json.loads((folder / IMPORTED_FILE).read_text())
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +181,7 @@ def _import_cells(source: Path, root: Path, meta: dict[str, Any], move: bool) ->
         else:
             staged = Path(tempfile.mkdtemp(prefix=".import-", dir=target.parent))
             _copy_records(folder, staged)
-        q._write_json(staged / IMPORTED_FILE, mark)
+        qrun._write_json(staged / IMPORTED_FILE, mark)
         os.replace(staged, target)  # same filesystem: the cell appears whole or not at all
         report["imported"].append(str(rel))
     for base in sorted(source.glob("*/base/*.json")):
@@ -252,7 +253,7 @@ def restore(store: Path, root: Path) -> dict[str, list[str]]:
     report, never resumed or forked from (their tensors were not kept). A local folder is never touched."""
     if not store.is_dir():
         return {"imported": [], "kept_local": [], "unfinished": []}
-    return _import_cells(store, root, {"store": q._rel(store)}, move=False)
+    return _import_cells(store, root, {"store": qset._rel(store)}, move=False)
 
 
 def main(argv: list[str] | None = None) -> int:

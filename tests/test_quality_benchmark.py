@@ -19,8 +19,10 @@ sys.path.insert(0, str(BENCHMARKS))
 import quality as q  # noqa: E402
 import quality_grid as grid  # noqa: E402
 import quality_partition as qp  # noqa: E402
+import quality_run as qrun  # noqa: E402
 import quality_scale as qs  # noqa: E402
 import quality_scale_report as qr  # noqa: E402
+import quality_setup as qset  # noqa: E402
 
 # the fixture was written with these two: the comparison must normalise exactly as the generation did
 from tests.fixtures.make_quality_configs import _data as _client_folder  # noqa: E402
@@ -35,7 +37,7 @@ def test_two_methods_two_seeds_then_reused(tmp_path, capsys):
     results = json.loads((tmp_path / "quality.json").read_text())
     assert list(results) == ["flan8_recipe"]
     assert sorted(results["flan8_recipe"]) == ["local", "perfit"]
-    rounds = q._yaml(q.TINY_CONFIG)["num_rounds"]
+    rounds = qset._yaml(qset.TINY_CONFIG)["num_rounds"]
     for seeds in results["flan8_recipe"].values():
         assert sorted(seeds) == ["0", "1"]
         for clients in seeds.values():
@@ -50,7 +52,7 @@ def test_two_methods_two_seeds_then_reused(tmp_path, capsys):
     section = (tmp_path / "benchmarks_section.md").read_text()
     assert "| fedit | – | pending |" in section and "| perfit | 0, 1 | **" in section
     # the device of every cell (fp32 on CPU, bf16 on CUDA): where these 4 ran, the CPU or a visible GPU
-    device = q._device()
+    device = qrun._device()
     assert f"{device} 4." in section if device == "cpu" else f"{device} bf16 4." in section
 
     assert qs.main(argv) == 0
@@ -83,10 +85,10 @@ def test_run_status_tolerates_keys_added_later(tmp_path):
     del saved["perfit_init"]  # a run saved before the key existed had its default
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "checkpoint.json").write_text(json.dumps({"completed_rounds": 1, "config": saved}))
-    assert q.run_status(tmp_path, config, ["client_0"]) == "partial"
+    assert qrun.run_status(tmp_path, config, ["client_0"]) == "partial"
     config.perfit_init = "zero"
     with pytest.raises(SystemExit, match=r"perfit_init: 'symmetric' there, 'zero' now"):
-        q.run_status(tmp_path, config, ["client_0"])
+        qrun.run_status(tmp_path, config, ["client_0"])
 
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "quality_configs.json").read_text())
@@ -102,16 +104,16 @@ def _quality_configs(command: str, data: Path, root: Path) -> dict[str, dict]:
     n = len(list(data.glob("local_training_*.json")))
     common = s.federated()
     out = {}
-    for m in q.METHODS:
-        if m == q.HETERO and not s.perfit_budget_multipliers:
+    for m in qset.METHODS:
+        if m == qset.HETERO and not s.perfit_budget_multipliers:
             continue
         budget = None
         if m == "fedamole":
-            shapes = q.target_shapes(s, common.lora_target_modules)
-            budget = q.fedamole_pool(
-                shapes, common.lora_r, n, q._recipe("fedamole"), s.fedamole_rank, s.fedamole_experts
+            shapes = qset.target_shapes(s, common.lora_target_modules)
+            budget = qset.fedamole_pool(
+                shapes, common.lora_r, n, qset._recipe("fedamole"), s.fedamole_rank, s.fedamole_experts
             )
-        out[m] = _normalized(q.method_config(m, s, data, root / m, budget), root)
+        out[m] = _normalized(qset.method_config(m, s, data, root / m, budget), root)
     return out
 
 
@@ -152,7 +154,7 @@ def test_flan8_recipe_cells_match_the_background_command(tmp_path):
     data = _client_folder(tmp_path / "data", 8)
     root = tmp_path / "root"
     for m in args.methods:
-        config = _normalized(q.method_config(m, s, data, root / "flan8_recipe" / "seed0" / m), root)
+        config = _normalized(qset.method_config(m, s, data, root / "flan8_recipe" / "seed0" / m), root)
         assert config == FIXTURE["quality_scale.py"]["flan8_recipe"]["0"][m]
     cell = grid.base_settings(grid.SETTINGS["flan8_recipe"], 0, data, tiny=False)
     assert (cell.rouge_examples, cell.max_new_tokens, cell.tiny) == (50, 32, False)
@@ -177,11 +179,11 @@ def test_old_and_new_flags_give_the_same_settings_and_new_commands():
         ["q_proj", "k_proj"],
     )
     assert c.search_steps == 10  # PerFIT searches over all of the first round's local steps unless given
-    commands = q.commands_for(a, q.DEFAULT_ROOT, q.DEFAULT_ROOT)
+    commands = q.commands_for(a, qset.DEFAULT_ROOT, qset.DEFAULT_ROOT)
     assert commands[1] == "python benchmarks/quality.py --methods local " + new
     assert commands[-1] == "python benchmarks/quality.py --report-only " + new
     _, s = q.parse_args(["--config", "benchmarks/settings/flan8_recipe.yaml", "--rouge-examples", "50", "--tiny"])
-    assert q.commands_for(s, Path("/x"), q.DEFAULT_ROOT)[0] == (
+    assert q.commands_for(s, Path("/x"), qset.DEFAULT_ROOT)[0] == (
         "python benchmarks/quality.py --methods base --tiny --config benchmarks/settings/flan8_recipe.yaml "
         "--rouge-examples 50 --output-root /x"
     )
@@ -214,10 +216,10 @@ def test_settings_of_old_runs_read_as_overrides(tmp_path):
     old |= {"search_mode": "foresight", "search_batches": 8, "perfit_budget_multipliers": [], "split": "test"}
     old |= {"validation_examples": 50, "tiny": False}
     (tmp_path / "fedit").mkdir()
-    (tmp_path / "fedit" / q.SETTINGS_FILE).write_text(json.dumps(old))
-    s = q.stored_settings(tmp_path)
+    (tmp_path / "fedit" / qset.SETTINGS_FILE).write_text(json.dumps(old))
+    s = qset.stored_settings(tmp_path)
     assert s.overrides == "--num_rounds 10 --local_steps 10 --max_eval_examples 50 --seed 1".split()
-    assert (s.config, s.rouge_examples, s.data) == (q.DEFAULT_CONFIG, 50, "/data")
+    assert (s.config, s.rouge_examples, s.data) == (qset.DEFAULT_CONFIG, 50, "/data")
     _, again = q.parse_args([*s.overrides, "--rouge-examples", "50", "--data", "/data"])
     assert again == s
 
