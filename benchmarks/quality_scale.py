@@ -4,8 +4,8 @@ Each table is a *setting* (a data partition and its rows, declared once in bench
 and its federated settings, declared once in benchmarks/settings/<setting>.yaml: a recipe-style YAML of
 `FederatedConfig` keys) × *methods* (strategies and PerFIT variants, declared once in `METHODS` as changes of
 `FederatedConfig` keys) × *seeds* (`seed`). A
-cell (setting, seed, method) is one federated run of benchmarks/quality.py's machinery (`method_config`, `run_config`:
-resumable, wall-timed, refused when a cached run has other settings) in
+cell (setting, seed, method) is one federated run of benchmarks/quality.py's machinery (quality_setup's `method_config`,
+quality_run's `run_config`: resumable, wall-timed, refused when a cached run has other settings) in
 
     <root>/<setting>/seed<k>/<method>/        (root: outputs/quality)
 
