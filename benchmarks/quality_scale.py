@@ -38,8 +38,9 @@ PerFIT's named variants (docs/perfit.md, "Variants"; rows of the ablation group,
 `perfit_pb` (personal B: only the LoRA A matrices are aggregated and sent, every client keeps its own B) differs from
 `perfit` only in B's aggregation, `perfit_ft` (then one round's local steps of fine-tuning, forked from the same
 seed's `perfit` cell) only in the fine-tuning after the last round, and `perfit_pb_ft` (both: `perfit_pb`, then the
-fine-tuning, forked from `perfit_pb`) from `perfit_pb` only in the fine-tuning; the report states the goal for each in
-place of `perfit`.
+fine-tuning, forked from `perfit_pb`) from `perfit_pb` only in the fine-tuning, and `perfit_bsel` (each client holds
+6 training rows out and starts each round from the B, the server's or its own, with the lower loss on them) from
+`perfit` only in that choice; the report states the goal for each in place of `perfit`.
 
 Per-client numbers: the list of a client is `[perplexity of the base model, after round 1, ..., after round T]`
 (index t = after t training rounds; the run records call these rounds -1, 0, ..., T-1), plus, for the fine-tuned rows

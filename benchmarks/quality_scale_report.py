@@ -714,13 +714,20 @@ def ratio_curve(curve: list[float | None], reference: list[float | None]) -> lis
 def method_colors(setting: Setting) -> dict[str, Any]:
     """One color per row of `setting`, PerFIT black: both panels of the plot draw a row in the same color whatever
     rows have cells yet (matplotlib's own cycle follows the order drawn, which differs between the panels). The
-    palette is tab10 then Dark2 (18 colors, all told apart; tab20's light halves were not), in the order methods,
-    PerFIT's variants, other ablations, so the rows a reader compares most get tab10's."""
+    palette is tab10, Dark2, then navy and maroon (20 colors, all told apart; tab20's light halves were not; FLAN-8's
+    table has 19 rows besides PerFIT), in the order methods, PerFIT's variants, other ablations, so the rows a reader
+    compares most get tab10's."""
     import matplotlib
+    from matplotlib.colors import to_rgb
 
     order = [*setting.methods, *(v for v in VARIANTS if v in setting.ablations), *setting.ablations]
     rows = [m for m in dict.fromkeys(order) if m != "perfit"]
-    palette = [*matplotlib.colormaps["tab10"].colors, *matplotlib.colormaps["Dark2"].colors]
+    palette = [
+        *matplotlib.colormaps["tab10"].colors,
+        *matplotlib.colormaps["Dark2"].colors,
+        to_rgb("navy"),
+        to_rgb("maroon"),
+    ]
     colors: dict[str, Any] = {m: palette[i % len(palette)] for i, m in enumerate(rows)}
     colors["perfit"] = "black"
     return colors
@@ -900,7 +907,9 @@ def report(args, root: Path) -> dict[str, Any]:
         '- **PerFIT\'s variants** (docs/perfit.md, "Variants"; the faithful `perfit` rows stay): `perfit_pb` aggregates '
         "and sends only the LoRA A matrices and every client keeps its own B (so its bytes are A's kept values only); "
         "it differs from `perfit` in that alone, as `perfit_ft` differs from `perfit` only in the final fine-tuning "
-        "(and `perfit_pb_ft` from `perfit_pb`): each pair is the ablation that isolates what the change buys. Why they exist: the clients' masks overlap far "
+        "(and `perfit_pb_ft` from `perfit_pb`), and `perfit_bsel` from `perfit` only in each client's choice, at a "
+        "round's start, between the server's B and its own by the loss on 6 held-out training rows: each pair is "
+        "the ablation that isolates what the change buys. Why they exist: the clients' masks overlap far "
         "more than chance (the mask overlap table below), so PerFIT's per-element averaging shares most of what a client "
         "trains.",
         f"- **Ties**: a client's perplexities within {TIE:.0%} of each other. **Heterogeneous budgets**: client k "

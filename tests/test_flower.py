@@ -924,3 +924,17 @@ def test_perfit_pb_on_flower_equals_in_process_and_b_stays_on_the_nodes(tmp_path
     assert moved
     for message in moved:  # B's values and masks stay on the nodes, both ways
         assert not [k for group in get_arrays(message.content).values() for k in group if ".lora_B." in k]
+
+
+def test_perfit_bsel_on_flower_equals_in_process(tmp_path, assets, task_identity):
+    """perfit_bsel (tests/test_perfit_variants.py) through Flower: each node chooses its B from its own state and
+    held-out rows, the server learns the choice from the upload's metrics: the same records (choices and held-out
+    losses included) and exported adapters as in-process."""
+    bsel = {"strategy_options": {"select_b_rows": 3}}
+    run_federated(_config(assets, tmp_path / "in_process", **bsel))
+    FlowerCoordinator(
+        _LocalGrid(3), _config(assets, tmp_path / "flower", **bsel), FlowerRunOptions(poll_interval=0.0)
+    ).run()
+    _assert_same_run(tmp_path / "in_process", tmp_path / "flower", CLIENTS)
+    chosen = [x for x in _records(tmp_path / "flower") if x.get("client") and x["round"] == 1]
+    assert len(chosen) == 3 and all("own_b" in x and "select_loss_own" in x for x in chosen)

@@ -67,7 +67,7 @@ def test_state_saved_before_the_aggregation_option_resumes_with_its_default():
     meta["options"].pop("aggregation")  # a checkpoint written before the option existed
     new = PerFITStrategy()
     new.load_state_dict(tensors, meta)
-    assert new.options == {"research_every": 0, "aggregation": "masked", "personal_b": False}
+    assert new.options == {"research_every": 0, "aggregation": "masked", "personal_b": False, "select_b_rows": 0}
     with pytest.raises(ValueError, match="saved with options"):
         PerFITStrategy(aggregation="fedavg").load_state_dict(tensors, meta)
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from hf_perfit.federated.messages import PERSONAL, ClientUpdate, is_personal_key
+from hf_perfit.federated.client import selection_split
+from hf_perfit.federated.messages import OWN_B, PERSONAL, SELECT_B, ClientUpdate, is_personal_key
 from hf_perfit.federated.simulation import FederatedConfig, FederatedSimulation
 from hf_perfit.federated.strategies import PerFITStrategy
 
@@ -257,3 +258,175 @@ def test_a_result_whose_upload_is_part_of_its_state_is_saved_once_and_read_back(
     assert set(back.update.tensors) == set(back.update.masks) == {A}
     assert torch.equal(back.update.tensors[A], state[0][A]) and torch.equal(back.update.masks[A], state[1][A])
     assert set(back.state[0]) == {A, B} and torch.equal(back.state[0][B], state[0][B])
+
+
+# ---------------------------------------------------------------------- perfit_bsel: each client picks its B
+
+
+def _bsel() -> PerFITStrategy:
+    s = PerFITStrategy(select_b_rows=2)
+    s.initialize(_state([9.0, 9.0, 9.0], [7.0, 7.0]))
+    return s
+
+
+def _full_upload(cid: str, a: list[float], b: list[float], mask_a, mask_b, n: int, own_b: float) -> ClientUpdate:
+    return ClientUpdate(
+        client_id=cid,
+        num_examples=n,
+        tensors=_state(a, b),
+        masks={A: torch.tensor(mask_a), B: torch.tensor(mask_b)},
+        mask_changed=True,
+        metrics={"train_loss": 1.0, OWN_B: own_b},
+    )
+
+
+def test_select_b_aggregates_like_perfit_and_personalizes_with_the_b_each_client_chose():
+    s = _bsel()
+    assert s.configure_client("a", 0).config == {"seeded_init": True, SELECT_B: 2}
+    metrics = s.aggregate(
+        0,
+        [
+            _full_upload("a", [1.0, 2.0, 0.0], [4.0, 0.0], [True, True, False], [True, False], 1, own_b=1.0),
+            _full_upload("b", [3.0, 0.0, 0.0], [8.0, 6.0], [True, False, False], [True, True], 3, own_b=0.0),
+        ],
+    )
+    # A and B both by PerFIT's per-element rule: B[0] = (1*4 + 3*8)/4, B[1] only b's
+    assert s.global_tensors[A].tolist() == [2.5, 2.0, 9.0] and s.global_tensors[B].tolist() == [7.0, 6.0]
+    assert metrics["own_b_fraction"] == 0.5
+    assert s.uses_own_b("a") and not s.uses_own_b("b") and not s.uses_own_b("never_seen")
+    own_b = torch.tensor([0.5, 0.0])  # a's trained B (0 outside its mask): a chose its own, so its adapter has it
+    mine = s.personalized_tensors("a", {A: torch.tensor([1.0, 2.0, 0.0]), B: own_b})
+    assert mine[A].tolist() == [2.5, 2.0, 0.0] and torch.equal(mine[B], own_b)
+    theirs = s.personalized_tensors("b", {A: torch.tensor([3.0, 0.0, 0.0]), B: torch.tensor([1.0, 1.0])})
+    assert theirs[B].tolist() == [7.0, 6.0]  # b chose the server's: B_g ⊙ m_b
+    nxt = s.configure_client("a", 1)  # the server's full personalized adapter, the client chooses
+    assert set(nxt.tensors) == {A, B} and nxt.config == {SELECT_B: 2} and nxt.tensors[B].tolist() == [7.0, 0.0]
+    with pytest.raises(ValueError, match=r"trains from its own B .* its last adapter lacks"):
+        s.personalized_tensors("a", {A: torch.tensor([1.0, 2.0, 0.0])})
+
+    tensors, meta = s.state_dict()  # the choices survive a checkpoint
+    r = PerFITStrategy(**meta["options"])
+    r.load_state_dict(tensors, json.loads(json.dumps(meta)))
+    assert r.uses_own_b("a") and not r.uses_own_b("b")
+    with pytest.raises(ValueError, match=r"own_b must map client ids to true/false"):
+        r.load_state_dict(tensors, {**json.loads(json.dumps(meta)), "own_b": {"a": 1}})
+
+
+def test_select_b_refuses_bad_options():
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(ValueError, match=r"select_b_rows=.* must be an integer >= 0"):
+            PerFITStrategy(select_b_rows=bad)
+    with pytest.raises(ValueError, match=r"select_b_rows > 0 with personal_b=true is not supported"):
+        PerFITStrategy(select_b_rows=2, personal_b=True)
+    with pytest.raises(ValueError, match=r"select_b_rows > 0 with research_every=3 is not supported"):
+        PerFITStrategy(select_b_rows=2, research_every=3)
+    assert PerFITStrategy().options["select_b_rows"] == 0  # the paper's PerFIT is the default
+
+
+def test_selection_split_holds_the_same_rows_out_whatever_the_seed_and_refuses_too_many():
+    from datasets import Dataset
+
+    ds = Dataset.from_list([{"i": i} for i in range(10)])
+    train, held = (list(d["i"]) for d in selection_split(ds, 3, "client_4"))
+    again_train, again_held = (list(d["i"]) for d in selection_split(ds, 3, "client_4"))
+    assert held == again_held and train == again_train  # no seed: the same every round and run
+    assert len(held) == 3 and sorted(train + held) == list(range(10))  # disjoint, nothing lost
+    assert train == sorted(train)  # the trained rows keep their order
+    assert list(selection_split(ds, 3, "client_5")[1]["i"]) != held  # each client its own rows
+    with pytest.raises(ValueError, match=r"client 'c' has 10 training rows; select_b_rows=10 .* leaves none"):
+        selection_split(ds, 10, "c")
+
+
+def test_select_b_takes_the_lower_held_out_loss_and_the_servers_b_on_a_tie(monkeypatch):
+    from hf_perfit.federated import client
+
+    class Model:  # records the adapter each evaluation saw
+        def set_adapter_state(self, tensors, masks, meta):
+            self.b = float(tensors[B][0])
+
+    losses = {}
+    monkeypatch.setattr(client, "evaluate_perplexity", lambda m, tok, ds, bs: {"eval_loss": losses[m.b]})
+    sent, own = _state([1.0, 1.0, 1.0], [2.0, 0.0]), _state([5.0, 5.0, 5.0], [3.0, 0.0])
+    for server_loss, own_loss, want in ((1.0, 0.5, 3.0), (0.5, 1.0, 2.0), (0.7, 0.7, 2.0)):
+        losses = {2.0: server_loss, 3.0: own_loss}
+        tensors, sel = client.select_b(Model(), None, None, sent, own, None, {}, 4)
+        assert float(tensors[B][0]) == want and tensors[A] is sent[A]  # A is always the server's
+        assert sel == {OWN_B: float(want == 3.0), "select_loss_server": server_loss, "select_loss_own": own_loss}
+
+
+BSEL = {"strategy_options": {"select_b_rows": 3}}
+
+
+def test_perfit_bsel_round_starts_each_client_from_the_b_with_the_lower_held_out_loss(tmp_path):
+    from tqdm.auto import tqdm
+
+    from hf_perfit.federated.client import evaluate_perplexity
+
+    sim = _sim(_cfg(tmp_path / "bsel", num_rounds=3, **BSEL, **CPU_FP32))
+    sim._bar = tqdm(disable=True)
+    chose = []
+    for r in range(3):
+        _, ids, jobs = sim.plan_round(r)
+        expected = {}
+        for job in jobs:  # what the client will compare: the server's B and its own, on its 3 held-out rows
+            assert job.instruction.config.get(SELECT_B) == 3
+            state = sim.transport.state(job.client_id)
+            if state is None:
+                continue
+            held = selection_split(sim.train_sets[job.client_id], 3, job.client_id)[1]
+            losses = []
+            for b_from in (job.instruction.tensors, state[0]):
+                mixed = {k: (b_from[k] if ".lora_B." in k else job.instruction.tensors[k]) for k in state[0]}
+                sim.model.set_adapter_state(mixed, state[1], state[2])
+                losses.append(evaluate_perplexity(sim.model, sim.tokenizer, held, 8)["eval_loss"])
+            expected[job.client_id] = losses
+        results, _ = sim._fit(r, jobs)
+        sim.aggregate_round(r, ids, results, {})
+        for cid, res in results.items():
+            assert res.update.num_examples == 6  # 9 rows, 3 held out
+            assert set(res.update.tensors) == set(sim.strategy.global_tensors)  # A and B both uploaded
+            if cid not in expected:  # its first round: nothing of its own to choose
+                assert OWN_B not in res.metrics
+                continue
+            server, own = expected[cid]
+            assert res.metrics["select_loss_server"] == server and res.metrics["select_loss_own"] == own
+            assert res.metrics[OWN_B] == float(own < server) and sim.strategy.uses_own_b(cid) == (own < server)
+            chose.append(own < server)
+            mine, (local, mask, _) = sim._personalized(cid), sim.transport.state(cid)
+            for k in mine:  # evaluated with the B it trained from: its own, or the server's new B_g ⊙ m_k
+                want = (
+                    local[k]
+                    if (".lora_B." in k and own < server)
+                    else torch.where(mask[k], sim.strategy.global_tensors[k], 0.0)
+                )
+                assert torch.equal(mine[k], want), k
+    assert len(chose) == 6  # rounds 1 and 2, 3 clients each
+
+
+def test_perfit_bsel_resumes_exactly_and_exports_plain_peft(tmp_path, monkeypatch):
+    from hf_perfit.federated import coordinator
+
+    def crash(name: str) -> None:
+        if name == "round2.client1.after_save":
+            raise KeyboardInterrupt
+
+    full = _cfg(tmp_path / "full", num_rounds=3, **BSEL, **CPU_FP32)
+    _sim(full).run()
+    cut = _cfg(tmp_path / "cut", num_rounds=3, **BSEL, **CPU_FP32)
+    monkeypatch.setattr(coordinator, "crash_point", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _sim(cut).run()
+    monkeypatch.undo()
+    resumed = _sim(dataclasses.replace(cut, resume=True))
+    resumed.run()
+    recs = _records(tmp_path / "full")
+    assert recs == _records(tmp_path / "cut")
+    assert [x[OWN_B] for x in recs if x.get("client") and x["round"] >= 1] != []
+    batch = torch.randint(3, 100, (2, 10))
+    for cid in ("client_0", "client_1", "client_2"):
+        resumed._personalize(cid)
+        with torch.no_grad():
+            ours = resumed.model(batch).logits
+            plain = PeftModel.from_pretrained(tiny_llama(), tmp_path / "cut" / "clients" / cid / "adapter").eval()
+            theirs = plain(batch).logits
+        assert (ours - theirs).abs().max().item() <= 1e-5

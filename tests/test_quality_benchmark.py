@@ -377,12 +377,14 @@ def test_every_40_client_setting_runs_the_variants_beside_perfit(tmp_path):
     for name, setting in grid.SETTINGS.items():
         if setting.partition == "flan8":
             continue
-        assert grid.methods_of(setting, ["ablations"]) == ["perfit", "perfit_pb", "perfit_pb_ft"], name
+        assert grid.methods_of(setting, ["ablations"]) == ["perfit", "perfit_pb", "perfit_pb_ft", "perfit_bsel"], name
         configs = {m: grid.cell_config(setting, m, 0, tmp_path, data, False)[0].to_dict() for m in setting.ablations}
-        changed = {
-            k for k in configs["perfit"] if k != "output_dir" and configs["perfit_pb"][k] != configs["perfit"][k]
-        }
-        assert changed == {"strategy_options"}, name
+        for variant in ("perfit_pb", "perfit_bsel"):  # one change away from perfit: the strategy's option
+            changed = {
+                k for k in configs["perfit"] if k != "output_dir" and configs[variant][k] != configs["perfit"][k]
+            }
+            assert changed == {"strategy_options"}, (name, variant)
+        assert configs["perfit_bsel"]["strategy_options"] == {"select_b_rows": grid.SELECT_B_ROWS}
         assert configs["perfit_pb_ft"]["finetune_steps"] == configs["perfit"]["local_steps"], name
 
 

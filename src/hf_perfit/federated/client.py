@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import random
 import tempfile
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
@@ -28,7 +29,7 @@ from ..model import PerFITModel
 from .comm import downlink_bytes, uplink_bytes
 from .compact_head import enable_compact_head_on_cpu
 from .config import FederatedConfig
-from .messages import PERSONAL, ClientInstruction, ClientUpdate, personal_keys
+from .messages import OWN_B, PERSONAL, SELECT_B, SELECTED_PARTS, ClientInstruction, ClientUpdate, personal_keys
 
 # Training's loss projects the response positions only, on CPU as on CUDA (compact_head.py): enabled when the client
 # code is imported, so every trainer of the process, built before or after, computes the same sums the same way.
@@ -381,6 +382,8 @@ class ClientRoundResult:
     bytes_down: int
     train_loss: float
     density: float
+    selection: dict[str, float] = field(default_factory=dict)
+    """A `select_b` client's choice (`own_b`) and the held-out losses it chose by; empty otherwise."""
 
 
 def client_update(
@@ -409,7 +412,9 @@ def client_update(
         instruction: what the server sent. `tensors=None` keeps the client's own adapter (`local`);
             `config["research"]` restarts PerFIT's architecture search; `config["proximal_mu"]` turns on FedProx;
             `config["personal"]` (e.g. `["lora_B"]`, PerFIT's `personal_b`) keeps those matrices from the client's own
-            state (the tensors hold the other keys only), and the upload leaves them out.
+            state (the tensors hold the other keys only), and the upload leaves them out; `config["select_b"] = n`
+            (PerFIT's `select_b_rows`) holds `n` training rows out ([`selection_split`]) and starts from the LoRA B,
+            the server's or the client's own, with the lower loss on them ([`select_b`]).
         state: the client's state from its last round, or `None` in its first round.
         args: local training settings.
         client_id: the client's id (goes into the upload).
@@ -428,12 +433,20 @@ def client_update(
     if instruction.config.get("research"):
         masks, meta = None, {**meta, "search_step": 0, "prune_iterations_done": 0, "mask_uploaded": False}
     personal = _personal_parts(instruction)
+    rows = _select_rows(instruction)
+    held = None
+    if rows:  # every round, so that the held-out rows are never trained on
+        train_ds, held = selection_split(train_ds, rows, client_id)
     if instruction.config.get("seeded_init") and state is None:
         tensors = initial_tensors  # the run's seeded init, rebuilt here: the server sends nothing (docs/perfit.md)
     elif instruction.tensors is not None and personal:
         tensors = _with_own(tensors, instruction.tensors, personal)
     elif instruction.tensors is not None:
         tensors = instruction.tensors
+    selection: dict[str, float] = {}
+    if held is not None and state is not None and instruction.tensors is not None and not personal:
+        if not instruction.config.get("research"):  # a re-search starts from θ_g dense: nothing to choose
+            tensors, selection = select_b(model, tokenizer, held, tensors, state[0], masks, meta, args.eval_batch_size)
     model.set_adapter_state(tensors, masks, meta)
     mu = float(instruction.config.get("proximal_mu", 0.0))
     if args.lr_decay_per_round != 1.0:
@@ -455,7 +468,7 @@ def client_update(
         tensors=sent_tensors,
         masks=sent_masks,
         mask_changed=mask_changed,
-        metrics={k: float(v) for k, v in metrics.items()},
+        metrics={**{k: float(v) for k, v in metrics.items()}, **selection},
         # FedAMoLE: the routing statistics the server assigns experts with
         extra_tensors=model.client_extras() if hasattr(model, "client_extras") else {},
     )
@@ -466,7 +479,70 @@ def client_update(
         bytes_down=downlink_bytes(instruction),
         train_loss=float(metrics["train_loss"]),
         density=model.density(),
+        selection=selection,
     )
+
+
+def _select_rows(instruction: ClientInstruction) -> int:
+    """`instruction.config["select_b"]` (0 when absent), checked."""
+    rows = instruction.config.get(SELECT_B) or 0
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+        raise ValueError(f"instruction config {SELECT_B}={rows!r} must be an integer >= 0 (held-out training rows).")
+    return rows
+
+
+def selection_split(
+    train_ds: datasets.Dataset, rows: int, client_id: str
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """`(training rows, held-out rows)` of a `select_b` client: `rows` rows drawn by a generator seeded with the
+    client id alone, so the same rows are held out in every round and every run (whatever the run's seed), and the
+    rest, in their order, are trained on.
+
+    Raises:
+        ValueError: `rows` leaves no row to train on.
+    """
+    if rows >= len(train_ds):
+        raise ValueError(
+            f"client {client_id!r} has {len(train_ds)} training rows; select_b_rows={rows} holds out as many or more "
+            "and leaves none to train on: lower select_b_rows (docs/perfit.md, perfit_bsel) or give it more data."
+        )
+    held = set(random.Random(f"{SELECT_B}/{client_id}").sample(range(len(train_ds)), rows))
+    keep = [i for i in range(len(train_ds)) if i not in held]
+    return train_ds.select(keep), train_ds.select(sorted(held))
+
+
+def select_b(
+    model: PerFITModel,
+    tokenizer: Any,
+    held: datasets.Dataset,
+    sent: dict[str, torch.Tensor],
+    own: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor] | None,
+    meta: dict[str, Any],
+    batch_size: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The round's start of a `select_b` client: `sent` (the server's adapter, `θ_g ⊙ m_k`) or `sent` with the
+    LoRA B tensors replaced by the client's `own` (its state after its last round), whichever has the lower
+    response-token loss on the held-out rows `held`; a tie keeps the server's (docs/perfit.md, `perfit_bsel`).
+
+    Returns:
+        `(tensors, selection)`: the chosen adapter and `{"own_b": 1.0 or 0.0, "select_loss_server": ...,
+        "select_loss_own": ...}`.
+    """
+    mine = personal_keys(sent, SELECTED_PARTS)
+    if not mine or any(k not in own for k in mine):
+        raise ValueError(
+            f"select_b needs the client's own {SELECTED_PARTS} tensors, but its state lacks "
+            f"{[k for k in mine if k not in own][:3] or SELECTED_PARTS}; set select_b_rows: 0."
+        )
+    mixed = {**sent, **{k: own[k] for k in mine}}
+    losses = []
+    for candidate in (sent, mixed):
+        model.set_adapter_state(candidate, masks, meta)
+        losses.append(evaluate_perplexity(model, tokenizer, held, batch_size)["eval_loss"])
+    use_own = losses[1] < losses[0]
+    selection = {OWN_B: float(use_own), "select_loss_server": losses[0], "select_loss_own": losses[1]}
+    return (mixed if use_own else sent), selection
 
 
 def _personal_parts(instruction: ClientInstruction) -> list[str]:

@@ -19,6 +19,19 @@ PERSONAL = "personal"
 taking them from the server (PerFIT's `personal_b` option sends `["lora_B"]`). The instruction's `tensors` then hold
 the other keys only, and the client's upload leaves the personal ones out (they never leave the client)."""
 
+SELECT_B = "select_b"
+"""`ClientInstruction.config` key: PerFIT's `select_b_rows` variant (`perfit_bsel`, docs/perfit.md). Its value `n > 0`
+is the number of the client's training rows it holds out (never trained on); each round the client starts from
+whichever LoRA B, the server's (`tensors`) or its own from its last round, has the lower loss on them, and reports the
+choice in its upload's metrics under [`OWN_B`]."""
+OWN_B = "own_b"
+"""`ClientUpdate.metrics` key of a `select_b` client: 1.0 when it trained from its own B this round, else 0.0."""
+SELECTION_METRICS = (OWN_B, "select_loss_server", "select_loss_own")
+"""The metrics of a `select_b` client's upload that its round record carries: its choice and the held-out losses of
+the server's B and of its own."""
+SELECTED_PARTS = ["lora_B"]
+"""The matrices a `select_b` client chooses between its own and the server's values of."""
+
 
 @dataclass
 class ClientUpdate:

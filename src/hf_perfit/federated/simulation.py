@@ -93,6 +93,7 @@ class InProcessTransport:
                 "bytes_down": result.bytes_down,
                 "train_loss": result.train_loss,
                 "density": result.density,
+                **result.selection,  # perfit_bsel: which B the client trained from, and the losses it chose by
             }
             if job.evaluate_local:  # the adapter exactly as trained, before the server folds it in
                 ev = evaluate_perplexity(

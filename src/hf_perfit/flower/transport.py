@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from .._io import atomic_write_json
 from ..federated.config import FederatedConfig
 from ..federated.coordinator import EvalJob, FitJob, FitResult, Roster
+from ..federated.messages import SELECTION_METRICS
 from .records import (
     META,
     METRICS,
@@ -432,6 +433,8 @@ class FlowerTransport:
                     "density": float(m["density"]),
                     "wire_bytes_up": array_bytes(reply.content),
                     "wire_bytes_down": array_bytes(outbox.messages[cid].content),
+                    # perfit_bsel: which B the client trained from, and the losses it chose by
+                    **{k: update.metrics[k] for k in SELECTION_METRICS if k in update.metrics},
                 },
                 state=None,
             )

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..messages import PERSONAL, ClientInstruction, ClientUpdate, personal_keys
+from ..messages import OWN_B, PERSONAL, SELECT_B, SELECTED_PARTS, ClientInstruction, ClientUpdate, personal_keys
 from .base import Strategy, check_like_global, check_nonnegative_int, register_strategy
 
 MASK_PREFIX = "mask/"
@@ -64,10 +64,19 @@ class PerFITStrategy(Strategy):
             only, and the round metrics above are over the A elements. Needs the client states next to the
             coordinator (the in-process engine) and `research_every=0` (a client's own B is 0 outside its old mask,
             so a re-search could never regrow it).
+        select_b_rows (`int`, *optional*, defaults to 0): when > 0, the variant `perfit_bsel` ("PerFIT with selected
+            B"): everything is aggregated as in the paper's PerFIT, but each client holds that many of its training
+            rows out (never trained on; the same rows every round) and, in every round after its first, starts from
+            whichever LoRA B has the lower loss on them: the server's `B_g ⊙ m_k` or its own from its last round
+            (`config={"select_b": n}`; the client reports the choice as its upload's metric `own_b`). The server
+            caches each client's last choice, and a client's personalized adapter (evaluated, exported) takes its
+            own B when it last chose its own (the client's state in-process; on Flower the server's copy of its last
+            upload, which carries the B it trained). Needs `research_every=0` and `personal_b=false`. Round metric `own_b_fraction`: the share of the
+            round's clients that trained from their own B.
     """
 
     name = "perfit"
-    default_options = {"research_every": 0, "aggregation": "masked", "personal_b": False}
+    default_options = {"research_every": 0, "aggregation": "masked", "personal_b": False, "select_b_rows": 0}
     uses_masks = True
 
     def _check_options(self) -> None:
@@ -88,13 +97,31 @@ class PerFITStrategy(Strategy):
                 "exactly 0 outside its old mask, so a new search could never regrow it (its Taylor score is 0); set "
                 "research_every: 0 or personal_b: false."
             )
+        rows = self._options["select_b_rows"]
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise ValueError(
+                f"select_b_rows={rows!r} must be an integer >= 0 (0: the paper's PerFIT; n > 0: each client holds n "
+                "training rows out and starts each round from the B, the server's or its own, that fits them best)."
+            )
+        if rows and self._options["personal_b"]:
+            raise ValueError(
+                "select_b_rows > 0 with personal_b=true is not supported: with personal_b the server never has a B to "
+                "offer; set one of them (personal_b: false, or select_b_rows: 0)."
+            )
+        if rows and self.research_every > 0:
+            raise ValueError(
+                f"select_b_rows > 0 with research_every={self.research_every} is not supported: a client's own B is "
+                "exactly 0 outside its old mask, so it could not follow a new mask; set research_every: 0."
+            )
 
     def __init__(self, **options: Any) -> None:
         self._masks: dict[str, dict[str, Tensor]] = {}
+        self._own_b: dict[str, bool] = {}
         super().__init__(**options)
 
     def _reset_state(self) -> None:
         self._masks = {}
+        self._own_b = {}
         if self._global is not None and self._options["personal_b"] and not self._personal_keys():
             raise ValueError(
                 "personal_b=true needs LoRA B tensors (keys with a '.lora_B.' component, as PEFT names them), but "
@@ -119,7 +146,18 @@ class PerFITStrategy(Strategy):
         return {k: t for k, t in glob.items() if k not in personal}
 
     def _config(self, config: dict[str, Any]) -> dict[str, Any]:
+        if self._options["select_b_rows"]:
+            config = {**config, SELECT_B: self._options["select_b_rows"]}
         return {**config, PERSONAL: self.personal_parts()} if self._options["personal_b"] else config
+
+    @property
+    def select_b_rows(self) -> int:
+        """See the class docstring (0: off)."""
+        return self._options["select_b_rows"]
+
+    def uses_own_b(self, client_id: str) -> bool:
+        """Whether `client_id` trained from its own B in its last round (`select_b_rows` only; else `False`)."""
+        return self._own_b.get(client_id, False)
 
     # ------------------------------------------------------------------ masks
 
@@ -151,6 +189,14 @@ class PerFITStrategy(Strategy):
         glob = self._require_global()
         mask = self._masks.get(client_id)
         personal = self._personal_keys()
+        if self.uses_own_b(client_id):  # perfit_bsel: the B it chose, and trained, in its last round
+            personal = set(personal_keys(glob, SELECTED_PARTS))
+            missing = [k for k in personal if k not in local_tensors]
+            if missing:
+                raise ValueError(
+                    f"client {client_id!r} trains from its own B (select_b_rows), but its last adapter lacks "
+                    f"{missing[:2]}: pass the client's own tensors (its state, or its last full upload)."
+                )
         out = {}
         for k, t in glob.items():
             if k in personal:
@@ -233,6 +279,9 @@ class PerFITStrategy(Strategy):
         self._global = {k: new.get(k, t) for k, t in full.items()}
         for u, m in zip(updates, client_masks, strict=True):
             self._masks[u.client_id] = m
+        own = [bool(u.metrics.get(OWN_B, 0.0)) for u in updates]
+        if self.select_b_rows:
+            self._own_b.update({u.client_id: o for u, o in zip(updates, own, strict=True)})
 
         kept = gram.diagonal()
         return {
@@ -244,6 +293,7 @@ class PerFITStrategy(Strategy):
             "num_clients": float(num_clients),
             "num_examples": float(weights.sum()),
             "update_norm": sq_change**0.5,
+            **({"own_b_fraction": sum(own) / num_clients} if self.select_b_rows else {}),
         }
 
     def _resolve_mask(self, update: ClientUpdate) -> dict[str, Tensor]:
@@ -268,6 +318,8 @@ class PerFITStrategy(Strategy):
         the list of those clients in `meta["mask_clients"]`."""
         tensors, meta = super().state_dict()
         meta["mask_clients"] = list(self._masks)
+        if self._own_b:
+            meta["own_b"] = dict(self._own_b)
         for cid, mask in self._masks.items():
             tensors.update({f"{MASK_PREFIX}{cid}/{k}": m.clone().contiguous() for k, m in mask.items()})
         return tensors, meta
@@ -288,7 +340,11 @@ class PerFITStrategy(Strategy):
                     raise ValueError(f"strategy state is missing tensor {name!r}.")
                 found[key] = tensors[name]
             masks[cid] = _check_masks(cid, found, shared)
+        own_b = dict(meta.get("own_b", {}))
+        if any(not isinstance(v, bool) for v in own_b.values()):
+            raise ValueError(f"strategy state's own_b must map client ids to true/false, got {own_b!r}.")
         self._masks = masks
+        self._own_b = own_b
 
 
 def _check_masks(client_id: str, masks: Mapping[str, Tensor], glob: Mapping[str, Tensor]) -> dict[str, Tensor]:
