@@ -15,7 +15,7 @@ import random
 import tempfile
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -382,8 +382,6 @@ class ClientRoundResult:
     bytes_down: int
     train_loss: float
     density: float
-    selection: dict[str, float] = field(default_factory=dict)
-    """A `select_b` client's choice (`own_b`) and the held-out losses it chose by; empty otherwise."""
 
 
 def client_update(
@@ -479,7 +477,6 @@ def client_update(
         bytes_down=downlink_bytes(instruction),
         train_loss=float(metrics["train_loss"]),
         density=model.density(),
-        selection=selection,
     )
 
 

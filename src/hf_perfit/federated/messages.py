@@ -28,7 +28,7 @@ OWN_B = "own_b"
 """`ClientUpdate.metrics` key of a `select_b` client: 1.0 when it trained from its own B this round, else 0.0."""
 SELECTION_METRICS = (OWN_B, "select_loss_server", "select_loss_own")
 """The metrics of a `select_b` client's upload that its round record carries: its choice and the held-out losses of
-the server's B and of its own."""
+the server's B and of its own ([`selection_metrics`])."""
 SELECTED_PARTS = ["lora_B"]
 """The matrices a `select_b` client chooses between its own and the server's values of."""
 
@@ -78,6 +78,12 @@ class ClientInstruction:
     tensors: dict[str, Tensor] | None
     mask: dict[str, Tensor] | None = None
     config: dict[str, Any] = field(default_factory=dict)
+
+
+def selection_metrics(update: ClientUpdate) -> dict[str, float]:
+    """The [`SELECTION_METRICS`] of `update` (none unless its client made a `select_b` choice): what both transports
+    copy into the client's round record."""
+    return {k: update.metrics[k] for k in SELECTION_METRICS if k in update.metrics}
 
 
 def is_personal_key(key: str, parts: Sequence[str]) -> bool:

@@ -21,6 +21,7 @@ import torch
 from .client import client_update, evaluate_perplexity
 from .config import FederatedConfig
 from .coordinator import Coordinator, EvalJob, FitJob, FitResult, Roster, RoundCallback, check_output_dir
+from .messages import selection_metrics
 from .run import CLIENTS_DIR, RunFolder, StateCache, load_client_state
 from .runtime import build_client_model, load_clients, load_model, local_training_args, tokenize_clients
 
@@ -93,7 +94,7 @@ class InProcessTransport:
                 "bytes_down": result.bytes_down,
                 "train_loss": result.train_loss,
                 "density": result.density,
-                **result.selection,  # perfit_bsel: which B the client trained from, and the losses it chose by
+                **selection_metrics(result.update),  # perfit_bsel: which B it trained from, the losses it chose by
             }
             if job.evaluate_local:  # the adapter exactly as trained, before the server folds it in
                 ev = evaluate_perplexity(

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from .._io import atomic_write_json
 from ..federated.config import FederatedConfig
 from ..federated.coordinator import EvalJob, FitJob, FitResult, Roster
-from ..federated.messages import SELECTION_METRICS
+from ..federated.messages import selection_metrics
 from .records import (
     META,
     METRICS,
@@ -434,7 +434,7 @@ class FlowerTransport:
                     "wire_bytes_up": array_bytes(reply.content),
                     "wire_bytes_down": array_bytes(outbox.messages[cid].content),
                     # perfit_bsel: which B the client trained from, and the losses it chose by
-                    **{k: update.metrics[k] for k in SELECTION_METRICS if k in update.metrics},
+                    **selection_metrics(update),
                 },
                 state=None,
             )

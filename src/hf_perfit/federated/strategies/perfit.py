@@ -71,8 +71,8 @@ class PerFITStrategy(Strategy):
             (`config={"select_b": n}`; the client reports the choice as its upload's metric `own_b`). The server
             caches each client's last choice, and a client's personalized adapter (evaluated, exported) takes its
             own B when it last chose its own (the client's state in-process; on Flower the server's copy of its last
-            upload, which carries the B it trained). Needs `research_every=0` and `personal_b=false`. Round metric `own_b_fraction`: the share of the
-            round's clients that trained from their own B.
+            upload, which carries the B it trained). Needs `research_every=0` and `personal_b=false`. Round metric
+            `own_b_fraction`: the share of the round's clients that trained from their own B.
     """
 
     name = "perfit"
@@ -97,12 +97,7 @@ class PerFITStrategy(Strategy):
                 "exactly 0 outside its old mask, so a new search could never regrow it (its Taylor score is 0); set "
                 "research_every: 0 or personal_b: false."
             )
-        rows = self._options["select_b_rows"]
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
-            raise ValueError(
-                f"select_b_rows={rows!r} must be an integer >= 0 (0: the paper's PerFIT; n > 0: each client holds n "
-                "training rows out and starts each round from the B, the server's or its own, that fits them best)."
-            )
+        rows = self._options["select_b_rows"] = check_nonnegative_int("select_b_rows", self._options["select_b_rows"])
         if rows and self._options["personal_b"]:
             raise ValueError(
                 "select_b_rows > 0 with personal_b=true is not supported: with personal_b the server never has a B to "
