@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import string
+import sys
+from types import ModuleType
 
 import pytest
 import torch
@@ -110,6 +113,19 @@ def pythonpath() -> str:
     """PYTHONPATH for a subprocess: the repo's src/ first, then the one the tests run with (on some machines the
     packages come through it, so replacing it would lose them)."""
     return os.pathsep.join(filter(None, [REPO_SRC, os.environ.get("PYTHONPATH")]))
+
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """`benchmarks/<name>.py`, imported with benchmarks/ (a folder of scripts, not a package) on `sys.path` only
+    while it is imported, so no other test picks a module up from there by accident."""
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(BENCHMARKS)
 
 
 def save_run_assets(root, per_category: int):

@@ -6,31 +6,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
 from hf_perfit.federated.messages import OWN_B
 
-from .conftest import CPU_FP32, build_tokenizer, tiny_llama
+from .conftest import CPU_FP32, benchmark_module, build_tokenizer, tiny_llama
 from .test_perfit_variants import BSEL, _cfg, _records, _sim
 from .test_simulation import _clients
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _script():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import bsel_eval_rules
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return bsel_eval_rules
-
 
 def test_rules_reproduce_the_records_and_rechoose_as_the_next_round_would(tmp_path):
-    rules = _script()
+    rules = benchmark_module("bsel_eval_rules")
     three = _cfg(tmp_path / "three", num_rounds=3, **BSEL, **CPU_FP32)
     _sim(three).run()
     _sim(dataclasses.replace(three, num_rounds=4, output_dir=str(tmp_path / "four"))).run()
@@ -55,7 +42,7 @@ def test_rules_reproduce_the_records_and_rechoose_as_the_next_round_would(tmp_pa
 
 
 def test_rules_refuse_a_run_without_select_b_rows(tmp_path):
-    rules = _script()
+    rules = benchmark_module("bsel_eval_rules")
     out = tmp_path / "plain"
     out.mkdir()
     (out / "config.json").write_text(json.dumps(_cfg(out).to_dict()))

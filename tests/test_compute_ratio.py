@@ -3,18 +3,11 @@ round's wall time, and leave the engine as they found it."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from .conftest import benchmark_module
 
 
 def test_compute_clocks_fit_inside_each_round_and_are_undone():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import compute_ratio
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    compute_ratio = benchmark_module("compute_ratio")
     from hf_perfit.callbacks import PerFITPruningCallback
     from hf_perfit.federated import client as client_mod
     from hf_perfit.federated import simulation as sim_mod

@@ -3,10 +3,7 @@ docs/benchmarks.md (rows, reading, and the date and command that measured them),
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from .conftest import benchmark_module
 
 _SECTION = """## Flower overhead (benchmarks/flower_overhead.py)
 
@@ -41,12 +38,7 @@ Reading:
 
 
 def _flower_overhead():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import flower_overhead
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return flower_overhead
+    return benchmark_module("flower_overhead")
 
 
 def test_a_simulation_only_run_keeps_the_deployment_results():
