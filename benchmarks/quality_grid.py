@@ -91,15 +91,18 @@ ABLATIONS = (
     # perfit_bsel differs from perfit only in each client's choice of B at a round's start (the server's or its own,
     # by the loss on SELECT_B_ROWS held-out training rows), and from perfit_pb in that B is still aggregated
     "perfit_bsel",
+    # perfit_bsel_ft: perfit_bsel, then the fine-tuning of the *_ft rows (one change away from perfit_bsel): does the
+    # round of local steps that puts perfit_pb_ft below perfit_pb do the same for the row that keeps the IID half?
+    "perfit_bsel_ft",
 )
 # PerFIT's named variants: the report states the goal for each, next to perfit
-VARIANTS = ("perfit_pb", "perfit_ft", "perfit_pb_ft", "perfit_bsel")
+VARIANTS = ("perfit_pb", "perfit_ft", "perfit_pb_ft", "perfit_bsel", "perfit_bsel_ft")
 SWEEP = ("local", "fedit", "perfit")
 PAPER = ("local", "fedit", "fedit_ft", "fedprox", "perfit")  # the paper's regime: 40 Dirichlet clients, sampled
 # The 40-client settings' second table: the variant rows that lead on flan8_recipe, beside `perfit`, so the variant
 # docs/perfit.md recommends is measured where the clients share tasks too (the goal's IID half included). In a
 # sampled setting the fine-tuning round trains every client once more: 10 steps on top of its ~4 sampled rounds.
-VARIANT_ROWS = ("perfit", "perfit_pb", "perfit_pb_ft", "perfit_bsel")
+VARIANT_ROWS = ("perfit", "perfit_pb", "perfit_pb_ft", "perfit_bsel", "perfit_bsel_ft")
 # perfit_bsel's held-out rows per client: 2% of a FLAN-8 client's 300 rows, 10% of an IID client's 60, and 4 rows
 # left to train on for the smallest Dirichlet(0.5) client (10 rows)
 SELECT_B_ROWS = 6
@@ -240,6 +243,13 @@ METHODS: dict[str, Method] = {
         f"variant PerFIT with selected B: aggregated as perfit, but every client holds {SELECT_B_ROWS} training rows "
         "out and starts each round from the LoRA B (the server's or its own) with the lower loss on them",
         config={"strategy_options": {"select_b_rows": SELECT_B_ROWS}},
+    ),
+    "perfit_bsel_ft": Method(
+        "perfit",
+        "variant perfit_bsel, then every client fine-tunes for one round's local steps from the start its rule "
+        "picks (the server's B or its own, by the loss on its held-out rows)",
+        config={"strategy_options": {"select_b_rows": SELECT_B_ROWS}, "finetune_steps": "local_steps"},
+        fork_of="perfit_bsel",
     ),
 }
 GROUPS = {"main": None, "ablations": None, "all": None}  # resolved per setting in [`methods_of`]

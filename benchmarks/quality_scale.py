@@ -40,11 +40,13 @@ PerFIT's named variants (docs/perfit.md, "Variants"; rows of the ablation group,
 seed's `perfit` cell) only in the fine-tuning after the last round, and `perfit_pb_ft` (both: `perfit_pb`, then the
 fine-tuning, forked from `perfit_pb`) from `perfit_pb` only in the fine-tuning, and `perfit_bsel` (each client holds
 6 training rows out and starts each round from the B, the server's or its own, with the lower loss on them) from
-`perfit` only in that choice; the report states the goal for each in place of `perfit`.
+`perfit` only in that choice, and `perfit_bsel_ft` (then the fine-tuning, forked from `perfit_bsel`: each client
+chooses its B once more and fine-tunes from it) from `perfit_bsel` only in the fine-tuning; the report states the
+goal for each in place of `perfit`.
 
 Per-client numbers: the list of a client is `[perplexity of the base model, after round 1, ..., after round T]`
 (index t = after t training rounds; the run records call these rounds -1, 0, ..., T-1), plus, for the fine-tuned rows
-(`fedit_ft`, `perfit_ft`, `perfit_pb_ft`), one more entry after their fine-tuning steps. In the sampled settings (fraction < 1) a client is evaluated only in the
+(`fedit_ft`, `perfit_ft`, `perfit_pb_ft`, `perfit_bsel_ft`), one more entry after their fine-tuning steps. In the sampled settings (fraction < 1) a client is evaluated only in the
 rounds it trains and in the last one (the engine's `eval_clients: auto`), so its other entries are `null`.
 """
 

@@ -903,11 +903,13 @@ def report(args, root: Path) -> dict[str, Any]:
         "`run` starts it as a copy of the same seed's finished `fedit` cell and runs only the fine-tuning "
         "(`--no-fork`: from scratch; a test checks that both give the same records and adapters). `perfit_ft` is the "
         "same for PerFIT: forked from the same seed's `perfit` cell, each client fine-tunes its masked personalized "
-        "adapter (pruned elements stay exactly 0), and `perfit_pb_ft` forks from `perfit_pb`.",
+        "adapter (pruned elements stay exactly 0), `perfit_pb_ft` forks from `perfit_pb` and `perfit_bsel_ft` from "
+        "`perfit_bsel` (its clients choose their B once more on their held-out rows before they fine-tune).",
         '- **PerFIT\'s variants** (docs/perfit.md, "Variants"; the faithful `perfit` rows stay): `perfit_pb` aggregates '
         "and sends only the LoRA A matrices and every client keeps its own B (so its bytes are A's kept values only); "
         "it differs from `perfit` in that alone, as `perfit_ft` differs from `perfit` only in the final fine-tuning "
-        "(and `perfit_pb_ft` from `perfit_pb`), and `perfit_bsel` from `perfit` only in each client's choice, at a "
+        "(and `perfit_pb_ft` from `perfit_pb`, `perfit_bsel_ft` from `perfit_bsel`), and `perfit_bsel` from "
+        "`perfit` only in each client's choice, at a "
         "round's start, between the server's B and its own by the loss on 6 held-out training rows: each pair is "
         "the ablation that isolates what the change buys. Why they exist: the clients' masks overlap far "
         "more than chance (the mask overlap table below), so PerFIT's per-element averaging shares most of what a client "

@@ -126,6 +126,7 @@ def _records(out) -> list[dict]:
 
 
 PB = {"strategy_options": {"personal_b": True}}
+BSEL = {"strategy_options": {"select_b_rows": 3}}
 
 
 def test_perfit_pb_round_shares_a_per_element_and_keeps_each_clients_own_b(tmp_path):
@@ -228,18 +229,22 @@ def _assert_exports_reproduce_logits(sim: FederatedSimulation, out, clients) -> 
         assert (ours - theirs).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("options", [{}, PB], ids=["perfit_ft", "perfit_pb_ft"])
+@pytest.mark.parametrize("options", [{}, PB, BSEL], ids=["perfit_ft", "perfit_pb_ft", "perfit_bsel_ft"])
 def test_perfit_finetune_keeps_masked_elements_exactly_zero(tmp_path, options):
     sim = _sim(_cfg(tmp_path / "ft", num_rounds=1, finetune_steps=3, **options))
     sim.run()
     recs = [x for x in _records(tmp_path / "ft") if x.get("client") and x.get("finetune")]
     assert len(recs) == 3
     for x in recs:
+        if options is BSEL:  # it chose its B again, on its 3 held-out rows, before it fine-tuned
+            assert x[OWN_B] == float(x["select_loss_own"] < x["select_loss_server"])
+        else:
+            assert OWN_B not in x
         own, mask, meta = sim.transport.state(x["client"])
         assert meta["prune_iterations_done"] == 2  # the mask of round 0, not searched again
         for k, t in own.items():
             assert bool((t[~mask[k]] == 0).all()), k  # fine-tuning trains the kept elements only
-        shared = [k for k in mask if not (options and ".lora_B." in k)]
+        shared = [k for k in mask if not (options is PB and ".lora_B." in k)]
         # the client holds its mask (and, with personal_b, its B): only the kept shared values come down
         assert x["bytes_down"] == 4 * sum(int(mask[k].sum()) for k in shared)
         last = [r for r in _records(tmp_path / "ft") if r.get("client") == x["client"] and r["round"] == 0][0]
@@ -306,6 +311,11 @@ def test_select_b_aggregates_like_perfit_and_personalizes_with_the_b_each_client
     assert theirs[B].tolist() == [7.0, 6.0]  # b chose the server's: B_g ⊙ m_b
     nxt = s.configure_client("a", 1)  # the server's full personalized adapter, the client chooses
     assert set(nxt.tensors) == {A, B} and nxt.config == {SELECT_B: 2} and nxt.tensors[B].tolist() == [7.0, 0.0]
+    ft = s.finetune_instruction(
+        "a", mine
+    )  # perfit_bsel_ft: the fine-tuning starts as a round does, the client chooses
+    assert ft.config == {SELECT_B: 2} and ft.tensors[B].tolist() == [7.0, 0.0] and ft.mask[B].tolist() == [True, False]
+    assert ft.tensors[A].tolist() == [2.5, 2.0, 0.0]
     with pytest.raises(ValueError, match=r"trains from its own B .* its last adapter lacks"):
         s.personalized_tensors("a", {A: torch.tensor([1.0, 2.0, 0.0])})
 
@@ -357,9 +367,6 @@ def test_select_b_takes_the_lower_held_out_loss_and_the_servers_b_on_a_tie(monke
         tensors, sel = client.select_b(Model(), None, None, sent, own, None, {}, 4)
         assert float(tensors[B][0]) == want and tensors[A] is sent[A]  # A is always the server's
         assert sel == {OWN_B: float(want == 3.0), "select_loss_server": server_loss, "select_loss_own": own_loss}
-
-
-BSEL = {"strategy_options": {"select_b_rows": 3}}
 
 
 def test_perfit_bsel_round_starts_each_client_from_the_b_with_the_lower_held_out_loss(tmp_path):

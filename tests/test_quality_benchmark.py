@@ -94,8 +94,8 @@ def test_run_status_tolerates_keys_added_later(tmp_path):
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "quality_configs.json").read_text())
 """`FederatedConfig.to_dict()` of every run the benchmarks built at commit 6705756, before their settings became YAML
 (written by tests/fixtures/make_quality_configs.py with that commit's code; rows added later, PerFIT's variants
-`perfit_pb` and `perfit_ft`, pinned by its `--add` with the code that added them): cached runs are reused only while
-the same command line gives exactly the same dict."""
+`perfit_pb`, `perfit_ft` and the ones after them, pinned by its `--add` with the code that added them): cached runs
+are reused only while the same command line gives exactly the same dict."""
 
 
 def _quality_configs(command: str, data: Path, root: Path) -> dict[str, dict]:
@@ -240,7 +240,8 @@ def test_quality_scale_overrides_need_a_root_of_their_own(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "source, tuned", [("fedit", "fedit_ft"), ("perfit", "perfit_ft"), ("perfit_pb", "perfit_pb_ft")]
+    "source, tuned",
+    [("fedit", "fedit_ft"), ("perfit", "perfit_ft"), ("perfit_pb", "perfit_pb_ft"), ("perfit_bsel", "perfit_bsel_ft")],
 )
 def test_finetuned_row_forked_from_its_source_equals_it_from_scratch(source, tuned, tmp_path, capsys):
     from safetensors.torch import load_file
@@ -281,6 +282,9 @@ def test_perfit_variants_differ_from_perfit_in_their_one_change_only(tiny, tmp_p
     assert configs["perfit_pb"]["strategy_options"] == {"personal_b": True}
     assert configs["perfit_ft"]["finetune_steps"] == configs["perfit"]["local_steps"]
     assert grid.METHODS["perfit_pb_ft"].fork_of == "perfit_pb"
+    assert changed("perfit_bsel", "perfit") == {"strategy_options"}
+    assert changed("perfit_bsel_ft", "perfit_bsel") == {"finetune_steps"}  # fine-tuning isolated on top of the choice
+    assert grid.METHODS["perfit_bsel_ft"].fork_of == "perfit_bsel"
 
 
 def test_personal_b_recipe_is_the_flan8_recipe_plus_the_measured_variant(tmp_path):
@@ -377,7 +381,13 @@ def test_every_40_client_setting_runs_the_variants_beside_perfit(tmp_path):
     for name, setting in grid.SETTINGS.items():
         if setting.partition == "flan8":
             continue
-        assert grid.methods_of(setting, ["ablations"]) == ["perfit", "perfit_pb", "perfit_pb_ft", "perfit_bsel"], name
+        assert grid.methods_of(setting, ["ablations"]) == [
+            "perfit",
+            "perfit_pb",
+            "perfit_pb_ft",
+            "perfit_bsel",
+            "perfit_bsel_ft",
+        ], name
         configs = {m: grid.cell_config(setting, m, 0, tmp_path, data, False)[0].to_dict() for m in setting.ablations}
         for variant in ("perfit_pb", "perfit_bsel"):  # one change away from perfit: the strategy's option
             changed = {
@@ -386,6 +396,7 @@ def test_every_40_client_setting_runs_the_variants_beside_perfit(tmp_path):
             assert changed == {"strategy_options"}, (name, variant)
         assert configs["perfit_bsel"]["strategy_options"] == {"select_b_rows": grid.SELECT_B_ROWS}
         assert configs["perfit_pb_ft"]["finetune_steps"] == configs["perfit"]["local_steps"], name
+        assert configs["perfit_bsel_ft"]["finetune_steps"] == configs["perfit"]["local_steps"], name
 
 
 def test_run_leaves_the_cells_of_a_running_quality_py_alone(tmp_path, capsys):

@@ -208,9 +208,14 @@ class PerFITStrategy(Strategy):
     def finetune_instruction(self, client_id: str, personalized: dict[str, Tensor]) -> ClientInstruction:
         """The client's personalized adapter restricted to the shared keys, with its mask when the server has it (the
         client holds the mask, so only the kept values count), and `config["personal"]` with `personal_b` (the client
-        keeps its own B)."""
+        keeps its own B). With `select_b_rows`, the server's `θ_g ⊙ m_k` and `config["select_b"]`, as in a round: the
+        client chooses between the server's B and its own before it fine-tunes."""
         shared = self._shared_global()
         mask = self._masks.get(client_id)
+        if self.select_b_rows and mask is not None:
+            # perfit_bsel_ft: the fine-tuning round starts as every round does, from the server's θ_g ⊙ m_k, and the
+            # client chooses its B on its held-out rows once more (docs/perfit.md, `perfit_bsel_ft`)
+            personalized = {k: torch.where(mask[k], t, 0.0) for k, t in shared.items()}
         return ClientInstruction(
             tensors={k: personalized[k].clone() for k in shared},
             mask=None if mask is None else {k: m.clone() for k, m in mask.items()},
