@@ -22,6 +22,11 @@ PERSONAL_B = ["lora_B"]
 _GRAM_CHUNK = 1 << 22  # columns per float32 matmul chunk: counts stay < 2**24, hence exact
 
 
+def _masked(tensors: dict[str, Tensor], mask: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`θ ⊙ m`: every tensor with exactly 0.0 where the client's mask drops the element (a client's start)."""
+    return {k: torch.where(mask[k], t, 0.0) for k, t in tensors.items()}
+
+
 @register_strategy
 class PerFITStrategy(Strategy):
     """PerFIT's personalized parameter-wise aggregation.
@@ -215,7 +220,7 @@ class PerFITStrategy(Strategy):
         if self.select_b_rows and mask is not None:
             # perfit_bsel_ft: the fine-tuning round starts as every round does, from the server's θ_g ⊙ m_k, and the
             # client chooses its B on its held-out rows once more (docs/perfit.md, `perfit_bsel_ft`)
-            personalized = {k: torch.where(mask[k], t, 0.0) for k, t in shared.items()}
+            personalized = _masked(shared, mask)
         return ClientInstruction(
             tensors={k: personalized[k].clone() for k in shared},
             mask=None if mask is None else {k: m.clone() for k, m in mask.items()},
@@ -237,7 +242,7 @@ class PerFITStrategy(Strategy):
             return ClientInstruction(tensors={k: t.clone() for k, t in glob.items()}, mask=None, config=config)
         if mask is None or research:
             return ClientInstruction(tensors={k: t.clone() for k, t in glob.items()}, mask=None, config=config)
-        tensors = {k: torch.where(mask[k], t, 0.0) for k, t in glob.items()}
+        tensors = _masked(glob, mask)
         return ClientInstruction(tensors=tensors, mask={k: m.clone() for k, m in mask.items()}, config=config)
 
     def _aggregate(self, round_idx: int, updates: list[ClientUpdate]) -> dict[str, float]:
