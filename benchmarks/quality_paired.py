@@ -1,0 +1,170 @@
+"""Question: is one row of the quality table lower than another beyond what the clients' spread and the seeds allow?
+
+Issue 18's goal ranks rows by the geometric-mean personalized perplexity after the last round, over three seeds. Two
+rows of the same setting share the partition, the test examples and the seeds, so they can be compared *paired*: per
+seed `s` and client `k`, `d = log ppl_x - log ppl_y` (the difference of the client's mean eval loss). Averaged over
+everything, `exp(mean d)` is the ratio of the two rows' geometric means (over the common seeds). The unit of the
+interval is the client: each client's `d` is first averaged over the common seeds (what is left of the seeds' and the
+last rounds' noise stays in that mean), then a Student-t 95% interval is taken over the clients (n - 1 degrees of
+freedom) and exponentiated. A row is called lower (higher) when the whole interval is below (above) 1, otherwise the
+difference is not resolved by these clients and seeds. The interval is over these clients: it says how much the
+ratio varies from client to client, not how it would move on a new seed alone (the per-seed ratios are listed for that).
+
+Two read-outs: `final`, each client's value after the last round (after the fine-tuning for a `*_ft` row), which is
+what the report ranks; and `window`, the mean of the client's log perplexity over the last `--window` training rounds,
+which is less moved by one round's noise (`benchmarks/quality_noise.py`). A `*_ft` row has no window of its own (its
+training rounds are its source row's), so its pairs get the final read-out only.
+
+Reads `docs/results/quality.json` (`{setting: {row: {seed: {client: [base, after round 1, ..., after round T(,
+after fine-tuning)]}}}}`); nothing is trained. Usage:
+
+    python benchmarks/quality_paired.py [--results docs/results/quality.json] [--setting flan8_recipe]
+        --methods perfit_bsel perfit_pb local [--against fedit local] [--window 3] [--json paired.json]
+
+Without `--against`, every pair of `--methods` is compared; with it, each of `--methods` against each of `--against`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from scipy import stats
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "quality.json"
+
+
+def _log_readout(values: list, rounds: int, window: int | None) -> float | None:
+    """A client's log perplexity by one read-out: the last value (`window` None), or the mean log over the last
+    `window` training rounds (None for a list with a fine-tuning entry, or a round not evaluated)."""
+    if window is None:
+        return math.log([x for x in values if x is not None][-1])
+    if len(values) > rounds + 1:
+        return None
+    last = values[rounds - window + 1 : rounds + 1]
+    if len(last) < window or any(x is None for x in last):
+        return None
+    return statistics.mean(math.log(x) for x in last)
+
+
+def compare(
+    x: dict[str, dict[str, list]], y: dict[str, dict[str, list]], rounds: int, window: int | None
+) -> dict[str, Any] | None:
+    """Row `x` against row `y` (each `{seed: {client: values}}`) over their common seeds and clients, by one read-out.
+    Returns `ratio` (exp of the mean paired difference), `low` / `high` (its 95% interval over clients), `per_seed`
+    (each common seed's ratio), `clients_lower` / `clients_higher` (clients whose seed-mean difference is below /
+    above 0), `n_clients`, `seeds` and `verdict`; None when the read-out does not apply (a `*_ft` row's window)."""
+    seeds = sorted(set(x) & set(y), key=int)
+    if not seeds:
+        raise SystemExit("the two rows share no seed: nothing to pair.")
+    clients = sorted(set.intersection(*(set(x[s]) & set(y[s]) for s in seeds)))
+    if len(clients) < 2:
+        raise SystemExit(f"the two rows share {len(clients)} client(s) on seeds {seeds}: an interval needs two.")
+    d: dict[str, dict[str, float]] = {}
+    for s in seeds:
+        d[s] = {}
+        for k in clients:
+            a, b = _log_readout(x[s][k], rounds, window), _log_readout(y[s][k], rounds, window)
+            if a is None or b is None:
+                return None
+            d[s][k] = a - b
+    per_client = [statistics.mean(d[s][k] for s in seeds) for k in clients]
+    mean = statistics.mean(per_client)
+    half = stats.t.ppf(0.975, len(clients) - 1) * statistics.stdev(per_client) / math.sqrt(len(clients))
+    low, high = math.exp(mean - half), math.exp(mean + half)
+    verdict = "lower" if high < 1 else "higher" if low > 1 else "not resolved"
+    return {
+        "ratio": math.exp(mean),
+        "low": low,
+        "high": high,
+        "per_seed": {s: math.exp(statistics.mean(d[s].values())) for s in seeds},
+        "clients_lower": sum(v < 0 for v in per_client),
+        "clients_higher": sum(v > 0 for v in per_client),
+        "n_clients": len(clients),
+        "seeds": seeds,
+        "verdict": verdict,
+    }
+
+
+def paired_table(
+    results: dict, setting: str, methods: list[str], against: list[str] | None, window: int
+) -> dict[str, Any]:
+    """Every pair (each of `methods` against each of `against`, else every pair of `methods`) by both read-outs."""
+    table = results.get(setting)
+    if not table:
+        raise SystemExit(f"no setting {setting!r} in the results; there are: {', '.join(results) or 'none'}.")
+    missing = [m for m in [*methods, *(against or [])] if m not in table]
+    if missing:
+        raise SystemExit(f"{' '.join(missing)}: no results in {setting!r}; there are: {', '.join(table)}.")
+    plain = [len(v) - 1 for m in table if not m.endswith("_ft") for s in table[m].values() for v in s.values()]
+    rounds = max(plain)
+    if window < 1 or window > rounds:
+        raise ValueError(f"window={window} must be between 1 and the number of rounds ({rounds}).")
+    pairs = (
+        [(a, b) for a in methods for b in against if a != b] if against else list(itertools.combinations(methods, 2))
+    )
+    if not pairs:
+        raise SystemExit("no pair to compare: give two --methods, or --against a row not in --methods.")
+    rows = [
+        {
+            "x": a,
+            "y": b,
+            "final": compare(table[a], table[b], rounds, None),
+            "window": compare(table[a], table[b], rounds, window),
+        }
+        for a, b in pairs
+    ]
+    return {"setting": setting, "rounds": rounds, "window": window, "pairs": rows}
+
+
+def markdown(out: dict[str, Any]) -> str:
+    """One line per pair: per-seed ratios, the paired ratio with its interval, clients lower/higher and the verdict,
+    by the final read-out and by the window."""
+
+    def cell(c: dict[str, Any] | None) -> str:
+        if c is None:
+            return "- | - | - | -"
+        seeds = ", ".join(f"{r:.3f}" for r in c["per_seed"].values())
+        interval = f"**{c['ratio']:.3f}** [{c['low']:.3f}, {c['high']:.3f}]"
+        return (
+            f"{seeds} | {interval} | {c['clients_lower']}/{c['clients_higher']} of {c['n_clients']} | {c['verdict']}"
+        )
+
+    w = out["window"]
+    head = (
+        "| x vs y | seeds | final: x/y per seed | final: paired x/y [95% over clients] | clients x lower/higher | final |"
+        f" last {w} rounds: x/y per seed | last {w}: paired x/y [95%] | clients lower/higher | last {w} |"
+    )
+    lines = [head, "|---|---|" + "---:|" * 8]
+    for p in out["pairs"]:
+        seeds = ", ".join(p["final"]["seeds"])
+        lines.append(f"| {p['x']} vs {p['y']} | {seeds} | {cell(p['final'])} | {cell(p['window'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--setting", default="flan8_recipe")
+    parser.add_argument("--methods", nargs="+", required=True)
+    parser.add_argument("--against", nargs="+")
+    parser.add_argument("--window", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if not args.results.is_file():
+        raise SystemExit(f"{args.results}: no such file; run `python benchmarks/quality_scale.py report` first.")
+    out = paired_table(json.loads(args.results.read_text()), args.setting, args.methods, args.against, args.window)
+    print(markdown(out))
+    if args.json:
+        from hf_perfit._io import atomic_write_json
+
+        atomic_write_json(args.json, out)
+
+
+if __name__ == "__main__":
+    main()
