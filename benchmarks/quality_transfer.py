@@ -200,12 +200,24 @@ def _copy_records(folder: Path, dest: Path) -> None:
             shutil.copy2(folder / name, dest / name)
 
 
-def _same_records(a: Path, b: Path) -> bool:
-    names = (*CELL_FILES, IMPORTED_FILE)
-    return all(
-        (a / n).is_file() == (b / n).is_file()
-        and (not (a / n).is_file() or (a / n).read_bytes() == (b / n).read_bytes())
-        for n in names
+def _stored_mark(folder: Path, store: Path) -> dict[str, Any] | None:
+    """`folder`'s `imported.json` as `store` keeps it: without the layers a `restore` from that store added. Such a
+    layer says only that the cell came back from the store, so a fresh checkout's report (restore, then save) leaves
+    the stored cells as they were instead of rewriting every mark with one more layer."""
+    path = folder / IMPORTED_FILE
+    mark = json.loads(path.read_text()) if path.is_file() else None
+    while isinstance(mark, dict) and mark.get("store") == qset._rel(store):
+        mark = mark.get("first")
+    return mark
+
+
+def _same_records(folder: Path, stored: Path, store: Path) -> bool:
+    """Whether the stored cell `stored` already holds `folder`'s records (and its mark, as `_stored_mark`)."""
+    mark = stored / IMPORTED_FILE
+    return _stored_mark(folder, store) == (json.loads(mark.read_text()) if mark.is_file() else None) and all(
+        (folder / n).is_file() == (stored / n).is_file()
+        and (not (folder / n).is_file() or (folder / n).read_bytes() == (stored / n).read_bytes())
+        for n in CELL_FILES
     )
 
 
@@ -224,12 +236,15 @@ def save(root: Path, store: Path) -> dict[str, list[str]]:
     for folder, rel, cell in _finished_cells(root, report["unfinished"]):
         keep_mask_overlap(folder, cell)
         target = store / rel
-        if target.is_dir() and _same_records(folder, target):
+        if target.is_dir() and _same_records(folder, target, store):
             report["unchanged"].append(str(rel))
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         staged = Path(tempfile.mkdtemp(prefix=".save-", dir=target.parent))
         _copy_records(folder, staged)
+        (staged / IMPORTED_FILE).unlink(missing_ok=True)
+        if (mark := _stored_mark(folder, store)) is not None:
+            qrun._write_json(staged / IMPORTED_FILE, mark)
         old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=".old-", dir=target.parent))

@@ -165,6 +165,17 @@ def test_saved_records_restore_the_cells_in_a_fresh_checkout(trained, tmp_path, 
     finally:
         results.write_text(original_text)
 
+    # the fresh checkout's report saves again: nothing stored changes (the restore's own mark is not written back);
+    # a cell that came from a GPU archive keeps that mark, neither nested nor lost
+    gpu_mark = {"archive": "quality_records.tar.gz", "device": "NVIDIA H200", "imported": "2026-11-30 01:27:48 UTC"}
+    (store / "flan8_recipe/seed0/perfit" / grid.IMPORTED_FILE).write_text(json.dumps(gpu_mark))
+    again = tmp_path / "again"
+    qt.restore(store, again)
+    assert json.loads((_cell(again, "perfit") / grid.IMPORTED_FILE).read_text())["first"] == gpu_mark
+    stored = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    assert sorted(qt.save(again, store)["unchanged"]) == out["saved"]
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == stored
+
     # the report over the fresh checkout restores from the store and gives the same quality.json
     argv = ["report", "--tiny", "--setting", "flan8_recipe", "--no-write"]
     assert qs.main([*argv, "--root", str(trained), "--results", str(tmp_path / "a.json")]) == 0
