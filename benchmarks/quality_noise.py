@@ -32,6 +32,38 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "quality.json"
 
 
+def load_results(path: Path) -> dict:
+    """The results file the report writes (`{setting: {row: {seed: {client: [...]}}}}`), or a message saying how to get
+    it."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file; run `python benchmarks/quality_scale.py report` first.")
+    return json.loads(path.read_text())
+
+
+def setting_table(results: dict, setting: str) -> dict[str, Any]:
+    """`results[setting]`, or a message naming the settings there are."""
+    table = results.get(setting)
+    if not table:
+        raise SystemExit(f"no setting {setting!r} in the results; there are: {', '.join(results) or 'none'}.")
+    return table
+
+
+def training_rounds(table: dict[str, Any]) -> int:
+    """The number of training rounds of a setting: the longest list of a row without fine-tuning, minus the base
+    entry."""
+    return max(len(v) - 1 for m in table if not m.endswith("_ft") for s in table[m].values() for v in s.values())
+
+
+def check_window(window: int, rounds: int) -> None:
+    if window < 1 or window > rounds:
+        raise ValueError(f"window={window} must be between 1 and the number of rounds ({rounds}).")
+
+
+def final_value(values: list) -> float:
+    """A client's last evaluated perplexity (after the fine-tuning for a `*_ft` row)."""
+    return [x for x in values if x is not None][-1]
+
+
 def _geo(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
@@ -46,9 +78,8 @@ def row_noise(clients: dict[str, list], rounds: int, window: int) -> dict[str, A
     absolute relative change from one round to the next) of one row's seed: `clients` maps a client id to its list
     `[base, after round 1, ..., after round rounds(, after fine-tuning)]`. A row with the fine-tuning entry gets
     `None` for the last three: its training rounds are its source row's."""
-    if window < 1 or window > rounds:
-        raise ValueError(f"window={window} must be between 1 and the number of rounds ({rounds}).")
-    final = _geo([[x for x in v if x is not None][-1] for v in clients.values()])
+    check_window(window, rounds)
+    final = _geo([final_value(v) for v in clients.values()])
     if any(len(v) > rounds + 1 for v in clients.values()):
         return {"final": final, "window": None, "abs_change": None, "client_change": None}
     points = [_geo_at(clients, i) for i in range(rounds - window, rounds + 1)]  # one before the window, for Δ
@@ -72,16 +103,12 @@ def row_noise(clients: dict[str, list], rounds: int, window: int) -> dict[str, A
 def noise_table(results: dict, setting: str, methods: list[str] | None, window: int) -> dict[str, Any]:
     """Every row of `results[setting]` (or `methods`) with at least one seed: per seed [`row_noise`], and the lowest
     row per seed by `final` and by `window` among the rows that have that seed."""
-    table = results.get(setting)
-    if not table:
-        raise SystemExit(f"no setting {setting!r} in the results; there are: {', '.join(results) or 'none'}.")
+    table = setting_table(results, setting)
     names = methods or sorted(table)
     missing = [m for m in names if m not in table]
     if missing:
         raise SystemExit(f"--methods {' '.join(missing)}: no results in {setting!r}; there are: {', '.join(table)}.")
-    # the number of training rounds: the longest list of a row without fine-tuning, minus the base entry
-    plain = [len(v) - 1 for m in table if not m.endswith("_ft") for s in table[m].values() for v in s.values()]
-    rounds = max(plain)
+    rounds = training_rounds(table)
     rows = {m: {seed: row_noise(c, rounds, window) for seed, c in sorted(table[m].items())} for m in names}
     lowest: dict[str, dict[str, str]] = {}
     for seed in sorted({s for r in rows.values() for s in r}):
@@ -125,9 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    if not args.results.is_file():
-        raise SystemExit(f"{args.results}: no such file; run `python benchmarks/quality_scale.py report` first.")
-    out = noise_table(json.loads(args.results.read_text()), args.setting, args.methods, args.window)
+    out = noise_table(load_results(args.results), args.setting, args.methods, args.window)
     print(markdown(out))
     if args.json:
         from hf_perfit._io import atomic_write_json

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import statistics
 from pathlib import Path
 from typing import Any
 
+import quality_noise as qn
 from scipy import stats
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "quality.json"
@@ -43,7 +43,7 @@ def _log_readout(values: list, rounds: int, window: int | None) -> float | None:
     """A client's log perplexity by one read-out: the last value (`window` None), or the mean log over the last
     `window` training rounds (None for a list with a fine-tuning entry, or a round not evaluated)."""
     if window is None:
-        return math.log([x for x in values if x is not None][-1])
+        return math.log(qn.final_value(values))
     if len(values) > rounds + 1:
         return None
     last = values[rounds - window + 1 : rounds + 1]
@@ -95,16 +95,12 @@ def paired_table(
     results: dict, setting: str, methods: list[str], against: list[str] | None, window: int
 ) -> dict[str, Any]:
     """Every pair (each of `methods` against each of `against`, else every pair of `methods`) by both read-outs."""
-    table = results.get(setting)
-    if not table:
-        raise SystemExit(f"no setting {setting!r} in the results; there are: {', '.join(results) or 'none'}.")
+    table = qn.setting_table(results, setting)
     missing = [m for m in [*methods, *(against or [])] if m not in table]
     if missing:
         raise SystemExit(f"{' '.join(missing)}: no results in {setting!r}; there are: {', '.join(table)}.")
-    plain = [len(v) - 1 for m in table if not m.endswith("_ft") for s in table[m].values() for v in s.values()]
-    rounds = max(plain)
-    if window < 1 or window > rounds:
-        raise ValueError(f"window={window} must be between 1 and the number of rounds ({rounds}).")
+    rounds = qn.training_rounds(table)
+    qn.check_window(window, rounds)
     pairs = (
         [(a, b) for a in methods for b in against if a != b] if against else list(itertools.combinations(methods, 2))
     )
@@ -156,9 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    if not args.results.is_file():
-        raise SystemExit(f"{args.results}: no such file; run `python benchmarks/quality_scale.py report` first.")
-    out = paired_table(json.loads(args.results.read_text()), args.setting, args.methods, args.against, args.window)
+    out = paired_table(qn.load_results(args.results), args.setting, args.methods, args.against, args.window)
     print(markdown(out))
     if args.json:
         from hf_perfit._io import atomic_write_json

@@ -193,8 +193,9 @@ def _import_cells(source: Path, root: Path, meta: dict[str, Any], move: bool) ->
 
 
 def _copy_records(folder: Path, dest: Path) -> None:
-    """The files of `CELL_FILES` (+ `imported.json`) that `folder` has, into `dest` (same relative paths)."""
-    for name in (*CELL_FILES, IMPORTED_FILE):
+    """The files of `CELL_FILES` that `folder` has, into `dest` (same relative paths). Not `imported.json`: both
+    callers write the mark the copy should carry."""
+    for name in CELL_FILES:
         if (folder / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(folder / name, dest / name)
@@ -242,7 +243,6 @@ def save(root: Path, store: Path) -> dict[str, list[str]]:
         target.parent.mkdir(parents=True, exist_ok=True)
         staged = Path(tempfile.mkdtemp(prefix=".save-", dir=target.parent))
         _copy_records(folder, staged)
-        (staged / IMPORTED_FILE).unlink(missing_ok=True)
         if (mark := _stored_mark(folder, store)) is not None:
             qrun._write_json(staged / IMPORTED_FILE, mark)
         old = None
