@@ -16,6 +16,8 @@ tokenized test rows and the eval batch; ~11-15 min of a 40-client cell's ~5 h on
 FLAN-8 cell's).
 This script is the command line: `plan` and `run` (here) walk the grid's cells (benchmarks/quality_grid.py: the
 declarations, each cell's folder, config, fork and lock); `report` (benchmarks/quality_scale_report.py) reads them.
+`run`, `plan` and `report` first restore the finished cells kept in docs/results/cells (records only: see
+benchmarks/quality_transfer.py) that the root lacks, so a fresh checkout computes only the cells nobody finished.
 `run` computes the missing cells, partial ones first, then smallest first; `report` rebuilds
 `docs/results/quality.json`, the section of docs/benchmarks.md and the plots from the cached runs only (nothing
 trains, nothing is invented: a cell not finished is shown as pending).
@@ -70,6 +72,7 @@ from base_eval_cache import BASE_EVAL_FILE  # noqa: E402
 from quality_grid import (  # noqa: E402
     BUSY_S,
     DEFAULT_ROOT,
+    IMPORTED_FILE,
     METHODS,
     SEC_PER_EVAL,
     SEC_PER_STEP,
@@ -90,7 +93,7 @@ from quality_grid import (  # noqa: E402
     quality_py_jobs,
     total_rounds,
 )
-from quality_scale_report import report  # noqa: E402
+from quality_scale_report import RECORDS_DIR, report, restore_cells  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------- run
 
@@ -115,7 +118,10 @@ def plan(args, settings: list[Setting], root: Path) -> list[dict[str, Any]]:
                 try:
                     config, s, budget = cell_config(setting, method, seed, root, data, args.tiny, args.overrides)
                     cell.update(config=config, settings=s, budget=budget, client_ids=client_ids, data=data)
-                    status = qrun.run_status(folder, config, client_ids)
+                    if (folder / IMPORTED_FILE).is_file():  # finished elsewhere (quality_transfer.py): records
+                        status = "finished"  # only, so never resumed; its data path may differ from this machine's
+                    else:
+                        status = qrun.run_status(folder, config, client_ids)
                 except (SystemExit, ValueError) as err:  # other settings cached there, or no config for it
                     cell.update(status="refused", why=str(err), left_s=0.0)
                     cells.append(cell)
@@ -138,6 +144,8 @@ def _describe(cell: dict[str, Any]) -> str:
         extra = f" ({cell['done']} of {total_rounds(cell['config'])} rounds)"
     if cell["status"] != "finished":
         extra += f", ~{cell['left_s'] / 3600:.1f} CPU h left"
+    elif (cell["folder"] / IMPORTED_FILE).is_file():
+        extra = " (imported: records only)"
     return f"{name}: {cell['status']}{extra}"
 
 
@@ -153,7 +161,10 @@ def run_cells(args, cells: list[dict[str, Any]]) -> dict[str, int]:
     for i, cell in enumerate(todo, 1):
         setting, folder = cell["setting"], cell["folder"]
         print(f"[{i}/{len(todo)}] {_describe(cell)}  ({(time.perf_counter() - t_start) / 60:.0f} min into this call)")
-        if cell["status"] == "finished" and not (cell["settings"].rouge_examples and _rouge_missing(cell)):
+        imported = (folder / IMPORTED_FILE).is_file()  # records only: no adapters to score ROUGE-L with
+        if cell["status"] == "finished" and (
+            imported or not (cell["settings"].rouge_examples and _rouge_missing(cell))
+        ):
             counts["reused"] += 1
             continue
         job = jobs.get(folder.parent.resolve())
@@ -283,7 +294,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--store",
         type=Path,
-        help="report: committed records of finished cells (default: docs/results/cells; --tiny: none)",
+        help="committed records of finished cells, restored before run / plan / report (default: "
+        "docs/results/cells; --tiny or run / plan with --key value overrides: none)",
     )
     args, rest = p.parse_known_args(argv)
     if rest and not rest[0].startswith("--"):
@@ -325,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
         datasets.disable_progress_bars()
         if args.threads:
             torch.set_num_threads(args.threads)
+        # the committed records first, so that a fresh checkout computes only the cells nobody finished yet (and not
+        # the base model's ROUGE-L again: ~9 min of a FLAN-8 setting); cells run with other FederatedConfig values
+        # (`--key value`) are none of those
+        restore_cells(args.store or (None if args.tiny or args.overrides else RECORDS_DIR), root)
         cells = plan(args, [SETTINGS[n] for n in args.setting], root)
         left = sum(c["left_s"] for c in cells)
         print(

@@ -823,16 +823,24 @@ def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: lis
     return True
 
 
+def restore_cells(store: Path | None, root: Path) -> None:
+    """The finished cells kept in `store` (cells finished on another machine or in an earlier checkout: records only)
+    that `root` lacks, copied into `root` (benchmarks/quality_transfer.py's `restore`); nothing when `store` is None."""
+    import quality_transfer as qt
+
+    if store is not None:
+        restored = qt.restore(store, root)["imported"]
+        if restored:
+            print(f"restored {len(restored)} finished cells from {qset._rel(store)}")
+
+
 def report(args, root: Path) -> dict[str, Any]:
     """Rebuild quality.json, the docs section and the plots from the cached runs; returns quality.json's content."""
     import quality_transfer as qt
 
     names = list(SETTINGS)
     store = args.store or (None if args.tiny else RECORDS_DIR)
-    if store is not None:  # cells finished on another machine or in an earlier checkout: records only
-        restored = qt.restore(store, root)["imported"]
-        if restored:
-            print(f"restored {len(restored)} finished cells from {qset._rel(store)}")
+    restore_cells(store, root)
     collected = collect_all(root, names)
     if store is not None:
         saved = qt.save(root, store)["saved"]

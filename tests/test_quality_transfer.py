@@ -185,6 +185,20 @@ def test_saved_records_restore_the_cells_in_a_fresh_checkout(trained, tmp_path, 
     assert json.loads((tmp_path / "b.json").read_text()) == json.loads((tmp_path / "a.json").read_text())
 
 
+def test_run_in_a_fresh_checkout_trains_only_what_the_store_lacks(trained, tmp_path, capsys):
+    store = tmp_path / "store"
+    qt.save(trained, store)
+    fresh = tmp_path / "fresh"
+    argv = ["run", *COMMON, "--methods", "fedit", "perfit", "--root", str(fresh), "--store", str(store)]
+    assert qs.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "restored 2 finished cells" in out
+    assert "cells: trained 0, reused 2, skipped 0, failed 0, refused 0" in out
+    assert not list(fresh.rglob("*.safetensors"))  # nothing trained: records only
+    for method in ("fedit", "perfit"):
+        assert qr.read_cell(_cell(fresh, method))["ppl"] == qr.read_cell(_cell(trained, method))["ppl"]
+
+
 def test_report_keeps_numbers_whose_records_are_elsewhere(trained, tmp_path):
     results = tmp_path / "q.json"
     lost = {"client_0": [4.0, 2.0], "client_1": [9.0, 8.0]}
