@@ -93,7 +93,7 @@ from quality_grid import (  # noqa: E402
     quality_py_jobs,
     total_rounds,
 )
-from quality_scale_report import RECORDS_DIR, report, restore_cells  # noqa: E402
+from quality_scale_report import records_store, report, restore_cells  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------- run
 
@@ -114,14 +114,21 @@ def plan(args, settings: list[Setting], root: Path) -> list[dict[str, Any]]:
                 if folder in seen:
                     continue
                 seen.add(folder)
-                cell = {"setting": setting, "seed": seed, "method": method, "folder": folder, "order": order}
+                # finished elsewhere (quality_transfer.py): records only, so never resumed or scored again
+                imported = (folder / IMPORTED_FILE).is_file()
+                cell = {
+                    "setting": setting,
+                    "seed": seed,
+                    "method": method,
+                    "folder": folder,
+                    "order": order,
+                    "imported": imported,
+                }
                 try:
                     config, s, budget = cell_config(setting, method, seed, root, data, args.tiny, args.overrides)
                     cell.update(config=config, settings=s, budget=budget, client_ids=client_ids, data=data)
-                    if (folder / IMPORTED_FILE).is_file():  # finished elsewhere (quality_transfer.py): records
-                        status = "finished"  # only, so never resumed; its data path may differ from this machine's
-                    else:
-                        status = qrun.run_status(folder, config, client_ids)
+                    # an imported cell's data path may differ from this machine's: not compared
+                    status = "finished" if imported else qrun.run_status(folder, config, client_ids)
                 except (SystemExit, ValueError) as err:  # other settings cached there, or no config for it
                     cell.update(status="refused", why=str(err), left_s=0.0)
                     cells.append(cell)
@@ -144,7 +151,7 @@ def _describe(cell: dict[str, Any]) -> str:
         extra = f" ({cell['done']} of {total_rounds(cell['config'])} rounds)"
     if cell["status"] != "finished":
         extra += f", ~{cell['left_s'] / 3600:.1f} CPU h left"
-    elif (cell["folder"] / IMPORTED_FILE).is_file():
+    elif cell["imported"]:
         extra = " (imported: records only)"
     return f"{name}: {cell['status']}{extra}"
 
@@ -161,9 +168,8 @@ def run_cells(args, cells: list[dict[str, Any]]) -> dict[str, int]:
     for i, cell in enumerate(todo, 1):
         setting, folder = cell["setting"], cell["folder"]
         print(f"[{i}/{len(todo)}] {_describe(cell)}  ({(time.perf_counter() - t_start) / 60:.0f} min into this call)")
-        imported = (folder / IMPORTED_FILE).is_file()  # records only: no adapters to score ROUGE-L with
-        if cell["status"] == "finished" and (
-            imported or not (cell["settings"].rouge_examples and _rouge_missing(cell))
+        if cell["status"] == "finished" and (  # an imported cell has no adapters to score ROUGE-L with
+            cell["imported"] or not (cell["settings"].rouge_examples and _rouge_missing(cell))
         ):
             counts["reused"] += 1
             continue
@@ -340,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         # the committed records first, so that a fresh checkout computes only the cells nobody finished yet (and not
         # the base model's ROUGE-L again: ~9 min of a FLAN-8 setting); cells run with other FederatedConfig values
         # (`--key value`) are none of those
-        restore_cells(args.store or (None if args.tiny or args.overrides else RECORDS_DIR), root)
+        restore_cells(records_store(args), root)
         cells = plan(args, [SETTINGS[n] for n in args.setting], root)
         left = sum(c["left_s"] for c in cells)
         print(

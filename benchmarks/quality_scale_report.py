@@ -823,6 +823,13 @@ def plot_setting(setting: Setting, cells: dict[str, dict[int, dict]], paths: lis
     return True
 
 
+def records_store(args) -> Path | None:
+    """Where the committed records of finished cells are (`--store`, else docs/results/cells); None for `--tiny`
+    cells and for `run` / `plan` with `--key value` overrides, whose cells are none of the stored ones (`report`
+    refuses overrides)."""
+    return args.store or (None if args.tiny or args.overrides else RECORDS_DIR)
+
+
 def restore_cells(store: Path | None, root: Path) -> None:
     """The finished cells kept in `store` (cells finished on another machine or in an earlier checkout: records only)
     that `root` lacks, copied into `root` (benchmarks/quality_transfer.py's `restore`); nothing when `store` is None."""
@@ -839,7 +846,7 @@ def report(args, root: Path) -> dict[str, Any]:
     import quality_transfer as qt
 
     names = list(SETTINGS)
-    store = args.store or (None if args.tiny else RECORDS_DIR)
+    store = records_store(args)
     restore_cells(store, root)
     collected = collect_all(root, names)
     if store is not None:
