@@ -78,6 +78,8 @@ ABLATIONS = (
     "perfit_zeroinit",
     "perfit_g1",
     "perfit_g2",
+    # γ = 8: does the lead over FedIT keep growing with the room to keep different elements (γ = 1, 2, 4 did)?
+    "perfit_g8",
     "perfit_taylor2",
     "perfit_mixed",
     "perfit_fedavg",
@@ -207,6 +209,7 @@ METHODS: dict[str, Method] = {
     ),
     "perfit_g1": Method("perfit", "PerFIT with γ = 1 (no expansion: nothing to search)", {"expansion_factor": 1}),
     "perfit_g2": Method("perfit", "PerFIT with γ = 2", {"expansion_factor": 2}),
+    "perfit_g8": Method("perfit", "PerFIT with γ = 8", {"expansion_factor": 8}),
     "perfit_taylor2": Method("perfit", "PerFIT with taylor2 importance", {"importance": "taylor2"}),
     "perfit_mixed": Method("perfit", "PerFIT with mixed importance", {"importance": "mixed"}),
     "perfit_fedavg": Method(
