@@ -96,9 +96,21 @@ ABLATIONS = (
     # perfit_bsel_ft: perfit_bsel, then the fine-tuning of the *_ft rows (one change away from perfit_bsel): does the
     # round of local steps that puts perfit_pb_ft below perfit_pb do the same for the row that keeps the IID half?
     "perfit_bsel_ft",
+    # the two lowest variants with γ = 8 (one change away from each: expansion_factor), since γ = 8 put faithful
+    # PerFIT 1.9% below γ = 4 on flan8_recipe (seeds 0-1): does the same step take them below local?
+    "perfit_pb_g8",
+    "perfit_bsel_g8",
 )
 # PerFIT's named variants: the report states the goal for each, next to perfit
-VARIANTS = ("perfit_pb", "perfit_ft", "perfit_pb_ft", "perfit_bsel", "perfit_bsel_ft")
+VARIANTS = (
+    "perfit_pb",
+    "perfit_ft",
+    "perfit_pb_ft",
+    "perfit_bsel",
+    "perfit_bsel_ft",
+    "perfit_pb_g8",
+    "perfit_bsel_g8",
+)
 SWEEP = ("local", "fedit", "perfit")
 PAPER = ("local", "fedit", "fedit_ft", "fedprox", "perfit")  # the paper's regime: 40 Dirichlet clients, sampled
 # The 40-client settings' second table: the variant rows that lead on flan8_recipe, beside `perfit`, so the variant
@@ -253,6 +265,16 @@ METHODS: dict[str, Method] = {
         "picks (the server's B or its own, by the loss on its held-out rows)",
         config={"strategy_options": {"select_b_rows": SELECT_B_ROWS}, "finetune_steps": "local_steps"},
         fork_of="perfit_bsel",
+    ),
+    "perfit_pb_g8": Method(
+        "perfit",
+        "variant perfit_pb with γ = 8",
+        config={"strategy_options": {"personal_b": True}, "expansion_factor": 8},
+    ),
+    "perfit_bsel_g8": Method(
+        "perfit",
+        "variant perfit_bsel with γ = 8",
+        config={"strategy_options": {"select_b_rows": SELECT_B_ROWS}, "expansion_factor": 8},
     ),
 }
 GROUPS = {"main": None, "ablations": None, "all": None}  # resolved per setting in [`methods_of`]

@@ -714,9 +714,9 @@ def ratio_curve(curve: list[float | None], reference: list[float | None]) -> lis
 def method_colors(setting: Setting) -> dict[str, Any]:
     """One color per row of `setting`, PerFIT black: both panels of the plot draw a row in the same color whatever
     rows have cells yet (matplotlib's own cycle follows the order drawn, which differs between the panels). The
-    palette is tab10, Dark2, then navy, maroon and lime (21 colors, all told apart; tab20's light halves were not;
-    FLAN-8's table has 20 rows besides PerFIT), in the order methods, PerFIT's variants, other ablations, so the rows
-    a reader compares most get tab10's."""
+    palette is tab10, Dark2, then navy, maroon, lime, indigo and salmon (23 colors, all told apart; tab20's light
+    halves were not; FLAN-8's table has 22 rows besides PerFIT), in the order methods, PerFIT's variants, other
+    ablations, so the rows a reader compares most get tab10's."""
     import matplotlib
     from matplotlib.colors import to_rgb
 
@@ -728,6 +728,8 @@ def method_colors(setting: Setting) -> dict[str, Any]:
         to_rgb("navy"),
         to_rgb("maroon"),
         to_rgb("lime"),
+        to_rgb("indigo"),
+        to_rgb("salmon"),
     ]
     colors: dict[str, Any] = {m: palette[i % len(palette)] for i, m in enumerate(rows)}
     colors["perfit"] = "black"

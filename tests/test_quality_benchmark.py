@@ -285,6 +285,9 @@ def test_perfit_variants_differ_from_perfit_in_their_one_change_only(tiny, tmp_p
     assert changed("perfit_bsel", "perfit") == {"strategy_options"}
     assert changed("perfit_bsel_ft", "perfit_bsel") == {"finetune_steps"}  # fine-tuning isolated on top of the choice
     assert grid.METHODS["perfit_bsel_ft"].fork_of == "perfit_bsel"
+    for variant in ("perfit_pb", "perfit_bsel"):  # γ = 8 isolated on top of each variant, and as on faithful PerFIT
+        assert changed(f"{variant}_g8", variant) == {"expansion_factor"} == changed("perfit_g8", "perfit")
+        assert configs[f"{variant}_g8"]["expansion_factor"] == 8
 
 
 def test_personal_b_recipe_is_the_flan8_recipe_plus_the_measured_variant(tmp_path):
