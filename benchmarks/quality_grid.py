@@ -101,16 +101,8 @@ ABLATIONS = (
     "perfit_pb_g8",
     "perfit_bsel_g8",
 )
-# PerFIT's named variants: the report states the goal for each, next to perfit
-VARIANTS = (
-    "perfit_pb",
-    "perfit_ft",
-    "perfit_pb_ft",
-    "perfit_bsel",
-    "perfit_bsel_ft",
-    "perfit_pb_g8",
-    "perfit_bsel_g8",
-)
+# PerFIT's named variants (the ablations from perfit_pb on): the report states the goal for each, next to perfit
+VARIANTS = ABLATIONS[ABLATIONS.index("perfit_pb") :]
 SWEEP = ("local", "fedit", "perfit")
 PAPER = ("local", "fedit", "fedit_ft", "fedprox", "perfit")  # the paper's regime: 40 Dirichlet clients, sampled
 # The 40-client settings' second table: the variant rows that lead on flan8_recipe, beside `perfit`, so the variant
