@@ -390,13 +390,19 @@ def test_every_40_client_setting_runs_the_variants_beside_perfit(tmp_path):
             "perfit_pb_ft",
             "perfit_bsel",
             "perfit_bsel_ft",
+            "perfit_pb_g8",
+            "perfit_bsel_g8",
         ], name
         configs = {m: grid.cell_config(setting, m, 0, tmp_path, data, False)[0].to_dict() for m in setting.ablations}
-        for variant in ("perfit_pb", "perfit_bsel"):  # one change away from perfit: the strategy's option
-            changed = {
-                k for k in configs["perfit"] if k != "output_dir" and configs[variant][k] != configs["perfit"][k]
-            }
-            assert changed == {"strategy_options"}, (name, variant)
+        for variant, base, key in (  # each one change away from the row it varies
+            ("perfit_pb", "perfit", "strategy_options"),
+            ("perfit_bsel", "perfit", "strategy_options"),
+            ("perfit_pb_g8", "perfit_pb", "expansion_factor"),
+            ("perfit_bsel_g8", "perfit_bsel", "expansion_factor"),
+        ):
+            changed = {k for k in configs[base] if k != "output_dir" and configs[variant][k] != configs[base][k]}
+            assert changed == {key}, (name, variant)
+        assert configs["perfit_bsel_g8"]["expansion_factor"] == 8, name
         assert configs["perfit_bsel"]["strategy_options"] == {"select_b_rows": grid.SELECT_B_ROWS}
         assert configs["perfit_pb_ft"]["finetune_steps"] == configs["perfit"]["local_steps"], name
         assert configs["perfit_bsel_ft"]["finetune_steps"] == configs["perfit"]["local_steps"], name
