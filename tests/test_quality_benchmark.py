@@ -291,7 +291,7 @@ def test_perfit_variants_differ_from_perfit_in_their_one_change_only(tiny, tmp_p
 
 
 def test_personal_b_recipe_is_the_flan8_recipe_plus_the_measured_variant(tmp_path):
-    # the recipe docs/perfit.md recommends must be the perfit_pb_ft row the benchmark measured, on the recipe's scale
+    # the recipe docs/perfit.md recommends must be the perfit_pb_g8 row the benchmark measured, on the recipe's scale
     from hf_perfit.federated import load_config
 
     recipes = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m" / "perfit"
@@ -300,9 +300,10 @@ def test_personal_b_recipe_is_the_flan8_recipe_plus_the_measured_variant(tmp_pat
         load_config(recipes / name, ["--dataset_name", str(data)]).to_dict()
         for name in ("config_flan8.yaml", "config_flan8_personal_b.yaml")
     )
-    assert {k for k in plain if plain[k] != variant[k]} == {"strategy_options", "finetune_steps", "output_dir"}
-    row = grid.cell_config(grid.SETTINGS["flan8_recipe"], "perfit_pb_ft", 0, tmp_path, data, False)[0].to_dict()
-    assert (variant["strategy_options"], variant["finetune_steps"]) == (row["strategy_options"], row["finetune_steps"])
+    assert {k for k in plain if plain[k] != variant[k]} == {"strategy_options", "expansion_factor", "output_dir"}
+    row = grid.cell_config(grid.SETTINGS["flan8_recipe"], "perfit_pb_g8", 0, tmp_path, data, False)[0].to_dict()
+    keys = ("strategy_options", "expansion_factor", "finetune_steps")
+    assert [variant[k] for k in keys] == [row[k] for k in keys]
     assert (variant["num_rounds"], variant["local_steps"]) == (row["num_rounds"], row["local_steps"])
 
 
