@@ -40,6 +40,8 @@ import quality_run as qrun  # noqa: E402
 import quality_scale_report as qr  # noqa: E402
 import quality_setup as qset  # noqa: E402
 
+from hf_perfit._io import atomic_write_bytes  # noqa: E402
+
 # what the report reads from a cell folder (relative paths); everything else there is tensors or plots
 CELL_FILES = (
     "metrics.jsonl",
@@ -182,13 +184,24 @@ def _import_cells(source: Path, root: Path, meta: dict[str, Any], move: bool) ->
             staged = Path(tempfile.mkdtemp(prefix=".import-", dir=target.parent))
             _copy_records(folder, staged)
         qrun._write_json(staged / IMPORTED_FILE, mark)
-        os.replace(staged, target)  # same filesystem: the cell appears whole or not at all
+        try:
+            os.replace(staged, target)  # same filesystem: the cell appears whole or not at all
+        except OSError:
+            # Two `run`s started together on a fresh checkout restore the same store at once: the other one
+            # renamed its copy into place between our check and our rename. Its copy is the same records: keep it.
+            if not target.is_dir():
+                raise
+            if not move:
+                shutil.rmtree(staged)
+            report["kept_local"].append(str(rel))
+            continue
         report["imported"].append(str(rel))
     for base in sorted(source.glob("*/base/*.json")):
         target = root / base.relative_to(source)
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(base, target)
+            # via a temp file + rename, so that a concurrent `run` reading the base evaluation never sees half of it
+            atomic_write_bytes(target, base.read_bytes())
     return report
 
 

@@ -185,6 +185,32 @@ def test_saved_records_restore_the_cells_in_a_fresh_checkout(trained, tmp_path, 
     assert json.loads((tmp_path / "b.json").read_text()) == json.loads((tmp_path / "a.json").read_text())
 
 
+def test_two_runs_restoring_at_once_keep_the_first_copy(trained, tmp_path, monkeypatch):
+    """Two `run`s started together on a fresh checkout restore the same store: the one whose rename comes second
+    finds the cell in place, keeps it, and leaves no temp folder (it used to fail with 'Directory not empty')."""
+    store = tmp_path / "store"
+    saved = sorted(qt.save(trained, store)["saved"])
+    fresh = tmp_path / "fresh"
+    real_replace, raced = os.replace, []
+
+    def replace(src, dst):
+        # (os.replace is the module's: the atomic file writes pass here too; only a cell's rename is raced)
+        if not raced and Path(src).name.startswith(".import-"):
+            raced.append(dst)  # the other process restores everything between our check and our first cell rename
+            assert sorted(qt.restore(store, fresh)["imported"]) == saved
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(qt.os, "replace", replace)
+    out = qt.restore(store, fresh)
+    assert len(raced) == 1
+    # the raced cell is kept at the rename, the next one already at the check: the other process's copies stand
+    assert str(Path(raced[0]).relative_to(fresh)) == saved[0]
+    assert (out["imported"], sorted(out["kept_local"])) == ([], saved)
+    assert not list(fresh.rglob(".import-*"))
+    for method in ("fedit", "perfit"):
+        assert qr.read_cell(_cell(fresh, method))["ppl"] == qr.read_cell(_cell(trained, method))["ppl"]
+
+
 def test_run_in_a_fresh_checkout_trains_only_what_the_store_lacks(trained, tmp_path, capsys):
     store = tmp_path / "store"
     qt.save(trained, store)
