@@ -22,6 +22,11 @@ after fine-tuning)]}}}}`); nothing is trained. Usage:
         --methods perfit_bsel perfit_pb local [--against fedit local] [--window 3] [--json paired.json]
 
 Without `--against`, every pair of `--methods` is compared; with it, each of `--methods` against each of `--against`.
+`--seeds 2` pairs on those seeds only (one seed: its own interval over clients). `--per_round` adds, per pair and
+seed, the course over the training rounds: after each round `r` (counted from 0, as in metrics.jsonl and the docs;
+`r` is list entry `r + 1`), `exp(mean d)` over the clients both rows evaluated then (with a fraction sampled, that
+round's sampled clients: the same ones in both rows of a seed), its Student-t 95% interval over them, and how many of
+them are lower.
 """
 
 from __future__ import annotations
@@ -91,14 +96,64 @@ def compare(
     }
 
 
+def _interval(diffs: list[float]) -> dict[str, Any]:
+    """`exp` of the mean of paired log differences, its Student-t 95% interval over them (None for one value) and
+    how many are below 0."""
+    mean = statistics.mean(diffs)
+    half = (
+        stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        if len(diffs) > 1
+        else None
+    )
+    return {
+        "ratio": math.exp(mean),
+        "low": None if half is None else math.exp(mean - half),
+        "high": None if half is None else math.exp(mean + half),
+        "clients_lower": sum(v < 0 for v in diffs),
+        "n_clients": len(diffs),
+    }
+
+
+def per_round(x: dict[str, dict[str, list]], y: dict[str, dict[str, list]], rounds: int) -> dict[str, list]:
+    """Row `x` against row `y` after each training round, per common seed: `{seed: [entry of round 0, ...]}`, each
+    entry [`_interval`] over the clients both rows evaluated after that round (None when there is none). A `*_ft`
+    row's fine-tuning entry is not a round: only its training rounds are paired."""
+    out: dict[str, list] = {}
+    for s in sorted(set(x) & set(y), key=int):
+        clients = sorted(set(x[s]) & set(y[s]))
+        out[s] = []
+        for r in range(rounds):
+            diffs = [
+                math.log(x[s][k][r + 1]) - math.log(y[s][k][r + 1])
+                for k in clients
+                if len(x[s][k]) > r + 1 and len(y[s][k]) > r + 1 and None not in (x[s][k][r + 1], y[s][k][r + 1])
+            ]
+            out[s].append(_interval(diffs) if diffs else None)
+    return out
+
+
 def paired_table(
-    results: dict, setting: str, methods: list[str], against: list[str] | None, window: int
+    results: dict,
+    setting: str,
+    methods: list[str],
+    against: list[str] | None,
+    window: int,
+    seeds: list[str] | None = None,
+    rounds_course: bool = False,
 ) -> dict[str, Any]:
-    """Every pair (each of `methods` against each of `against`, else every pair of `methods`) by both read-outs."""
+    """Every pair (each of `methods` against each of `against`, else every pair of `methods`) by both read-outs, on
+    `seeds` only when given; with `rounds_course`, each pair's [`per_round`] course too."""
     table = qn.setting_table(results, setting)
     missing = [m for m in [*methods, *(against or [])] if m not in table]
     if missing:
         raise SystemExit(f"{' '.join(missing)}: no results in {setting!r}; there are: {', '.join(table)}.")
+    if seeds:
+        for m in dict.fromkeys([*methods, *(against or [])]):
+            lacking = [s for s in seeds if s not in table[m]]
+            if lacking:
+                have = ", ".join(sorted(table[m], key=int))
+                raise SystemExit(f"{m} has no seed {', '.join(lacking)} in {setting!r}; it has: {have}.")
+        table = {m: {s: v for s, v in row.items() if s in seeds} for m, row in table.items()}
     rounds = qn.training_rounds(table)
     qn.check_window(window, rounds)
     pairs = (
@@ -112,6 +167,7 @@ def paired_table(
             "y": b,
             "final": compare(table[a], table[b], rounds, None),
             "window": compare(table[a], table[b], rounds, window),
+            **({"per_round": per_round(table[a], table[b], rounds)} if rounds_course else {}),
         }
         for a, b in pairs
     ]
@@ -140,6 +196,28 @@ def markdown(out: dict[str, Any]) -> str:
     for p in out["pairs"]:
         seeds = ", ".join(p["final"]["seeds"])
         lines.append(f"| {p['x']} vs {p['y']} | {seeds} | {cell(p['final'])} | {cell(p['window'])} |")
+    for p in out["pairs"]:
+        if "per_round" in p:
+            lines += ["", markdown_per_round(p)]
+    return "\n".join(lines)
+
+
+def markdown_per_round(pair: dict[str, Any]) -> str:
+    """One pair's course: a line per round, per seed `x/y [95% over that round's clients]` and `lower of n`."""
+
+    def cell(e: dict[str, Any] | None) -> str:
+        if e is None:
+            return "- | -"
+        interval = "" if e["low"] is None else f" [{e['low']:.3f}, {e['high']:.3f}]"
+        return f"{e['ratio']:.3f}{interval} | {e['clients_lower']} of {e['n_clients']}"
+
+    course = pair["per_round"]
+    head = f"| {pair['x']} vs {pair['y']}: after round (from 0) |" + "".join(
+        f" seed {s}: x/y [95% over clients] | seed {s}: x lower |" for s in course
+    )
+    lines = [head, "|---:|" + "---:|---:|" * len(course)]
+    for r in range(len(next(iter(course.values())))):
+        lines.append(f"| {r} |" + "".join(f" {cell(course[s][r])} |" for s in course))
     return "\n".join(lines)
 
 
@@ -150,9 +228,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", required=True)
     parser.add_argument("--against", nargs="+")
     parser.add_argument("--window", type=int, default=3)
+    parser.add_argument("--seeds", nargs="+", help="pair on these seeds only (default: every seed both rows have)")
+    parser.add_argument("--per_round", action="store_true", help="add each pair's course over the rounds, per seed")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    out = paired_table(qn.load_results(args.results), args.setting, args.methods, args.against, args.window)
+    results = qn.load_results(args.results)
+    out = paired_table(results, args.setting, args.methods, args.against, args.window, args.seeds, args.per_round)
     print(markdown(out))
     if args.json:
         from hf_perfit._io import atomic_write_json

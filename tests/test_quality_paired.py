@@ -82,3 +82,43 @@ def test_paired_refuses_what_it_cannot_compare(tmp_path):
         paired.paired_table(one_client, "s", ["x"], ["y"], 2)
     with pytest.raises(SystemExit, match=r"no such file; run `python benchmarks/quality_scale.py report` first"):
         paired.main(["--results", str(tmp_path / "missing.json"), "--methods", "x"])
+
+
+def test_seeds_option_pairs_one_seed_with_its_own_interval():
+    paired = benchmark_module("quality_paired")
+    final = paired.paired_table(RESULTS, "s", ["x"], ["y"], 2, seeds=["1"])["pairs"][0]["final"]
+    # seed 1 alone: differences -0.1, -0.1, -0.4 (mean -0.2, standard deviation sqrt(0.03))
+    half = T975_DF2 * math.sqrt(0.03) / math.sqrt(3)
+    assert final["seeds"] == ["1"] and final["per_seed"] == {"1": pytest.approx(E(-0.2))}
+    assert final["low"] == pytest.approx(E(-0.2 - half)) and final["high"] == pytest.approx(E(-0.2 + half))
+    with pytest.raises(SystemExit, match=r"y has no seed 2 in 's'; it has: 0, 1\."):
+        paired.paired_table(RESULTS, "s", ["x"], ["y"], 2, seeds=["2"])
+
+
+def test_per_round_course_pairs_each_round_on_the_clients_evaluated_then(tmp_path, capsys):
+    paired = benchmark_module("quality_paired")
+    # a sampled setting: after round 0 only c0 was evaluated (the others null in both rows); after round 1 all three
+    x = {"0": {"c0": [4.0, E(-0.2), E(-0.1)], "c1": [4.0, None, E(-0.3)], "c2": [4.0, None, E(-0.2)]}}
+    y = {"0": {c: [4.0, None if c != "c0" else 1.0, 1.0] for c in ("c0", "c1", "c2")}}
+    sampled = {"s": {"x": x, "y": y}}
+    course = paired.paired_table(sampled, "s", ["x"], ["y"], 1, rounds_course=True)["pairs"][0]["per_round"]
+    first, last = course["0"]
+    assert first == {"ratio": pytest.approx(E(-0.2)), "low": None, "high": None, "clients_lower": 1, "n_clients": 1}
+    half = T975_DF2 * 0.1 / math.sqrt(3)
+    assert last["ratio"] == pytest.approx(E(-0.2)) and last["high"] == pytest.approx(E(-0.2 + half))
+    assert (last["clients_lower"], last["n_clients"]) == (3, 3)
+
+    # the fine-tuned row: its training rounds only (x's), per seed; round 0 is y's 1.0 everywhere: ratio exactly 1
+    course = paired.paired_table(RESULTS, "s", ["x_ft"], ["y"], 2, rounds_course=True)["pairs"][0]["per_round"]
+    assert list(course) == ["0", "1"] and [len(c) for c in course.values()] == [3, 3]
+    assert course["1"][0] == {"ratio": 1.0, "low": 1.0, "high": 1.0, "clients_lower": 0, "n_clients": 3}
+    assert course["1"][2]["ratio"] == pytest.approx(E(-0.2))
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(sampled))
+    paired.main(
+        ["--results", str(path), "--setting", "s", "--methods", "x", "--against", "y", "--window", "1", "--per_round"]
+    )
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("| x vs y: after round (from 0) | seed 0: x/y [95% over clients] | seed 0: x lower |")
+    assert lines[start + 2 :] == ["| 0 | 0.819 | 1 of 1 |", "| 1 | 0.819 [0.639, 1.050] | 3 of 3 |"]
