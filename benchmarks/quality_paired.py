@@ -57,6 +57,24 @@ def _log_readout(values: list, rounds: int, window: int | None) -> float | None:
     return statistics.mean(math.log(x) for x in last)
 
 
+def _interval(diffs: list[float]) -> dict[str, Any]:
+    """`exp` of the mean of paired log differences, its Student-t 95% interval over them (None for one value) and
+    how many are below 0."""
+    mean = statistics.mean(diffs)
+    half = (
+        stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        if len(diffs) > 1
+        else None
+    )
+    return {
+        "ratio": math.exp(mean),
+        "low": None if half is None else math.exp(mean - half),
+        "high": None if half is None else math.exp(mean + half),
+        "clients_lower": sum(v < 0 for v in diffs),
+        "n_clients": len(diffs),
+    }
+
+
 def compare(
     x: dict[str, dict[str, list]], y: dict[str, dict[str, list]], rounds: int, window: int | None
 ) -> dict[str, Any] | None:
@@ -79,38 +97,14 @@ def compare(
                 return None
             d[s][k] = a - b
     per_client = [statistics.mean(d[s][k] for s in seeds) for k in clients]
-    mean = statistics.mean(per_client)
-    half = stats.t.ppf(0.975, len(clients) - 1) * statistics.stdev(per_client) / math.sqrt(len(clients))
-    low, high = math.exp(mean - half), math.exp(mean + half)
-    verdict = "lower" if high < 1 else "higher" if low > 1 else "not resolved"
+    out = _interval(per_client)
+    verdict = "lower" if out["high"] < 1 else "higher" if out["low"] > 1 else "not resolved"
     return {
-        "ratio": math.exp(mean),
-        "low": low,
-        "high": high,
+        **out,
         "per_seed": {s: math.exp(statistics.mean(d[s].values())) for s in seeds},
-        "clients_lower": sum(v < 0 for v in per_client),
         "clients_higher": sum(v > 0 for v in per_client),
-        "n_clients": len(clients),
         "seeds": seeds,
         "verdict": verdict,
-    }
-
-
-def _interval(diffs: list[float]) -> dict[str, Any]:
-    """`exp` of the mean of paired log differences, its Student-t 95% interval over them (None for one value) and
-    how many are below 0."""
-    mean = statistics.mean(diffs)
-    half = (
-        stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-        if len(diffs) > 1
-        else None
-    )
-    return {
-        "ratio": math.exp(mean),
-        "low": None if half is None else math.exp(mean - half),
-        "high": None if half is None else math.exp(mean + half),
-        "clients_lower": sum(v < 0 for v in diffs),
-        "n_clients": len(diffs),
     }
 
 
