@@ -60,8 +60,9 @@ MAX_BYTES = 16 * 2**20  # the device tool returns files of at most 16 MiB
 
 
 def cell_folders(root: Path) -> list[Path]:
-    """Every `<setting>/seed<k>/<method>` folder under `root` that holds records."""
-    return sorted(p.parent for p in root.glob("*/seed*/*/metrics.jsonl"))
+    """Every `<setting>/seed<k>/<method>` folder under `root` that holds records. Not a hidden folder: those are the
+    temp folders of an import or a save in progress (`.import-*`, `.save-*`), or one a killed process left."""
+    return sorted(p.parent for p in root.glob("*/seed*/*/metrics.jsonl") if not p.parent.name.startswith("."))
 
 
 def keep_mask_overlap(folder: Path, cell: dict[str, Any]) -> None:
@@ -187,12 +188,12 @@ def _import_cells(source: Path, root: Path, meta: dict[str, Any], move: bool) ->
         try:
             os.replace(staged, target)  # same filesystem: the cell appears whole or not at all
         except OSError:
+            if not move:  # our own temp copy: never left behind, whatever the failure
+                shutil.rmtree(staged, ignore_errors=True)
             # Two `run`s started together on a fresh checkout restore the same store at once: the other one
             # renamed its copy into place between our check and our rename. Its copy is the same records: keep it.
             if not target.is_dir():
                 raise
-            if not move:
-                shutil.rmtree(staged)
             report["kept_local"].append(str(rel))
             continue
         report["imported"].append(str(rel))

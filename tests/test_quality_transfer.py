@@ -210,6 +210,12 @@ def test_two_runs_restoring_at_once_keep_the_first_copy(trained, tmp_path, monke
     for method in ("fedit", "perfit"):
         assert qr.read_cell(_cell(fresh, method))["ppl"] == qr.read_cell(_cell(trained, method))["ppl"]
 
+    # a temp folder a killed process left (before this fix, the crash above left one) is no cell: a save skips it
+    orphan = fresh / "flan8_recipe" / "seed0" / ".import-orphan"
+    qt._copy_records(_cell(fresh, "fedit"), orphan)
+    assert [p.name for p in qt.cell_folders(fresh)] == ["fedit", "perfit"]
+    assert sorted(qt.save(fresh, tmp_path / "store2")["saved"]) == saved
+
 
 def test_run_in_a_fresh_checkout_trains_only_what_the_store_lacks(trained, tmp_path, capsys):
     store = tmp_path / "store"
